@@ -1,0 +1,10 @@
+"""The merge engine: recipe -> plan -> merged tensors, on disk or in a live model."""
+
+from evomerge.merge.engine import load_source_tensors, merge_into_model, merge_to_disk, plan_for
+from evomerge.merge.methods import METHODS, get_method
+from evomerge.merge.plan import MergePlan, build_plan
+
+__all__ = [
+    "METHODS", "MergePlan", "build_plan", "get_method", "load_source_tensors",
+    "merge_into_model", "merge_to_disk", "plan_for",
+]

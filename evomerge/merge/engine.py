@@ -1,0 +1,149 @@
+"""Run a merge plan: streamed to a checkpoint folder, or written into a live model in place."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Callable, Mapping, Optional
+
+import torch
+from tqdm.auto import tqdm
+
+from evomerge.errors import EvomergeError
+from evomerge.merge.io import ModelSource, ShardedWriter, copy_tokenizer
+from evomerge.merge.methods import MergeInputs, Method
+from evomerge.merge.plan import MergePlan, TensorOp, build_plan
+from evomerge.merge.rng import TensorRng
+from evomerge.recipe import Recipe
+
+Fetch = Callable[[str, str], torch.Tensor]
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise EvomergeError(f"--device {name}: CUDA is not available on this machine; use cpu or auto")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise EvomergeError(f"--device: unknown device {name!r}; use cpu, cuda, cuda:N or auto") from None
+
+
+def merge_tensor(op: TensorOp, method: Method, fetch: Fetch, device: torch.device, seed: int,
+                 inputs_are_private: bool) -> torch.Tensor:
+    """One output tensor, in its output dtype, on `device`."""
+    raw = [fetch(model, name) for model, name in op.inputs]
+    if op.copy_only:
+        return raw[op.base_index or 0].to(device)
+    work = [r.to(device=device, dtype=torch.float32) for r in raw]
+    scratch = inputs_are_private or all(w is not r for w, r in zip(work, raw))
+    del raw
+    base = work[op.base_index] if op.base_index is not None else None
+    others = [w for i, w in enumerate(work) if i != op.base_index]
+    rng = TensorRng(seed, op.name) if method.stochastic else None
+    merged = method.fn(MergeInputs(base, others, op.shared, op.per_input, rng, scratch))
+    return merged.to(op.out_dtype)
+
+
+def merge_to_disk(recipe: Recipe, out: Path, *, device: str = "auto", force: bool = False,
+                  allow_pickle: bool = False, shard_bytes: int = 5 * 10**9,
+                  progress: bool = True, recipe_dir: Optional[Path] = None) -> Path:
+    """Materialize a recipe as a Hugging Face folder; nothing is left at `out` unless it succeeds."""
+    out = Path(out)
+    if out.exists() and not force:
+        raise EvomergeError(f"output folder {out} exists; choose another or pass --force")
+    if out.exists() and not out.is_dir():
+        raise EvomergeError(f"output path {out} is a file, not a folder")
+    dev = pick_device(device)
+    plan = build_plan(recipe, allow_pickle=allow_pickle,
+                      search_dirs=[recipe_dir] if recipe_dir else [])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    writer: Optional[ShardedWriter] = None
+    try:
+        writer = ShardedWriter(staging, plan.output_tensors(), shard_bytes)
+        fetch = lambda model, name: plan.sources[model].get(name)  # noqa: E731
+        bar = tqdm(plan.ops, desc="merging", unit="tensor", disable=not progress)
+        for op in bar:
+            tensor = merge_tensor(op, plan.method, fetch, dev, recipe.seed, inputs_are_private=True)
+            writer.write(op.name, tensor)
+            del tensor
+        writer.finish()
+        _write_metadata(plan, staging)
+        _publish(staging, out)
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    finally:
+        plan.close()
+    return out
+
+
+def _write_metadata(plan: MergePlan, folder: Path) -> None:
+    (folder / "config.json").write_text(json.dumps(plan.output_config(), indent=2) + "\n")
+    tokenizer_dir = plan.sources[plan.tokenizer_source].path
+    copy_tokenizer(tokenizer_dir, folder)
+    gen = tokenizer_dir / "generation_config.json"
+    if gen.exists():
+        shutil.copy2(gen, folder / gen.name)
+    (folder / "evomerge_recipe.yaml").write_text(plan.recipe.to_yaml())
+    (folder / "mergekit_config.yml").write_text(plan.recipe.to_mergekit_yaml())
+
+
+def _publish(staging: Path, out: Path) -> None:
+    """Swap the finished folder into place; an old folder (with --force) is removed only after."""
+    if out.exists():
+        trash = out.parent / f".{out.name}.old-{os.getpid()}"
+        os.replace(out, trash)
+        os.replace(staging, out)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(staging, out)
+
+
+# ----- in-memory path (workers) -------------------------------------------------------------------
+def load_source_tensors(sources: Mapping[str, ModelSource], device: torch.device | str,
+                        dtype: Optional[torch.dtype] = None) -> dict[str, dict[str, torch.Tensor]]:
+    """Every tensor of every source, once, on `device` (optionally cast to `dtype`)."""
+    loaded = {}
+    for ref, source in sources.items():
+        tensors = {}
+        for name in source.index:
+            t = source.get(name)
+            tensors[name] = t.to(device=device, dtype=dtype if dtype and t.is_floating_point() else t.dtype)
+        source.close()
+        loaded[ref] = tensors
+    return loaded
+
+
+def merge_into_model(plan: MergePlan, tensors: Mapping[str, Mapping[str, torch.Tensor]],
+                     model: torch.nn.Module) -> None:
+    """Write every merged tensor of `plan` into `model`'s existing parameters, in place."""
+    targets = dict(model.named_parameters(remove_duplicate=False))
+    targets.update(dict(model.named_buffers(remove_duplicate=False)))
+    missing = [op.name for op in plan.ops if op.name not in targets]
+    if missing:
+        raise EvomergeError(f"live model has no parameter {missing[0]!r}; is it the same architecture?")
+    fetch = lambda model_ref, name: tensors[model_ref][name]  # noqa: E731
+    with torch.no_grad():
+        for op in plan.ops:
+            target = targets[op.name]
+            if tuple(target.shape) != op.shape:
+                raise EvomergeError(f"live model's {op.name} has shape {list(target.shape)}, "
+                                    f"the recipe gives {list(op.shape)}")
+            merged = merge_tensor(op, plan.method, fetch, target.device, plan.recipe.seed,
+                                  inputs_are_private=False)
+            target.copy_(merged)
+            del merged
+
+
+def plan_for(recipe: Recipe, sources: Mapping[str, ModelSource]) -> MergePlan:
+    """Plan against already-open sources (workers keep them for the whole run)."""
+    return build_plan(recipe, sources=dict(sources))

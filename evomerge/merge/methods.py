@@ -1,0 +1,440 @@
+"""Merge methods: pure tensor math and the registry that names them.
+
+A method takes the base tensor (or None), the other inputs in recipe order, the resolved
+parameters and, for stochastic methods, a TensorRng; it returns the merged tensor in float32.
+It knows nothing of files, devices or models. When `scratch` is true the inputs are private
+float32 copies that the method may overwrite, which keeps peak memory near N+2 tensors.
+Defaults and semantics follow mergekit 0.1.5 so that existing configs give the same weights.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Literal, Optional
+
+import torch
+
+from evomerge.merge.rng import TensorRng
+from evomerge.merge.select import largest_mask, rank_window_mask
+
+Scope = Literal["shared", "input", "non_base"]
+BasePolicy = Literal["required", "optional", "ignored"]
+_MISSING = object()
+
+
+@dataclass(frozen=True)
+class Param:
+    """One method parameter: its type, default and whether it is per input or shared."""
+
+    name: str
+    kind: type
+    scope: Scope
+    default: Any = _MISSING
+    check: Optional[Callable[[Any], Optional[str]]] = None
+
+    @property
+    def required(self) -> bool:
+        return self.default is _MISSING
+
+
+@dataclass
+class MergeInputs:
+    """Everything a method sees for one output tensor."""
+
+    base: Optional[torch.Tensor]
+    others: list[torch.Tensor]
+    shared: dict[str, Any]
+    per_input: list[dict[str, Any]]
+    rng: Optional[TensorRng] = None
+    scratch: bool = False
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    fn: Callable[[MergeInputs], torch.Tensor]
+    params: tuple[Param, ...]
+    base: BasePolicy = "ignored"
+    min_inputs: int = 1
+    max_inputs: Optional[int] = None
+    min_non_base: int = 0
+    max_non_base: Optional[int] = None
+    stochastic: bool = False
+    reference: str = ""
+    param_index: dict[str, Param] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "param_index", {p.name: p for p in self.params})
+
+    def shared_params(self) -> list[Param]:
+        return [p for p in self.params if p.scope == "shared"]
+
+    def input_params(self) -> list[Param]:
+        return [p for p in self.params if p.scope != "shared"]
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register(method: Method) -> Method:
+    if method.name in METHODS:
+        raise ValueError(f"merge method {method.name!r} registered twice")
+    METHODS[method.name] = method
+    return method
+
+
+def get_method(name: str) -> Method:
+    from evomerge.errors import EvomergeError
+
+    try:
+        return METHODS[name]
+    except KeyError:
+        known = ", ".join(sorted(METHODS))
+        raise EvomergeError(f"field 'merge_method': unknown method {name!r}; known: {known}") from None
+
+
+# ----- parameter checks ------------------------------------------------------------------------
+def _unit_interval(value: float) -> Optional[str]:
+    if not (0.0 < value <= 1.0) or math.isnan(value):
+        return f"must be in (0, 1], got {value}"
+    return None
+
+
+def _finite(value: float) -> Optional[str]:
+    return None if math.isfinite(value) else f"must be finite, got {value}"
+
+
+def _fraction(value: float) -> Optional[str]:
+    return None if 0.0 <= value <= 1.0 else f"must be in [0, 1], got {value}"
+
+
+# ----- sparsification ----------------------------------------------------------------------------
+def _rescale_l1(original_l1: torch.Tensor, masked: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    """Scale the kept entries so the L1 norm is preserved (mergekit's `rescale`)."""
+    after = masked.abs().sum()
+    if original_l1 >= eps and after >= eps:
+        masked.mul_(original_l1 / after)
+    return masked
+
+
+def magnitude_prune(delta: torch.Tensor, density: float, rescale: bool) -> torch.Tensor:
+    """Keep the max(1, int(density*n)) largest-magnitude entries (TIES)."""
+    if density >= 1:
+        return delta
+    flat = delta.reshape(-1)
+    k = max(1, int(density * flat.numel()))
+    magnitudes = flat.abs()
+    l1 = magnitudes.sum() if rescale else None
+    keep = largest_mask(magnitudes, k).reshape(delta.shape)
+    del magnitudes
+    delta = delta.masked_fill_(~keep, 0.0)
+    return _rescale_l1(l1, delta) if rescale else delta
+
+
+def breadcrumbs_prune(delta: torch.Tensor, density: float, gamma: float, rescale: bool) -> torch.Tensor:
+    """Drop the gamma largest-magnitude outliers and the smallest entries, keep density*n."""
+    if density >= 1:
+        return delta
+    flat = delta.reshape(-1)
+    n = flat.numel()
+    keep_n = int(density * n)
+    top_n = int(gamma * n)
+    bottom_n = max(0, n - keep_n - top_n)
+    magnitudes = flat.abs()
+    l1 = magnitudes.sum() if rescale else None
+    keep = rank_window_mask(magnitudes, bottom_n, bottom_n + keep_n).reshape(delta.shape)
+    del magnitudes
+    delta = delta.masked_fill_(~keep, 0.0)
+    return _rescale_l1(l1, delta) if rescale else delta
+
+
+def random_prune(delta: torch.Tensor, density: float, rescale: bool, rng: TensorRng) -> torch.Tensor:
+    """DARE: keep each entry with probability `density`."""
+    if density >= 1:
+        return delta
+    l1 = delta.abs().sum() if rescale else None
+    drop = rng.uniform(delta.shape, delta.device) >= density
+    delta = delta.masked_fill_(drop, 0.0)
+    return _rescale_l1(l1, delta) if rescale else delta
+
+
+def della_prune(
+    delta: torch.Tensor, density: float, epsilon: float, rescale: bool, rng: TensorRng
+) -> torch.Tensor:
+    """DELLA MagPrune: keep probability rises linearly with magnitude rank within each row,
+    from density-epsilon (smallest) to density+epsilon (largest)."""
+    if density >= 1:
+        return delta
+    from evomerge.errors import EvomergeError
+
+    if density + epsilon >= 1 or density - epsilon <= 0:
+        raise EvomergeError(
+            f"parameter 'epsilon': density +/- epsilon must lie in (0, 1); got density={density},"
+            f" epsilon={epsilon}"
+        )
+    rows = delta.reshape(1, -1) if delta.dim() < 2 else delta.reshape(delta.shape[0], -1)
+    width = rows.shape[1]
+    order = rows.abs().argsort(dim=1)
+    ranks = torch.empty_like(rows)
+    positions = torch.arange(width, dtype=rows.dtype, device=rows.device).expand_as(rows)
+    ranks.scatter_(1, order, positions)
+    del order
+    rank_norm = ranks.div_(max(width - 1, 1))
+    keep_prob = rank_norm.mul_(2 * epsilon).add_(density - epsilon)
+    l1 = delta.abs().sum() if rescale else None
+    drop = rng.uniform(rows.shape, rows.device) >= keep_prob
+    del keep_prob
+    delta = delta.masked_fill_(drop.reshape(delta.shape), 0.0)
+    return _rescale_l1(l1, delta) if rescale else delta
+
+
+# ----- task-arithmetic family ----------------------------------------------------------------------
+Sparsifier = Optional[Literal["magnitude", "random", "breadcrumbs", "della"]]
+
+
+def _delta(x: torch.Tensor, base: torch.Tensor, scratch: bool) -> torch.Tensor:
+    return x.sub_(base) if scratch else x - base
+
+
+def _sparsify(kind: Sparsifier, delta: torch.Tensor, p: dict[str, Any], rescale: bool,
+              rng: Optional[TensorRng]) -> torch.Tensor:
+    density = p["density"]
+    if kind == "magnitude":
+        return magnitude_prune(delta, density, rescale)
+    if kind == "breadcrumbs":
+        return breadcrumbs_prune(delta, density, p["gamma"], rescale)
+    if kind == "random":
+        return random_prune(delta, density, rescale, rng)
+    if kind == "della":
+        return della_prune(delta, density, p["epsilon"], rescale, rng)
+    return delta
+
+
+def task_arithmetic_family(sparsify: Sparsifier, consensus: bool) -> Callable[[MergeInputs], torch.Tensor]:
+    """base + lambda * combine_i(w_i * sparsify(x_i - base)), combine = sum or sign-consensus."""
+
+    def merge(m: MergeInputs) -> torch.Tensor:
+        base = m.base
+        if not m.others:
+            return base.clone()
+        rescale = m.shared["rescale"]
+        weights = [p["weight"] for p in m.per_input]
+        deltas = []
+        for i, (x, p) in enumerate(zip(m.others, m.per_input)):
+            rng = m.rng.fork(f"input{i}") if m.rng is not None else None
+            delta = _sparsify(sparsify, _delta(x, base, m.scratch), p, rescale, rng)
+            deltas.append(delta.mul_(p["weight"]))
+        if consensus:
+            positive = _sum(deltas) >= 0
+            mixed = torch.zeros_like(base)
+            divisor = torch.zeros_like(base)
+            for delta, w in zip(deltas, weights):
+                agrees = torch.where(positive, delta > 0, delta < 0)
+                mixed.add_(delta.masked_fill_(~agrees, 0.0))
+                divisor.add_(agrees, alpha=w)
+            divisor.masked_fill_(divisor == 0, 1.0)
+        else:
+            mixed = _sum(deltas)
+            total = sum(weights)
+            divisor = total if abs(total) >= 1e-8 else 1.0
+        del deltas
+        if m.shared["normalize"]:
+            mixed.div_(divisor)
+        if m.shared["lambda"] != 1:
+            mixed.mul_(m.shared["lambda"])
+        return mixed.add_(base)
+
+    return merge
+
+
+def _sum(tensors: list[torch.Tensor]) -> torch.Tensor:
+    total = tensors[0].clone()
+    for t in tensors[1:]:
+        total.add_(t)
+    return total
+
+
+# ----- other methods ----------------------------------------------------------------------------------
+def linear(m: MergeInputs) -> torch.Tensor:
+    weights = [p["weight"] for p in m.per_input]
+    result = torch.zeros_like(m.others[0])
+    for x, w in zip(m.others, weights):
+        result.add_(x, alpha=w)
+    if m.shared["normalize"]:
+        result.div_(sum(weights))
+    return result
+
+
+def slerp_tensors(t: float, v0: torch.Tensor, v1: torch.Tensor,
+                  dot_threshold: float = 0.9995, eps: float = 1e-8) -> torch.Tensor:
+    """Spherical interpolation of two whole tensors; linear when they are nearly collinear."""
+    norm0 = torch.linalg.vector_norm(v0)
+    norm1 = torch.linalg.vector_norm(v1)
+    norm0 = norm0 if norm0 > eps else torch.ones_like(norm0)
+    norm1 = norm1 if norm1 > eps else torch.ones_like(norm1)
+    dot = float(((v0 / norm0) * (v1 / norm1)).sum().clamp(-1, 1))
+    if abs(dot) > dot_threshold:
+        c0, c1 = 1 - t, t
+    else:
+        theta = math.acos(dot)
+        sin_theta = math.sin(theta)
+        c0 = math.sin((1 - t) * theta) / sin_theta
+        c1 = math.sin(t * theta) / sin_theta
+    return torch.add(v0 * c0, v1, alpha=c1)
+
+
+def slerp(m: MergeInputs) -> torch.Tensor:
+    return slerp_tensors(m.shared["t"], m.base, m.others[0])
+
+
+def nuslerp_tensors(t: float, v0: torch.Tensor, v1: torch.Tensor, row_wise: bool,
+                    flatten: bool, eps: float = 1e-8) -> torch.Tensor:
+    shape = v0.shape
+    if flatten:
+        a, b = v0.reshape(-1), v1.reshape(-1)
+    elif row_wise:
+        a, b = v0.transpose(0, -1), v1.transpose(0, -1)
+    else:
+        a, b = v0, v1
+    a_unit = a / torch.linalg.vector_norm(a, dim=-1, keepdim=True).clamp(min=1e-7)
+    b_unit = b / torch.linalg.vector_norm(b, dim=-1, keepdim=True).clamp(min=1e-7)
+    cos = (a_unit * b_unit).sum(-1, keepdim=True).clamp(-1, 1)
+    collinear = (1 - cos.square()) <= eps**2
+    theta = torch.acos(torch.where(collinear, 0, cos))
+    sin_theta = torch.sin(theta)
+    spherical = (torch.sin((1 - t) * theta) * a + torch.sin(t * theta) * b) / sin_theta
+    result = torch.where(collinear, (1 - t) * a + t * b, spherical)
+    if row_wise and not flatten:
+        result = result.transpose(0, -1)
+    return result.reshape(shape)
+
+
+def nuslerp(m: MergeInputs) -> torch.Tensor:
+    w0, w1 = (p["weight"] for p in m.per_input)
+    total = w0 + w1
+    t = 0.5 if abs(total) < 1e-6 else w1 / total
+    row_wise, flatten = m.shared["nuslerp_row_wise"], m.shared["nuslerp_flatten"]
+    a, b = m.others
+    if m.base is None:
+        return nuslerp_tensors(t, a, b, row_wise, flatten)
+    delta = nuslerp_tensors(t, _delta(a, m.base, m.scratch), _delta(b, m.base, m.scratch),
+                            row_wise, flatten)
+    return delta.add_(m.base)
+
+
+def model_stock(m: MergeInputs) -> torch.Tensor:
+    """Interpolate between the base and the fine-tunes' average by their mean pairwise angle."""
+    shape = m.base.shape
+    filter_wise = m.shared["filter_wise"]
+    if filter_wise:
+        w0 = m.base.unsqueeze(0) if m.base.dim() == 1 else m.base
+        ws = [x.unsqueeze(0) if x.dim() == 1 else x for x in m.others]
+    else:
+        w0 = m.base.reshape(-1)
+        ws = [x.reshape(-1) for x in m.others]
+    average = _sum(ws).div_(len(ws))
+    offsets = [x - w0 for x in ws]
+    cosines = []
+    for i, a in enumerate(offsets):
+        for b in offsets[i + 1:]:
+            norms = torch.linalg.vector_norm(a, dim=-1) * torch.linalg.vector_norm(b, dim=-1)
+            cosines.append(((a * b).sum(-1) / norms.clamp(min=1e-6)).clamp(-1, 1))
+    del offsets
+    cos = torch.stack(cosines).mean(0).unsqueeze(-1)
+    count = len(ws)
+    denominator = 1 + (count - 1) * cos
+    singular = denominator.abs() < 1e-6
+    t = torch.where(singular, torch.zeros_like(cos),
+                    count * cos / torch.where(singular, torch.ones_like(denominator), denominator))
+    return (t * average + (1 - t) * w0).reshape(shape)
+
+
+def sce(m: MergeInputs) -> torch.Tensor:
+    """Select (top-variance entries), Calculate (energy weights), Erase (minority signs)."""
+    base = m.base
+    if not m.others:
+        return base.clone()
+    deltas = [_delta(x, base, m.scratch) for x in m.others]
+    select_topk = m.shared["select_topk"]
+    if select_topk < 1:
+        stacked = torch.stack(deltas)
+        variance = stacked.var(0, unbiased=False).reshape(-1)
+        del stacked
+        k = int(int(torch.count_nonzero(variance)) * select_topk)
+        keep = largest_mask(variance.abs_(), k).reshape(base.shape)
+        for delta in deltas:
+            delta.masked_fill_(~keep, 0.0)
+    energies = [float(d.square().mean()) for d in deltas]
+    total = sum(energies)
+    weights = [1.0 / len(deltas)] * len(deltas) if abs(total) < 1e-6 else [e / total for e in energies]
+    positive = _sum(deltas) >= 0
+    mixed = torch.zeros_like(base)
+    weight_sum = torch.zeros_like(base)
+    for delta, w in zip(deltas, weights):
+        agrees = torch.where(positive, delta > 0, delta < 0)
+        mixed.add_(delta.masked_fill_(~agrees, 0.0), alpha=w)
+        weight_sum.add_(agrees, alpha=w)
+    return mixed.div_(weight_sum.clamp_(min=1e-6)).add_(base)
+
+
+def passthrough(m: MergeInputs) -> torch.Tensor:
+    scale = m.per_input[0].get("scale")
+    x = m.others[0]
+    return x if scale is None else x * scale
+
+
+# ----- the registry --------------------------------------------------------------------------------
+def _gta_params(normalize: bool, rescale: bool, extra: tuple[Param, ...] = ()) -> tuple[Param, ...]:
+    return (
+        Param("int8_mask", bool, "shared", False),
+        Param("normalize", bool, "shared", normalize),
+        Param("rescale", bool, "shared", rescale),
+        Param("lambda", float, "shared", 1.0, _finite),
+        Param("weight", float, "non_base", check=_finite),
+        Param("density", float, "non_base", 1.0, _unit_interval),
+        *extra,
+    )
+
+
+_GAMMA = Param("gamma", float, "non_base", 0.01, _fraction)
+_EPSILON = Param("epsilon", float, "non_base", 0.15, _fraction)
+
+for _name, _sparse, _consensus, _norm, _rescale, _extra, _ref in (
+    ("task_arithmetic", None, False, False, False, (), "arXiv:2212.04089"),
+    ("ties", "magnitude", True, True, False, (), "arXiv:2306.01708"),
+    ("dare_ties", "random", True, False, True, (), "arXiv:2311.03099"),
+    ("dare_linear", "random", False, False, True, (), "arXiv:2311.03099"),
+    ("breadcrumbs", "breadcrumbs", False, False, False, (_GAMMA,), "arXiv:2312.06795"),
+    ("breadcrumbs_ties", "breadcrumbs", True, False, False, (_GAMMA,), "arXiv:2312.06795"),
+    ("della", "della", True, True, True, (_EPSILON,), "arXiv:2406.11617"),
+    ("della_linear", "della", False, False, True, (_EPSILON,), "arXiv:2406.11617"),
+):
+    register(Method(
+        name=_name,
+        fn=task_arithmetic_family(_sparse, _consensus),
+        params=_gta_params(_norm, _rescale, _extra),
+        base="required",
+        stochastic=_sparse in ("random", "della"),
+        reference=_ref,
+    ))
+
+register(Method("linear", linear, (
+    Param("weight", float, "input", check=_finite),
+    Param("normalize", bool, "shared", True),
+), reference="arXiv:2203.05482"))
+register(Method("slerp", slerp, (Param("t", float, "shared", check=_finite),),
+                base="required", min_inputs=2, max_inputs=2))
+register(Method("nuslerp", nuslerp, (
+    Param("weight", float, "non_base", check=_finite),
+    Param("nuslerp_row_wise", bool, "shared", False),
+    Param("nuslerp_flatten", bool, "shared", True),
+), base="optional", min_non_base=2, max_non_base=2))
+register(Method("model_stock", model_stock, (Param("filter_wise", bool, "shared", False),),
+                base="required", min_inputs=3, reference="arXiv:2403.19522"))
+register(Method("sce", sce, (
+    Param("int8_mask", bool, "shared", False),
+    Param("select_topk", float, "shared", 1.0, _fraction),
+), base="required", reference="arXiv:2408.07990"))
+register(Method("passthrough", passthrough, (Param("scale", float, "input", None),),
+                max_inputs=1))

@@ -1,0 +1,316 @@
+"""Recipe -> per-tensor operations, with every parameter resolved and checked up front.
+
+Planning reads only headers and configs. Every error a user can make in a recipe (unknown
+parameter, bad density, missing tensor, shape mismatch, wrong number of inputs) surfaces here,
+before a single output byte is written. Layer placement and parameter interpolation follow
+mergekit: a per-layer list is read at t = layer / (n_layers - 1) within its slice; tensors
+outside the layers (embeddings, final norm, lm_head) read it at t = 0.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Optional
+
+import torch
+
+from evomerge.errors import EvomergeError
+from evomerge.merge.io import ModelSource, OutputTensor, parse_dtype
+from evomerge.merge.methods import Method, Param, get_method
+from evomerge.recipe import OutputSlice, Parameters, Recipe, SliceSource, resolve_setting
+
+LAYER_NAME = re.compile(r"^(?P<prefix>(?:.*\.)?(?:layers|h|blocks)\.)(?P<index>\d+)\.(?P<rest>.+)$")
+POST_NAME = re.compile(r"(^|\.)(lm_head|norm|ln_f|final_layernorm|final_layer_norm|final_norm)\.")
+
+
+def split_layer_name(name: str) -> Optional[tuple[str, int, str]]:
+    match = LAYER_NAME.match(name)
+    if match is None:
+        return None
+    return match["prefix"], int(match["index"]), match["rest"]
+
+
+@dataclass
+class TensorOp:
+    """How one output tensor is made."""
+
+    name: str
+    inputs: list[tuple[str, str]]  # (model ref, tensor name in that model), recipe order
+    base_index: Optional[int]
+    shared: dict[str, Any]
+    per_input: list[dict[str, Any]]  # aligned with the method's non-base (or all) inputs
+    out_dtype: torch.dtype
+    shape: tuple[int, ...]
+    copy_only: bool = False  # non-float buffers are copied from the first input
+
+
+@dataclass
+class MergePlan:
+    recipe: Recipe
+    method: Method
+    ops: list[TensorOp]
+    donor: str  # model whose config the output starts from
+    tokenizer_source: Optional[str]
+    layer_sources: Optional[list[tuple[str, int]]] = None  # output layer -> (model, layer)
+    sources: dict[str, ModelSource] = field(default_factory=dict, repr=False)
+
+    @property
+    def out_layers(self) -> Optional[int]:
+        return None if self.layer_sources is None else len(self.layer_sources)
+
+    def output_tensors(self) -> list[OutputTensor]:
+        return [OutputTensor(op.name, op.out_dtype, op.shape) for op in self.ops]
+
+    def output_config(self) -> dict[str, Any]:
+        """The donor's config with depth, per-layer lists and dtype made true for the output."""
+        config = dict(self.sources[self.donor].config)
+        if self.layer_sources is not None:
+            depth = self.sources[self.donor].num_layers
+            for key, value in list(config.items()):
+                if isinstance(value, list) and len(value) == depth and key != "architectures":
+                    config[key] = [
+                        self.sources[model].config[key][layer]
+                        if isinstance(self.sources[model].config.get(key), list)
+                        else value[min(layer, depth - 1)]
+                        for model, layer in self.layer_sources
+                    ]
+            config["num_hidden_layers"] = len(self.layer_sources)
+        dtypes = {op.out_dtype for op in self.ops if op.out_dtype.is_floating_point}
+        if len(dtypes) == 1:
+            name = str(dtypes.pop()).removeprefix("torch.")
+            config["torch_dtype" if "torch_dtype" in config else "dtype"] = name
+        return config
+
+    def close(self) -> None:
+        for source in self.sources.values():
+            source.close()
+
+
+class _Scope:
+    """Where parameter settings come from, highest precedence first (mergekit's order)."""
+
+    def __init__(self, recipe: Recipe, out_slice: OutputSlice) -> None:
+        self.recipe = recipe
+        self.out_slice = out_slice
+
+    def settings(self, model: Optional[str]) -> Iterable[Optional[Parameters]]:
+        if model is not None:
+            for src in self.out_slice.sources:
+                if src.model == model:
+                    yield src.parameters
+        yield self.out_slice.parameters
+        yield self.recipe.parameters
+
+
+def _resolve(param: Param, settings: Iterable[Optional[Parameters]], tensor: str, t: float,
+             where: str) -> Any:
+    for scope in settings:
+        if scope and param.name in scope:
+            try:
+                value = resolve_setting(scope[param.name], tensor, t, param.kind)
+            except ValueError as exc:
+                raise EvomergeError(f"parameter '{param.name}' ({where}): {exc}") from None
+            if value is not None:
+                break
+    else:
+        if param.required:
+            raise EvomergeError(
+                f"parameter '{param.name}' is required by this method ({where}); add it under "
+                "'parameters'"
+            )
+        return param.default
+    if param.check is not None and (problem := param.check(value)):
+        raise EvomergeError(f"parameter '{param.name}' ({where}, tensor {tensor}): {problem}")
+    return value
+
+
+def _check_known_parameters(recipe: Recipe, method: Method) -> None:
+    scopes: list[tuple[str, Optional[Parameters]]] = [("parameters", recipe.parameters)]
+    for i, m in enumerate(recipe.models or []):
+        scopes.append((f"models.{i}.parameters", m.parameters))
+    for i, s in enumerate(recipe.slices or []):
+        scopes.append((f"slices.{i}.parameters", s.parameters))
+        scopes += [(f"slices.{i}.sources.{j}.parameters", src.parameters)
+                   for j, src in enumerate(s.sources)]
+    for where, params in scopes:
+        for name in params or {}:
+            if name not in method.param_index:
+                known = ", ".join(sorted(method.param_index)) or "none"
+                raise EvomergeError(
+                    f"field '{where}.{name}': unknown parameter for {method.name}; known: {known}"
+                )
+
+
+def _normalize_slices(recipe: Recipe, sources: dict[str, ModelSource]) -> list[OutputSlice]:
+    """`models:` becomes one slice over every layer, with the base appended when unlisted."""
+    if recipe.slices:
+        return recipe.slices
+    entries = list(recipe.models or [])
+    listed = {m.model for m in entries}
+    depths = {m.model: sources[m.model].num_layers for m in entries}
+    if recipe.base_model and recipe.base_model not in listed:
+        depths[recipe.base_model] = sources[recipe.base_model].num_layers
+    if len(set(depths.values())) != 1:
+        detail = ", ".join(f"{k}: {v}" for k, v in depths.items())
+        raise EvomergeError(f"models have different numbers of layers ({detail}); use 'slices'")
+    depth = next(iter(depths.values()))
+    slice_sources = [SliceSource(model=m.model, layer_range=(0, depth), parameters=m.parameters)
+                     for m in entries]
+    if recipe.base_model and recipe.base_model not in listed:
+        slice_sources.append(SliceSource(model=recipe.base_model, layer_range=(0, depth)))
+    return [OutputSlice(sources=slice_sources)]
+
+
+def _check_inputs(method: Method, models: list[str], base: Optional[str], where: str) -> Optional[int]:
+    if len(set(models)) != len(models):
+        raise EvomergeError(f"{where}: a model is listed twice")
+    base_index = models.index(base) if base in models else None
+    if method.base == "ignored":
+        base_index = None
+    elif base is not None and base_index is None:
+        raise EvomergeError(f"{where}: base_model {base!r} is not among the inputs")
+    if method.base == "required" and base_index is None:
+        raise EvomergeError(f"merge method {method.name} needs a base_model ({where})")
+    count = len(models)
+    non_base = count - (base_index is not None)
+    if count < method.min_inputs or (method.max_inputs is not None and count > method.max_inputs):
+        span = (f"exactly {method.min_inputs}" if method.min_inputs == method.max_inputs else
+                f"at least {method.min_inputs}" if method.max_inputs is None else
+                f"{method.min_inputs} to {method.max_inputs}")
+        raise EvomergeError(
+            f"merge method {method.name} takes {span} models including the base; got {count} ({where})"
+        )
+    if non_base < method.min_non_base or (
+        method.max_non_base is not None and non_base > method.max_non_base
+    ):
+        raise EvomergeError(
+            f"merge method {method.name} takes {method.min_non_base} non-base models; got "
+            f"{non_base} ({where})"
+        )
+    return base_index
+
+
+def build_plan(recipe: Recipe, *, allow_pickle: bool = False, sources: Optional[dict[str, ModelSource]] = None,
+               search_dirs: Iterable = ()) -> MergePlan:
+    """Check a recipe against its models and lay out every output tensor."""
+    method = get_method(recipe.merge_method)
+    _check_known_parameters(recipe, method)
+    if recipe.dtype:
+        parse_dtype(recipe.dtype, "dtype")
+    out_dtype_override = parse_dtype(recipe.out_dtype or recipe.dtype, "out_dtype") if (
+        recipe.out_dtype or recipe.dtype) else None
+    sources = dict(sources or {})
+    for ref in recipe.referenced_models():
+        if ref not in sources:
+            sources[ref] = ModelSource(ref, allow_pickle=allow_pickle, search_dirs=search_dirs)
+    _check_architectures(sources)
+
+    slices = _normalize_slices(recipe, sources)
+    first_models = [s.model for s in slices[0].sources]
+    last_models = [s.model for s in slices[-1].sources]
+    donor = recipe.base_model or first_models[0]
+    ops: list[TensorOp] = []
+    layer_sources: list[tuple[str, int]] = []
+
+    def add(name: str, inputs: list[tuple[str, str]], scope: _Scope, base: Optional[str], t: float,
+            where: str) -> None:
+        models = [m for m, _ in inputs]
+        base_index = _check_inputs(method, models, base, where)
+        shapes = []
+        for model, tensor in inputs:
+            info = sources[model].index.get(tensor)
+            if info is None:
+                raise EvomergeError(f"model {model!r} has no tensor {tensor!r} (needed for {name}); "
+                                    "are the architectures the same?")
+            shapes.append(info)
+        if len({i.shape for i in shapes}) != 1:
+            detail = ", ".join(f"{m}: {list(i.shape)}" for (m, _), i in zip(inputs, shapes))
+            raise EvomergeError(f"tensor {name} has mismatched shapes ({detail})")
+        first = shapes[base_index if base_index is not None else 0]
+        if not first.dtype.is_floating_point:
+            ops.append(TensorOp(name, inputs, base_index, {}, [], first.dtype, first.shape, True))
+            return
+        shared = {p.name: _resolve(p, scope.settings(None), name, t, where) for p in method.shared_params()}
+        per_input = []
+        for i, (model, tensor) in enumerate(inputs):
+            if i == base_index:
+                continue
+            per_input.append({
+                p.name: _resolve(p, scope.settings(model), tensor, t, f"{where}, model {model}")
+                for p in method.input_params()
+            })
+        ops.append(TensorOp(name, inputs, base_index, shared, per_input,
+                            out_dtype_override or first.dtype, first.shape))
+
+    first_source = sources[first_models[0]]
+    layer_names: dict[str, list[str]] = {}
+    outer_pre, outer_post = [], []
+    for name in first_source.index:
+        parts = split_layer_name(name)
+        if parts is None:
+            (outer_post if POST_NAME.search(name) else outer_pre).append(name)
+    for name in outer_pre:
+        add(name, [(m, name) for m in first_models], _Scope(recipe, slices[0]),
+            slices[0].base_model or recipe.base_model, 0.0, "embeddings")
+
+    for si, out_slice in enumerate(slices):
+        lengths = {src.layer_range[1] - src.layer_range[0] for src in out_slice.sources}
+        if len(lengths) != 1:
+            raise EvomergeError(f"slices.{si}: every source must span the same number of layers")
+        n = lengths.pop()
+        base = out_slice.base_model or recipe.base_model
+        scope = _Scope(recipe, out_slice)
+        for src in out_slice.sources:
+            depth = sources[src.model].num_layers
+            if src.layer_range[1] > depth:
+                raise EvomergeError(f"slices.{si}: layer_range {list(src.layer_range)} is out of "
+                                    f"range for {src.model!r}, which has {depth} layers")
+        for offset in range(n):
+            t = offset / (n - 1) if n > 1 else 1.0
+            out_index = len(layer_sources)
+            lead = out_slice.sources[0]
+            lead_layer = lead.layer_range[0] + offset
+            rests = layer_names.setdefault(
+                f"{lead.model}:{lead_layer}", _layer_tensors(sources[lead.model], lead_layer))
+            for prefix, rest in rests:
+                inputs = [(src.model, f"{prefix}{src.layer_range[0] + offset}.{rest}")
+                          for src in out_slice.sources]
+                add(f"{prefix}{out_index}.{rest}", inputs, scope, base, t,
+                    f"slices.{si} layer {out_index}" if recipe.slices else f"layer {out_index}")
+            layer_sources.append((lead.model, lead_layer))
+
+    for name in outer_post:
+        add(name, [(m, name) for m in last_models], _Scope(recipe, slices[-1]),
+            slices[-1].base_model or recipe.base_model, 0.0, "final norm/head")
+
+    tokenizer = recipe.tokenizer_source
+    if tokenizer in (None, "base"):
+        tokenizer = donor
+    elif tokenizer == "union":
+        raise EvomergeError("field 'tokenizer_source': 'union' is not supported; name one model or 'base'")
+    elif tokenizer not in sources:
+        sources[tokenizer] = ModelSource(tokenizer, allow_pickle=allow_pickle, search_dirs=search_dirs)
+    return MergePlan(recipe, method, ops, donor, tokenizer,
+                     layer_sources if recipe.slices else None, sources)
+
+
+def _layer_tensors(source: ModelSource, layer: int) -> list[tuple[str, str]]:
+    found = []
+    for name in source.index:
+        parts = split_layer_name(name)
+        if parts is not None and parts[1] == layer:
+            found.append((parts[0], parts[2]))
+    if not found:
+        raise EvomergeError(f"model {source.ref!r} has no tensors for layer {layer}")
+    return found
+
+
+def _check_architectures(sources: dict[str, ModelSource]) -> None:
+    seen: dict[str, str] = {}
+    for ref, source in sources.items():
+        archs = source.config.get("architectures") or [source.config.get("model_type", "?")]
+        seen[ref] = archs[0]
+    if len(set(seen.values())) > 1:
+        detail = ", ".join(f"{k}: {v}" for k, v in seen.items())
+        raise EvomergeError(f"models have different architectures ({detail})")

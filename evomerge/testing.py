@@ -1,0 +1,75 @@
+"""Small local models and tokenizers, for tests and benchmarks that cannot reach a model hub."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+ARCHITECTURES = ("llama", "mistral", "qwen2")
+
+
+def byte_tokenizer(vocab_extra: int = 0):
+    """A byte-level tokenizer (256 byte tokens + <s>, </s>, <pad>) built without any download."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
+    for special in ("<s>", "</s>", "<pad>"):
+        vocab[special] = len(vocab)
+    for i in range(vocab_extra):
+        vocab[f"<extra_{i}>"] = len(vocab)
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=None))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    core.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>",
+                                   pad_token="<pad>")
+
+
+def tiny_config(arch: str = "llama", *, hidden: int = 64, layers: int = 4, heads: int = 4,
+                kv_heads: int = 2, intermediate: Optional[int] = None, vocab: int = 272,
+                tie: bool = False, **extra):
+    from transformers import AutoConfig
+
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"arch must be one of {ARCHITECTURES}")
+    return AutoConfig.for_model(
+        arch, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+        num_key_value_heads=kv_heads, intermediate_size=intermediate or hidden * 2,
+        vocab_size=vocab, max_position_embeddings=256, tie_word_embeddings=tie,
+        bos_token_id=256, eos_token_id=257, pad_token_id=258, **extra,
+    )
+
+
+def save_model(model: torch.nn.Module, folder: Path, tokenizer=None,
+               shard_size: Optional[str] = None) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    kwargs = {"max_shard_size": shard_size} if shard_size else {}
+    model.save_pretrained(folder, safe_serialization=True, **kwargs)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    return folder
+
+
+def make_family(root: Path, arch: str = "llama", *, n_finetunes: int = 2, seed: int = 0,
+                shard_size: Optional[str] = None, dtype: torch.dtype = torch.float32,
+                finetune_scale: float = 0.02, **config_kwargs) -> dict[str, Path]:
+    """A base model and `n_finetunes` 'fine-tunes' (base + dense random task vectors) on disk."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    config = tiny_config(arch, **config_kwargs)
+    tokenizer = byte_tokenizer()
+    base = AutoModelForCausalLM.from_config(config).to(dtype)
+    paths = {"base": save_model(base, root / f"{arch}_base", tokenizer, shard_size)}
+    generator = torch.Generator().manual_seed(seed + 1)
+    for i in range(n_finetunes):
+        tuned = AutoModelForCausalLM.from_config(config).to(dtype)
+        with torch.no_grad():
+            for (name, p), (_, q) in zip(tuned.named_parameters(), base.named_parameters()):
+                noise = torch.randn(q.shape, generator=generator) * finetune_scale
+                p.copy_(q + noise.to(dtype))
+        paths[f"ft{i}"] = save_model(tuned, root / f"{arch}_ft{i}", tokenizer, shard_size)
+    return paths
