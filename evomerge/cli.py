@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 from evomerge.errors import EvomergeError
 
@@ -17,9 +18,14 @@ def _cmd_merge(args: argparse.Namespace) -> int:
 
     recipe = Recipe.from_yaml(args.config)
     out = merge_to_disk(
-        recipe, Path(args.out), device=args.device, force=args.force,
-        allow_pickle=args.allow_pickle, shard_bytes=parse_size(args.shard_size),
-        progress=not args.quiet, recipe_dir=Path(args.config).resolve().parent,
+        recipe,
+        Path(args.out),
+        device=args.device,
+        force=args.force,
+        allow_pickle=args.allow_pickle,
+        shard_bytes=parse_size(args.shard_size),
+        progress=not args.quiet,
+        recipe_dir=Path(args.config).resolve().parent,
     )
     print(f"merged model written to {out}")
     return 0
@@ -34,8 +40,11 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("out", help="output folder (a Hugging Face checkpoint)")
     merge.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     merge.add_argument("--force", action="store_true", help="replace an existing output folder")
-    merge.add_argument("--allow-pickle", action="store_true",
-                       help="load .bin/.pt weights with torch's weights_only loader")
+    merge.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="load .bin/.pt weights with torch's weights_only loader",
+    )
     merge.add_argument("--shard-size", default="5GB", help="largest output shard (default 5GB)")
     merge.add_argument("--quiet", action="store_true", help="no progress bar")
     merge.set_defaults(handler=_cmd_merge)

@@ -7,6 +7,7 @@ stochastic methods so that the same recipe always gives the same weights.
 
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -153,20 +154,48 @@ class Recipe(BaseModel):
 
 def describe_validation_error(exc: ValidationError) -> str:
     """First pydantic error as 'field a.b.c: message' — one line a user can act on."""
-    err = exc.errors()[0]
+    errors = sorted(exc.errors(), key=lambda e: e["type"] != "extra_forbidden")
+    err = errors[0]
     loc = ".".join(str(p) for p in err["loc"] if not _is_union_tag(p))
     msg = err["msg"].removeprefix("Value error, ")
     if err["type"] == "extra_forbidden":
         msg = "unknown field; remove it or check its spelling"
+        close = difflib.get_close_matches(str(err["loc"][-1]), _FIELD_NAMES, n=1)
+        if close:
+            msg = f"unknown field; did you mean '{close[0]}'?"
     elif err["type"] == "missing":
         msg = "required field is missing"
     extra = f" (and {len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
     return f"field '{loc}': {msg}{extra}" if loc else f"{msg}{extra}"
 
 
+_FIELD_NAMES = sorted(
+    {
+        "merge_method",
+        "models",
+        "slices",
+        "base_model",
+        "parameters",
+        "dtype",
+        "out_dtype",
+        "tokenizer_source",
+        "chat_template",
+        "seed",
+        "name",
+        "model",
+        "layer_range",
+        "sources",
+        "filter",
+        "value",
+        "residual_weight",
+    }
+)
+
+
 def _is_union_tag(part: Any) -> bool:
     return isinstance(part, str) and (
-        part.startswith(("list[", "dict[", "tuple[")) or part in {"bool", "int", "float", "str"}
+        part.startswith(("list[", "dict[", "tuple["))
+        or part in {"bool", "int", "float", "str"}
         or part.startswith("function-")
     )
 
@@ -219,4 +248,3 @@ def coerce(value: Any, kind: type) -> Any:
         except (TypeError, ValueError):
             raise ValueError(f"expected a number, got {value!r}") from None
     return str(value)
-

@@ -24,27 +24,47 @@ def byte_tokenizer(vocab_extra: int = 0):
     core = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=None))
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     core.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>",
-                                   pad_token="<pad>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core, bos_token="<s>", eos_token="</s>", pad_token="<pad>"
+    )
 
 
-def tiny_config(arch: str = "llama", *, hidden: int = 64, layers: int = 4, heads: int = 4,
-                kv_heads: int = 2, intermediate: Optional[int] = None, vocab: int = 272,
-                tie: bool = False, **extra):
+def tiny_config(
+    arch: str = "llama",
+    *,
+    hidden: int = 64,
+    layers: int = 4,
+    heads: int = 4,
+    kv_heads: int = 2,
+    intermediate: Optional[int] = None,
+    vocab: int = 272,
+    tie: bool = False,
+    **extra,
+):
     from transformers import AutoConfig
 
     if arch not in ARCHITECTURES:
         raise ValueError(f"arch must be one of {ARCHITECTURES}")
     return AutoConfig.for_model(
-        arch, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-        num_key_value_heads=kv_heads, intermediate_size=intermediate or hidden * 2,
-        vocab_size=vocab, max_position_embeddings=256, tie_word_embeddings=tie,
-        bos_token_id=256, eos_token_id=257, pad_token_id=258, **extra,
+        arch,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        intermediate_size=intermediate or hidden * 2,
+        vocab_size=vocab,
+        max_position_embeddings=256,
+        tie_word_embeddings=tie,
+        bos_token_id=256,
+        eos_token_id=257,
+        pad_token_id=258,
+        **extra,
     )
 
 
-def save_model(model: torch.nn.Module, folder: Path, tokenizer=None,
-               shard_size: Optional[str] = None) -> Path:
+def save_model(
+    model: torch.nn.Module, folder: Path, tokenizer=None, shard_size: Optional[str] = None
+) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     kwargs = {"max_shard_size": shard_size} if shard_size else {}
     model.save_pretrained(folder, safe_serialization=True, **kwargs)
@@ -53,9 +73,17 @@ def save_model(model: torch.nn.Module, folder: Path, tokenizer=None,
     return folder
 
 
-def make_family(root: Path, arch: str = "llama", *, n_finetunes: int = 2, seed: int = 0,
-                shard_size: Optional[str] = None, dtype: torch.dtype = torch.float32,
-                finetune_scale: float = 0.02, **config_kwargs) -> dict[str, Path]:
+def make_family(
+    root: Path,
+    arch: str = "llama",
+    *,
+    n_finetunes: int = 2,
+    seed: int = 0,
+    shard_size: Optional[str] = None,
+    dtype: torch.dtype = torch.float32,
+    finetune_scale: float = 0.02,
+    **config_kwargs,
+) -> dict[str, Path]:
     """A base model and `n_finetunes` 'fine-tunes' (base + dense random task vectors) on disk."""
     from transformers import AutoModelForCausalLM
 
@@ -68,8 +96,39 @@ def make_family(root: Path, arch: str = "llama", *, n_finetunes: int = 2, seed: 
     for i in range(n_finetunes):
         tuned = AutoModelForCausalLM.from_config(config).to(dtype)
         with torch.no_grad():
-            for (name, p), (_, q) in zip(tuned.named_parameters(), base.named_parameters()):
+            for p, q in zip(tuned.parameters(), base.parameters()):
                 noise = torch.randn(q.shape, generator=generator) * finetune_scale
                 p.copy_(q + noise.to(dtype))
         paths[f"ft{i}"] = save_model(tuned, root / f"{arch}_ft{i}", tokenizer, shard_size)
     return paths
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """`python -m evomerge.testing --out DIR`: write a local base + fine-tunes family."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--out", required=True, type=Path)
+    parser.add_argument("--arch", default="llama", choices=ARCHITECTURES)
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--finetunes", type=int, default=2)
+    args = parser.parse_args(argv)
+    if (args.out / f"{args.arch}_base" / "config.json").exists():
+        print(f"model family already in {args.out}")
+        return 0
+    paths = make_family(
+        args.out,
+        args.arch,
+        n_finetunes=args.finetunes,
+        hidden=args.hidden,
+        layers=args.layers,
+        heads=max(1, args.hidden // 64),
+        kv_heads=max(1, args.hidden // 128),
+    )
+    print("\n".join(f"{k}: {v}" for k, v in paths.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -5,6 +5,12 @@ from evomerge.merge.methods import METHODS, get_method
 from evomerge.merge.plan import MergePlan, build_plan
 
 __all__ = [
-    "METHODS", "MergePlan", "build_plan", "get_method", "load_source_tensors",
-    "merge_into_model", "merge_to_disk", "plan_for",
+    "METHODS",
+    "MergePlan",
+    "build_plan",
+    "get_method",
+    "load_source_tensors",
+    "merge_into_model",
+    "merge_to_disk",
+    "plan_for",
 ]

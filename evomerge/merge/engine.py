@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Callable, Mapping, Optional
+from typing import Optional
 
 import torch
 from tqdm.auto import tqdm
@@ -25,15 +26,25 @@ def pick_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise EvomergeError(f"--device {name}: CUDA is not available on this machine; use cpu or auto")
+        raise EvomergeError(
+            f"--device {name}: CUDA is not available on this machine; use cpu or auto"
+        )
     try:
         return torch.device(name)
     except RuntimeError:
-        raise EvomergeError(f"--device: unknown device {name!r}; use cpu, cuda, cuda:N or auto") from None
+        raise EvomergeError(
+            f"--device: unknown device {name!r}; use cpu, cuda, cuda:N or auto"
+        ) from None
 
 
-def merge_tensor(op: TensorOp, method: Method, fetch: Fetch, device: torch.device, seed: int,
-                 inputs_are_private: bool) -> torch.Tensor:
+def merge_tensor(
+    op: TensorOp,
+    method: Method,
+    fetch: Fetch,
+    device: torch.device,
+    seed: int,
+    inputs_are_private: bool,
+) -> torch.Tensor:
     """One output tensor, in its output dtype, on `device`."""
     raw = [fetch(model, name) for model, name in op.inputs]
     if op.copy_only:
@@ -48,18 +59,27 @@ def merge_tensor(op: TensorOp, method: Method, fetch: Fetch, device: torch.devic
     return merged.to(op.out_dtype)
 
 
-def merge_to_disk(recipe: Recipe, out: Path, *, device: str = "auto", force: bool = False,
-                  allow_pickle: bool = False, shard_bytes: int = 5 * 10**9,
-                  progress: bool = True, recipe_dir: Optional[Path] = None) -> Path:
-    """Materialize a recipe as a Hugging Face folder; nothing is left at `out` unless it succeeds."""
+def merge_to_disk(
+    recipe: Recipe,
+    out: Path,
+    *,
+    device: str = "auto",
+    force: bool = False,
+    allow_pickle: bool = False,
+    shard_bytes: int = 5 * 10**9,
+    progress: bool = True,
+    recipe_dir: Optional[Path] = None,
+) -> Path:
+    """Materialize a recipe as a Hugging Face folder; nothing lands at `out` unless it succeeds."""
     out = Path(out)
     if out.exists() and not force:
         raise EvomergeError(f"output folder {out} exists; choose another or pass --force")
     if out.exists() and not out.is_dir():
         raise EvomergeError(f"output path {out} is a file, not a folder")
     dev = pick_device(device)
-    plan = build_plan(recipe, allow_pickle=allow_pickle,
-                      search_dirs=[recipe_dir] if recipe_dir else [])
+    plan = build_plan(
+        recipe, allow_pickle=allow_pickle, search_dirs=[recipe_dir] if recipe_dir else []
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
@@ -109,37 +129,48 @@ def _publish(staging: Path, out: Path) -> None:
 
 
 # ----- in-memory path (workers) -------------------------------------------------------------------
-def load_source_tensors(sources: Mapping[str, ModelSource], device: torch.device | str,
-                        dtype: Optional[torch.dtype] = None) -> dict[str, dict[str, torch.Tensor]]:
+def load_source_tensors(
+    sources: Mapping[str, ModelSource],
+    device: torch.device | str,
+    dtype: Optional[torch.dtype] = None,
+) -> dict[str, dict[str, torch.Tensor]]:
     """Every tensor of every source, once, on `device` (optionally cast to `dtype`)."""
     loaded = {}
     for ref, source in sources.items():
         tensors = {}
         for name in source.index:
             t = source.get(name)
-            tensors[name] = t.to(device=device, dtype=dtype if dtype and t.is_floating_point() else t.dtype)
+            tensors[name] = t.to(
+                device=device, dtype=dtype if dtype and t.is_floating_point() else t.dtype
+            )
         source.close()
         loaded[ref] = tensors
     return loaded
 
 
-def merge_into_model(plan: MergePlan, tensors: Mapping[str, Mapping[str, torch.Tensor]],
-                     model: torch.nn.Module) -> None:
+def merge_into_model(
+    plan: MergePlan, tensors: Mapping[str, Mapping[str, torch.Tensor]], model: torch.nn.Module
+) -> None:
     """Write every merged tensor of `plan` into `model`'s existing parameters, in place."""
     targets = dict(model.named_parameters(remove_duplicate=False))
     targets.update(dict(model.named_buffers(remove_duplicate=False)))
     missing = [op.name for op in plan.ops if op.name not in targets]
     if missing:
-        raise EvomergeError(f"live model has no parameter {missing[0]!r}; is it the same architecture?")
+        raise EvomergeError(
+            f"live model has no parameter {missing[0]!r}; is it the same architecture?"
+        )
     fetch = lambda model_ref, name: tensors[model_ref][name]  # noqa: E731
     with torch.no_grad():
         for op in plan.ops:
             target = targets[op.name]
             if tuple(target.shape) != op.shape:
-                raise EvomergeError(f"live model's {op.name} has shape {list(target.shape)}, "
-                                    f"the recipe gives {list(op.shape)}")
-            merged = merge_tensor(op, plan.method, fetch, target.device, plan.recipe.seed,
-                                  inputs_are_private=False)
+                raise EvomergeError(
+                    f"live model's {op.name} has shape {list(target.shape)}, "
+                    f"the recipe gives {list(op.shape)}"
+                )
+            merged = merge_tensor(
+                op, plan.method, fetch, target.device, plan.recipe.seed, inputs_are_private=False
+            )
             target.copy_(merged)
             del merged
 

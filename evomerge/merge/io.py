@@ -13,29 +13,49 @@ import os
 import re
 import shutil
 import struct
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Optional
 
 import torch
 
 from evomerge.errors import EvomergeError
 
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-    "U8": torch.uint8, "BOOL": torch.bool,
-    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
 }
 DTYPE_NAMES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
 USER_DTYPES = {
-    "float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
-    "fp16": torch.float16, "half": torch.float16, "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16, "float64": torch.float64,
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float64": torch.float64,
 }
 TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
 )
 PICKLE_PATTERNS = ("pytorch_model*.bin", "*.pt", "*.pth", "*.ckpt", "model*.bin")
 _MAX_HEADER = 100 * 1024 * 1024
@@ -46,7 +66,9 @@ def parse_dtype(name: str, field: str = "dtype") -> torch.dtype:
         return USER_DTYPES[name.lower()]
     except KeyError:
         known = ", ".join(sorted(USER_DTYPES))
-        raise EvomergeError(f"field '{field}': unknown dtype {name!r}; use one of {known}") from None
+        raise EvomergeError(
+            f"field '{field}': unknown dtype {name!r}; use one of {known}"
+        ) from None
 
 
 @dataclass(frozen=True)
@@ -111,8 +133,8 @@ def resolve_model_path(ref: str, *, search_dirs: Iterable[Path] = ()) -> Path:
         from huggingface_hub import snapshot_download
 
         folder = snapshot_download(
-            ref, allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt",
-                                 "*.jinja"],
+            ref,
+            allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja"],
         )
     except Exception as exc:  # hub errors come in many types; the user needs the one line
         raise EvomergeError(
@@ -125,8 +147,9 @@ def resolve_model_path(ref: str, *, search_dirs: Iterable[Path] = ()) -> Path:
 class ModelSource:
     """One source model: its config, tensor index, and tensors read on demand."""
 
-    def __init__(self, ref: str, *, allow_pickle: bool = False,
-                 search_dirs: Iterable[Path] = ()) -> None:
+    def __init__(
+        self, ref: str, *, allow_pickle: bool = False, search_dirs: Iterable[Path] = ()
+    ) -> None:
         self.ref = ref
         self.path = resolve_model_path(ref, search_dirs=search_dirs)
         self.config = self._read_config()
@@ -163,7 +186,9 @@ class ModelSource:
         shards = sorted({self.path / name for name in weight_map.values()})
         missing = [s.name for s in shards if not s.exists()]
         if missing:
-            raise EvomergeError(f"model {self.ref!r}: shard {missing[0]} named in the index is missing")
+            raise EvomergeError(
+                f"model {self.ref!r}: shard {missing[0]} named in the index is missing"
+            )
         return shards
 
     def _index_pickle(self, allow_pickle: bool) -> None:
@@ -180,8 +205,13 @@ class ModelSource:
             state = self._load_pickle(file)
             for name, tensor in state.items():
                 self._pickle_files[name] = file
-                self.index[name] = TensorInfo(file, tensor.dtype, tuple(tensor.shape), 0,
-                                              tensor.numel() * tensor.element_size())
+                self.index[name] = TensorInfo(
+                    file,
+                    tensor.dtype,
+                    tuple(tensor.shape),
+                    0,
+                    tensor.numel() * tensor.element_size(),
+                )
             del state
 
     @staticmethod
@@ -189,7 +219,9 @@ class ModelSource:
         try:
             state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
         except Exception as exc:  # torch raises many types for unsafe or corrupt pickles
-            raise EvomergeError(f"{file}: refused or unreadable pickle ({type(exc).__name__})") from None
+            raise EvomergeError(
+                f"{file}: refused or unreadable pickle ({type(exc).__name__})"
+            ) from None
         if isinstance(state, dict) and "state_dict" in state:
             state = state["state_dict"]
         if not isinstance(state, dict):
@@ -225,7 +257,7 @@ class ModelSource:
     def _handle(self, file: Path) -> Any:
         if self._open is None or self._open[0] != file:
             self.close()
-            self._open = (file, open(file, "rb"))
+            self._open = (file, open(file, "rb"))  # noqa: SIM115 (kept open across reads)
         return self._open[1]
 
     def _get_pickled(self, name: str, file: Path) -> torch.Tensor:
@@ -240,7 +272,7 @@ class ModelSource:
         self._open = None
 
 
-# ----- writing ------------------------------------------------------------------------------------
+# ----- writing ---
 @dataclass(frozen=True)
 class OutputTensor:
     name: str
@@ -270,7 +302,8 @@ class ShardedWriter:
             size += t.nbytes
         count = len(groups)
         self.shard_names = (
-            ["model.safetensors"] if count == 1
+            ["model.safetensors"]
+            if count == 1
             else [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
         )
         self._where: dict[str, tuple[int, int, OutputTensor]] = {}
@@ -279,8 +312,11 @@ class ShardedWriter:
             header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
             offsets, offset = [], 0
             for t in group:
-                header[t.name] = {"dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape),
-                                  "data_offsets": [offset, offset + t.nbytes]}
+                header[t.name] = {
+                    "dtype": DTYPE_NAMES[t.dtype],
+                    "shape": list(t.shape),
+                    "data_offsets": [offset, offset + t.nbytes],
+                }
                 offsets.append(offset)
                 offset += t.nbytes
             blob = json.dumps(header, separators=(",", ":")).encode()
@@ -298,8 +334,10 @@ class ShardedWriter:
     def write(self, name: str, tensor: torch.Tensor) -> None:
         shard, offset, spec = self._where[name]
         if tensor.dtype != spec.dtype or tuple(tensor.shape) != spec.shape:
-            raise RuntimeError(f"{name}: planned {spec.dtype}{list(spec.shape)}, "
-                               f"got {tensor.dtype}{list(tensor.shape)}")
+            raise RuntimeError(
+                f"{name}: planned {spec.dtype}{list(spec.shape)}, "
+                f"got {tensor.dtype}{list(tensor.shape)}"
+            )
         data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
         view = memoryview(data)
         while view:
@@ -318,8 +356,13 @@ class ShardedWriter:
         self._fds = []
         if len(self.shard_names) > 1:
             total = sum(spec.nbytes for _, _, spec in self._where.values())
-            weight_map = {name: self.shard_names[shard] for name, (shard, _, _) in self._where.items()}
-            index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+            weight_map = {
+                name: self.shard_names[shard] for name, (shard, _, _) in self._where.items()
+            }
+            index = {
+                "metadata": {"total_size": total},
+                "weight_map": dict(sorted(weight_map.items())),
+            }
             (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
     def abort(self) -> None:

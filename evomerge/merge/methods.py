@@ -10,8 +10,9 @@ Defaults and semantics follow mergekit 0.1.5 so that existing configs give the s
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal, Optional
+from typing import Any, Literal, Optional
 
 import torch
 
@@ -91,10 +92,12 @@ def get_method(name: str) -> Method:
         return METHODS[name]
     except KeyError:
         known = ", ".join(sorted(METHODS))
-        raise EvomergeError(f"field 'merge_method': unknown method {name!r}; known: {known}") from None
+        raise EvomergeError(
+            f"field 'merge_method': unknown method {name!r}; known: {known}"
+        ) from None
 
 
-# ----- parameter checks ------------------------------------------------------------------------
+# ----- parameter checks ---
 def _unit_interval(value: float) -> Optional[str]:
     if not (0.0 < value <= 1.0) or math.isnan(value):
         return f"must be in (0, 1], got {value}"
@@ -109,7 +112,7 @@ def _fraction(value: float) -> Optional[str]:
     return None if 0.0 <= value <= 1.0 else f"must be in [0, 1], got {value}"
 
 
-# ----- sparsification ----------------------------------------------------------------------------
+# ----- sparsification ---
 def _rescale_l1(original_l1: torch.Tensor, masked: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
     """Scale the kept entries so the L1 norm is preserved (mergekit's `rescale`)."""
     after = masked.abs().sum()
@@ -132,7 +135,9 @@ def magnitude_prune(delta: torch.Tensor, density: float, rescale: bool) -> torch
     return _rescale_l1(l1, delta) if rescale else delta
 
 
-def breadcrumbs_prune(delta: torch.Tensor, density: float, gamma: float, rescale: bool) -> torch.Tensor:
+def breadcrumbs_prune(
+    delta: torch.Tensor, density: float, gamma: float, rescale: bool
+) -> torch.Tensor:
     """Drop the gamma largest-magnitude outliers and the smallest entries, keep density*n."""
     if density >= 1:
         return delta
@@ -149,7 +154,9 @@ def breadcrumbs_prune(delta: torch.Tensor, density: float, gamma: float, rescale
     return _rescale_l1(l1, delta) if rescale else delta
 
 
-def random_prune(delta: torch.Tensor, density: float, rescale: bool, rng: TensorRng) -> torch.Tensor:
+def random_prune(
+    delta: torch.Tensor, density: float, rescale: bool, rng: TensorRng
+) -> torch.Tensor:
     """DARE: keep each entry with probability `density`."""
     if density >= 1:
         return delta
@@ -189,7 +196,7 @@ def della_prune(
     return _rescale_l1(l1, delta) if rescale else delta
 
 
-# ----- task-arithmetic family ----------------------------------------------------------------------
+# ----- task-arithmetic family ---
 Sparsifier = Optional[Literal["magnitude", "random", "breadcrumbs", "della"]]
 
 
@@ -197,8 +204,13 @@ def _delta(x: torch.Tensor, base: torch.Tensor, scratch: bool) -> torch.Tensor:
     return x.sub_(base) if scratch else x - base
 
 
-def _sparsify(kind: Sparsifier, delta: torch.Tensor, p: dict[str, Any], rescale: bool,
-              rng: Optional[TensorRng]) -> torch.Tensor:
+def _sparsify(
+    kind: Sparsifier,
+    delta: torch.Tensor,
+    p: dict[str, Any],
+    rescale: bool,
+    rng: Optional[TensorRng],
+) -> torch.Tensor:
     density = p["density"]
     if kind == "magnitude":
         return magnitude_prune(delta, density, rescale)
@@ -211,7 +223,9 @@ def _sparsify(kind: Sparsifier, delta: torch.Tensor, p: dict[str, Any], rescale:
     return delta
 
 
-def task_arithmetic_family(sparsify: Sparsifier, consensus: bool) -> Callable[[MergeInputs], torch.Tensor]:
+def task_arithmetic_family(
+    sparsify: Sparsifier, consensus: bool
+) -> Callable[[MergeInputs], torch.Tensor]:
     """base + lambda * combine_i(w_i * sparsify(x_i - base)), combine = sum or sign-consensus."""
 
     def merge(m: MergeInputs) -> torch.Tensor:
@@ -255,7 +269,7 @@ def _sum(tensors: list[torch.Tensor]) -> torch.Tensor:
     return total
 
 
-# ----- other methods ----------------------------------------------------------------------------------
+# ----- other methods ---
 def linear(m: MergeInputs) -> torch.Tensor:
     weights = [p["weight"] for p in m.per_input]
     result = torch.zeros_like(m.others[0])
@@ -266,8 +280,9 @@ def linear(m: MergeInputs) -> torch.Tensor:
     return result
 
 
-def slerp_tensors(t: float, v0: torch.Tensor, v1: torch.Tensor,
-                  dot_threshold: float = 0.9995, eps: float = 1e-8) -> torch.Tensor:
+def slerp_tensors(
+    t: float, v0: torch.Tensor, v1: torch.Tensor, dot_threshold: float = 0.9995, eps: float = 1e-8
+) -> torch.Tensor:
     """Spherical interpolation of two whole tensors; linear when they are nearly collinear."""
     norm0 = torch.linalg.vector_norm(v0)
     norm1 = torch.linalg.vector_norm(v1)
@@ -288,8 +303,9 @@ def slerp(m: MergeInputs) -> torch.Tensor:
     return slerp_tensors(m.shared["t"], m.base, m.others[0])
 
 
-def nuslerp_tensors(t: float, v0: torch.Tensor, v1: torch.Tensor, row_wise: bool,
-                    flatten: bool, eps: float = 1e-8) -> torch.Tensor:
+def nuslerp_tensors(
+    t: float, v0: torch.Tensor, v1: torch.Tensor, row_wise: bool, flatten: bool, eps: float = 1e-8
+) -> torch.Tensor:
     shape = v0.shape
     if flatten:
         a, b = v0.reshape(-1), v1.reshape(-1)
@@ -318,8 +334,9 @@ def nuslerp(m: MergeInputs) -> torch.Tensor:
     a, b = m.others
     if m.base is None:
         return nuslerp_tensors(t, a, b, row_wise, flatten)
-    delta = nuslerp_tensors(t, _delta(a, m.base, m.scratch), _delta(b, m.base, m.scratch),
-                            row_wise, flatten)
+    delta = nuslerp_tensors(
+        t, _delta(a, m.base, m.scratch), _delta(b, m.base, m.scratch), row_wise, flatten
+    )
     return delta.add_(m.base)
 
 
@@ -337,7 +354,7 @@ def model_stock(m: MergeInputs) -> torch.Tensor:
     offsets = [x - w0 for x in ws]
     cosines = []
     for i, a in enumerate(offsets):
-        for b in offsets[i + 1:]:
+        for b in offsets[i + 1 :]:
             norms = torch.linalg.vector_norm(a, dim=-1) * torch.linalg.vector_norm(b, dim=-1)
             cosines.append(((a * b).sum(-1) / norms.clamp(min=1e-6)).clamp(-1, 1))
     del offsets
@@ -345,8 +362,11 @@ def model_stock(m: MergeInputs) -> torch.Tensor:
     count = len(ws)
     denominator = 1 + (count - 1) * cos
     singular = denominator.abs() < 1e-6
-    t = torch.where(singular, torch.zeros_like(cos),
-                    count * cos / torch.where(singular, torch.ones_like(denominator), denominator))
+    t = torch.where(
+        singular,
+        torch.zeros_like(cos),
+        count * cos / torch.where(singular, torch.ones_like(denominator), denominator),
+    )
     return (t * average + (1 - t) * w0).reshape(shape)
 
 
@@ -367,7 +387,9 @@ def sce(m: MergeInputs) -> torch.Tensor:
             delta.masked_fill_(~keep, 0.0)
     energies = [float(d.square().mean()) for d in deltas]
     total = sum(energies)
-    weights = [1.0 / len(deltas)] * len(deltas) if abs(total) < 1e-6 else [e / total for e in energies]
+    weights = (
+        [1.0 / len(deltas)] * len(deltas) if abs(total) < 1e-6 else [e / total for e in energies]
+    )
     positive = _sum(deltas) >= 0
     mixed = torch.zeros_like(base)
     weight_sum = torch.zeros_like(base)
@@ -384,7 +406,7 @@ def passthrough(m: MergeInputs) -> torch.Tensor:
     return x if scale is None else x * scale
 
 
-# ----- the registry --------------------------------------------------------------------------------
+# ----- the registry ---
 def _gta_params(normalize: bool, rescale: bool, extra: tuple[Param, ...] = ()) -> tuple[Param, ...]:
     return (
         Param("int8_mask", bool, "shared", False),
@@ -410,31 +432,72 @@ for _name, _sparse, _consensus, _norm, _rescale, _extra, _ref in (
     ("della", "della", True, True, True, (_EPSILON,), "arXiv:2406.11617"),
     ("della_linear", "della", False, False, True, (_EPSILON,), "arXiv:2406.11617"),
 ):
-    register(Method(
-        name=_name,
-        fn=task_arithmetic_family(_sparse, _consensus),
-        params=_gta_params(_norm, _rescale, _extra),
-        base="required",
-        stochastic=_sparse in ("random", "della"),
-        reference=_ref,
-    ))
+    register(
+        Method(
+            name=_name,
+            fn=task_arithmetic_family(_sparse, _consensus),
+            params=_gta_params(_norm, _rescale, _extra),
+            base="required",
+            stochastic=_sparse in ("random", "della"),
+            reference=_ref,
+        )
+    )
 
-register(Method("linear", linear, (
-    Param("weight", float, "input", check=_finite),
-    Param("normalize", bool, "shared", True),
-), reference="arXiv:2203.05482"))
-register(Method("slerp", slerp, (Param("t", float, "shared", check=_finite),),
-                base="required", min_inputs=2, max_inputs=2))
-register(Method("nuslerp", nuslerp, (
-    Param("weight", float, "non_base", check=_finite),
-    Param("nuslerp_row_wise", bool, "shared", False),
-    Param("nuslerp_flatten", bool, "shared", True),
-), base="optional", min_non_base=2, max_non_base=2))
-register(Method("model_stock", model_stock, (Param("filter_wise", bool, "shared", False),),
-                base="required", min_inputs=3, reference="arXiv:2403.19522"))
-register(Method("sce", sce, (
-    Param("int8_mask", bool, "shared", False),
-    Param("select_topk", float, "shared", 1.0, _fraction),
-), base="required", reference="arXiv:2408.07990"))
-register(Method("passthrough", passthrough, (Param("scale", float, "input", None),),
-                max_inputs=1))
+register(
+    Method(
+        "linear",
+        linear,
+        (
+            Param("weight", float, "input", check=_finite),
+            Param("normalize", bool, "shared", True),
+        ),
+        reference="arXiv:2203.05482",
+    )
+)
+register(
+    Method(
+        "slerp",
+        slerp,
+        (Param("t", float, "shared", check=_finite),),
+        base="required",
+        min_inputs=2,
+        max_inputs=2,
+    )
+)
+register(
+    Method(
+        "nuslerp",
+        nuslerp,
+        (
+            Param("weight", float, "non_base", check=_finite),
+            Param("nuslerp_row_wise", bool, "shared", False),
+            Param("nuslerp_flatten", bool, "shared", True),
+        ),
+        base="optional",
+        min_non_base=2,
+        max_non_base=2,
+    )
+)
+register(
+    Method(
+        "model_stock",
+        model_stock,
+        (Param("filter_wise", bool, "shared", False),),
+        base="required",
+        min_inputs=3,
+        reference="arXiv:2403.19522",
+    )
+)
+register(
+    Method(
+        "sce",
+        sce,
+        (
+            Param("int8_mask", bool, "shared", False),
+            Param("select_topk", float, "shared", 1.0, _fraction),
+        ),
+        base="required",
+        reference="arXiv:2408.07990",
+    )
+)
+register(Method("passthrough", passthrough, (Param("scale", float, "input", None),), max_inputs=1))

@@ -10,15 +10,25 @@ outside the layers (embeddings, final norm, lm_head) read it at t = 0.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Optional
+from typing import Any, Optional
 
 import torch
 
 from evomerge.errors import EvomergeError
 from evomerge.merge.io import ModelSource, OutputTensor, parse_dtype
 from evomerge.merge.methods import Method, Param, get_method
-from evomerge.recipe import OutputSlice, Parameters, Recipe, SliceSource, resolve_setting
+from evomerge.recipe import (
+    FilteredValue,
+    OutputSlice,
+    Parameters,
+    Recipe,
+    Setting,
+    SliceSource,
+    coerce,
+    resolve_setting,
+)
 
 LAYER_NAME = re.compile(r"^(?P<prefix>(?:.*\.)?(?:layers|h|blocks)\.)(?P<index>\d+)\.(?P<rest>.+)$")
 POST_NAME = re.compile(r"(^|\.)(lm_head|norm|ln_f|final_layernorm|final_layer_norm|final_norm)\.")
@@ -103,8 +113,9 @@ class _Scope:
         yield self.recipe.parameters
 
 
-def _resolve(param: Param, settings: Iterable[Optional[Parameters]], tensor: str, t: float,
-             where: str) -> Any:
+def _resolve(
+    param: Param, settings: Iterable[Optional[Parameters]], tensor: str, t: float, where: str
+) -> Any:
     for scope in settings:
         if scope and param.name in scope:
             try:
@@ -125,21 +136,43 @@ def _resolve(param: Param, settings: Iterable[Optional[Parameters]], tensor: str
     return value
 
 
-def _check_known_parameters(recipe: Recipe, method: Method) -> None:
+def _check_parameter_settings(recipe: Recipe, method: Method) -> None:
+    """Every parameter named anywhere in the recipe exists and every value in it is valid,
+    including values that a higher-precedence setting shadows."""
     scopes: list[tuple[str, Optional[Parameters]]] = [("parameters", recipe.parameters)]
     for i, m in enumerate(recipe.models or []):
         scopes.append((f"models.{i}.parameters", m.parameters))
     for i, s in enumerate(recipe.slices or []):
         scopes.append((f"slices.{i}.parameters", s.parameters))
-        scopes += [(f"slices.{i}.sources.{j}.parameters", src.parameters)
-                   for j, src in enumerate(s.sources)]
+        scopes += [
+            (f"slices.{i}.sources.{j}.parameters", src.parameters)
+            for j, src in enumerate(s.sources)
+        ]
     for where, params in scopes:
-        for name in params or {}:
-            if name not in method.param_index:
+        for name, setting in (params or {}).items():
+            param = method.param_index.get(name)
+            if param is None:
                 known = ", ".join(sorted(method.param_index)) or "none"
                 raise EvomergeError(
                     f"field '{where}.{name}': unknown parameter for {method.name}; known: {known}"
                 )
+            for value in _literal_values(setting):
+                try:
+                    value = coerce(value, param.kind)
+                except ValueError as exc:
+                    raise EvomergeError(f"field '{where}.{name}': {exc}") from None
+                if param.check is not None and (problem := param.check(value)):
+                    raise EvomergeError(f"field '{where}.{name}': {problem}")
+
+
+def _literal_values(setting: Setting) -> Iterable[Any]:
+    if isinstance(setting, FilteredValue):
+        yield from _literal_values(setting.value)
+    elif isinstance(setting, list):
+        for item in setting:
+            yield from _literal_values(item)
+    else:
+        yield setting
 
 
 def _normalize_slices(recipe: Recipe, sources: dict[str, ModelSource]) -> list[OutputSlice]:
@@ -155,14 +188,17 @@ def _normalize_slices(recipe: Recipe, sources: dict[str, ModelSource]) -> list[O
         detail = ", ".join(f"{k}: {v}" for k, v in depths.items())
         raise EvomergeError(f"models have different numbers of layers ({detail}); use 'slices'")
     depth = next(iter(depths.values()))
-    slice_sources = [SliceSource(model=m.model, layer_range=(0, depth), parameters=m.parameters)
-                     for m in entries]
+    slice_sources = [
+        SliceSource(model=m.model, layer_range=(0, depth), parameters=m.parameters) for m in entries
+    ]
     if recipe.base_model and recipe.base_model not in listed:
         slice_sources.append(SliceSource(model=recipe.base_model, layer_range=(0, depth)))
     return [OutputSlice(sources=slice_sources)]
 
 
-def _check_inputs(method: Method, models: list[str], base: Optional[str], where: str) -> Optional[int]:
+def _check_inputs(
+    method: Method, models: list[str], base: Optional[str], where: str
+) -> Optional[int]:
     if len(set(models)) != len(models):
         raise EvomergeError(f"{where}: a model is listed twice")
     base_index = models.index(base) if base in models else None
@@ -175,11 +211,16 @@ def _check_inputs(method: Method, models: list[str], base: Optional[str], where:
     count = len(models)
     non_base = count - (base_index is not None)
     if count < method.min_inputs or (method.max_inputs is not None and count > method.max_inputs):
-        span = (f"exactly {method.min_inputs}" if method.min_inputs == method.max_inputs else
-                f"at least {method.min_inputs}" if method.max_inputs is None else
-                f"{method.min_inputs} to {method.max_inputs}")
+        span = (
+            f"exactly {method.min_inputs}"
+            if method.min_inputs == method.max_inputs
+            else f"at least {method.min_inputs}"
+            if method.max_inputs is None
+            else f"{method.min_inputs} to {method.max_inputs}"
+        )
         raise EvomergeError(
-            f"merge method {method.name} takes {span} models including the base; got {count} ({where})"
+            f"merge method {method.name} takes {span} models including the base; "
+            f"got {count} ({where})"
         )
     if non_base < method.min_non_base or (
         method.max_non_base is not None and non_base > method.max_non_base
@@ -191,15 +232,23 @@ def _check_inputs(method: Method, models: list[str], base: Optional[str], where:
     return base_index
 
 
-def build_plan(recipe: Recipe, *, allow_pickle: bool = False, sources: Optional[dict[str, ModelSource]] = None,
-               search_dirs: Iterable = ()) -> MergePlan:
+def build_plan(
+    recipe: Recipe,
+    *,
+    allow_pickle: bool = False,
+    sources: Optional[dict[str, ModelSource]] = None,
+    search_dirs: Iterable = (),
+) -> MergePlan:
     """Check a recipe against its models and lay out every output tensor."""
     method = get_method(recipe.merge_method)
-    _check_known_parameters(recipe, method)
+    _check_parameter_settings(recipe, method)
     if recipe.dtype:
         parse_dtype(recipe.dtype, "dtype")
-    out_dtype_override = parse_dtype(recipe.out_dtype or recipe.dtype, "out_dtype") if (
-        recipe.out_dtype or recipe.dtype) else None
+    out_dtype_override = (
+        parse_dtype(recipe.out_dtype or recipe.dtype, "out_dtype")
+        if (recipe.out_dtype or recipe.dtype)
+        else None
+    )
     sources = dict(sources or {})
     for ref in recipe.referenced_models():
         if ref not in sources:
@@ -213,16 +262,24 @@ def build_plan(recipe: Recipe, *, allow_pickle: bool = False, sources: Optional[
     ops: list[TensorOp] = []
     layer_sources: list[tuple[str, int]] = []
 
-    def add(name: str, inputs: list[tuple[str, str]], scope: _Scope, base: Optional[str], t: float,
-            where: str) -> None:
+    def add(
+        name: str,
+        inputs: list[tuple[str, str]],
+        scope: _Scope,
+        base: Optional[str],
+        t: float,
+        where: str,
+    ) -> None:
         models = [m for m, _ in inputs]
         base_index = _check_inputs(method, models, base, where)
         shapes = []
         for model, tensor in inputs:
             info = sources[model].index.get(tensor)
             if info is None:
-                raise EvomergeError(f"model {model!r} has no tensor {tensor!r} (needed for {name}); "
-                                    "are the architectures the same?")
+                raise EvomergeError(
+                    f"model {model!r} has no tensor {tensor!r} (needed for {name}); "
+                    "are the architectures the same?"
+                )
             shapes.append(info)
         if len({i.shape for i in shapes}) != 1:
             detail = ", ".join(f"{m}: {list(i.shape)}" for (m, _), i in zip(inputs, shapes))
@@ -231,17 +288,31 @@ def build_plan(recipe: Recipe, *, allow_pickle: bool = False, sources: Optional[
         if not first.dtype.is_floating_point:
             ops.append(TensorOp(name, inputs, base_index, {}, [], first.dtype, first.shape, True))
             return
-        shared = {p.name: _resolve(p, scope.settings(None), name, t, where) for p in method.shared_params()}
+        shared = {
+            p.name: _resolve(p, scope.settings(None), name, t, where)
+            for p in method.shared_params()
+        }
         per_input = []
         for i, (model, tensor) in enumerate(inputs):
             if i == base_index:
                 continue
-            per_input.append({
-                p.name: _resolve(p, scope.settings(model), tensor, t, f"{where}, model {model}")
-                for p in method.input_params()
-            })
-        ops.append(TensorOp(name, inputs, base_index, shared, per_input,
-                            out_dtype_override or first.dtype, first.shape))
+            per_input.append(
+                {
+                    p.name: _resolve(p, scope.settings(model), tensor, t, f"{where}, model {model}")
+                    for p in method.input_params()
+                }
+            )
+        ops.append(
+            TensorOp(
+                name,
+                inputs,
+                base_index,
+                shared,
+                per_input,
+                out_dtype_override or first.dtype,
+                first.shape,
+            )
+        )
 
     first_source = sources[first_models[0]]
     layer_names: dict[str, list[str]] = {}
@@ -251,8 +322,14 @@ def build_plan(recipe: Recipe, *, allow_pickle: bool = False, sources: Optional[
         if parts is None:
             (outer_post if POST_NAME.search(name) else outer_pre).append(name)
     for name in outer_pre:
-        add(name, [(m, name) for m in first_models], _Scope(recipe, slices[0]),
-            slices[0].base_model or recipe.base_model, 0.0, "embeddings")
+        add(
+            name,
+            [(m, name) for m in first_models],
+            _Scope(recipe, slices[0]),
+            slices[0].base_model or recipe.base_model,
+            0.0,
+            "embeddings",
+        )
 
     for si, out_slice in enumerate(slices):
         lengths = {src.layer_range[1] - src.layer_range[0] for src in out_slice.sources}
@@ -264,35 +341,57 @@ def build_plan(recipe: Recipe, *, allow_pickle: bool = False, sources: Optional[
         for src in out_slice.sources:
             depth = sources[src.model].num_layers
             if src.layer_range[1] > depth:
-                raise EvomergeError(f"slices.{si}: layer_range {list(src.layer_range)} is out of "
-                                    f"range for {src.model!r}, which has {depth} layers")
+                raise EvomergeError(
+                    f"slices.{si}: layer_range {list(src.layer_range)} is out of "
+                    f"range for {src.model!r}, which has {depth} layers"
+                )
         for offset in range(n):
             t = offset / (n - 1) if n > 1 else 1.0
             out_index = len(layer_sources)
             lead = out_slice.sources[0]
             lead_layer = lead.layer_range[0] + offset
             rests = layer_names.setdefault(
-                f"{lead.model}:{lead_layer}", _layer_tensors(sources[lead.model], lead_layer))
+                f"{lead.model}:{lead_layer}", _layer_tensors(sources[lead.model], lead_layer)
+            )
             for prefix, rest in rests:
-                inputs = [(src.model, f"{prefix}{src.layer_range[0] + offset}.{rest}")
-                          for src in out_slice.sources]
-                add(f"{prefix}{out_index}.{rest}", inputs, scope, base, t,
-                    f"slices.{si} layer {out_index}" if recipe.slices else f"layer {out_index}")
+                inputs = [
+                    (src.model, f"{prefix}{src.layer_range[0] + offset}.{rest}")
+                    for src in out_slice.sources
+                ]
+                add(
+                    f"{prefix}{out_index}.{rest}",
+                    inputs,
+                    scope,
+                    base,
+                    t,
+                    f"slices.{si} layer {out_index}" if recipe.slices else f"layer {out_index}",
+                )
             layer_sources.append((lead.model, lead_layer))
 
     for name in outer_post:
-        add(name, [(m, name) for m in last_models], _Scope(recipe, slices[-1]),
-            slices[-1].base_model or recipe.base_model, 0.0, "final norm/head")
+        add(
+            name,
+            [(m, name) for m in last_models],
+            _Scope(recipe, slices[-1]),
+            slices[-1].base_model or recipe.base_model,
+            0.0,
+            "final norm/head",
+        )
 
     tokenizer = recipe.tokenizer_source
     if tokenizer in (None, "base"):
         tokenizer = donor
     elif tokenizer == "union":
-        raise EvomergeError("field 'tokenizer_source': 'union' is not supported; name one model or 'base'")
+        raise EvomergeError(
+            "field 'tokenizer_source': 'union' is not supported; name one model or 'base'"
+        )
     elif tokenizer not in sources:
-        sources[tokenizer] = ModelSource(tokenizer, allow_pickle=allow_pickle, search_dirs=search_dirs)
-    return MergePlan(recipe, method, ops, donor, tokenizer,
-                     layer_sources if recipe.slices else None, sources)
+        sources[tokenizer] = ModelSource(
+            tokenizer, allow_pickle=allow_pickle, search_dirs=search_dirs
+        )
+    return MergePlan(
+        recipe, method, ops, donor, tokenizer, layer_sources if recipe.slices else None, sources
+    )
 
 
 def _layer_tensors(source: ModelSource, layer: int) -> list[tuple[str, str]]:

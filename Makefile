@@ -1,0 +1,41 @@
+# evomerge: set-up, tests, benchmarks and the main job. Everything installs into .venv.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_VERSION ?= 2.13.0
+# On a CPU machine without a local CPU wheel, set TORCH_INDEX=https://download.pytorch.org/whl/cpu
+TORCH_INDEX ?=
+HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo yes)
+export HF_HUB_OFFLINE ?= 1
+export HF_DATASETS_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: setup test lint demo bench clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+ifneq ($(HAS_GPU),yes)
+	$(PY) -m pip install -q "torch==$(TORCH_VERSION)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+endif
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+test: setup
+	$(PY) -m ruff check evomerge tests benchmarks
+	$(PY) -m pytest -q
+
+lint: setup
+	$(PY) -m ruff check evomerge tests benchmarks
+
+# The main job (until the search lands): build a small local model family and merge it.
+demo: setup
+	$(PY) -m evomerge.testing --out results/example --hidden 256 --layers 8
+	$(VENV)/bin/evomerge merge search_spaces/examples/ties.yaml results/example/merged --force
+	@echo "merged checkpoint: results/example/merged"
+
+bench: setup
+	$(PY) benchmarks/merge_speed.py
+
+clean:
+	rm -rf $(VENV) results/example results/bench
