@@ -3,7 +3,13 @@
 import pytest
 import torch
 
-from evomerge.merge.select import kth_smallest, largest_mask, rank_window_mask, smallest_mask
+from evomerge.merge.select import (
+    keep_largest_,
+    kth_smallest,
+    largest_mask,
+    rank_window_mask,
+    smallest_mask,
+)
 
 
 @pytest.mark.parametrize("n", [10, 1000, 300_000, 1_000_003])
@@ -35,3 +41,12 @@ def test_rank_window_is_the_middle_of_the_sort():
     expected = torch.zeros(2000, dtype=torch.bool)
     expected[order[100:1500]] = True
     assert torch.equal(rank_window_mask(values, 100, 1500), expected)
+
+
+@pytest.mark.parametrize("n", [7, 300_000, 1_000_003])
+def test_keep_largest_in_place_matches_bool_mask(n):
+    values = torch.randn(n, generator=torch.Generator().manual_seed(n)).abs()
+    values[: n // 3] = values[0]  # many ties at one value
+    for k in (1, n // 4, n // 2, n - 1):
+        expected = largest_mask(values, k).float()
+        assert torch.equal(keep_largest_(values.clone(), k), expected)

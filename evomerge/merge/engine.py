@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 
 from evomerge.errors import EvomergeError
 from evomerge.merge.io import ModelSource, ShardedWriter, copy_tokenizer
+from evomerge.merge.memory import keep_freed_memory
 from evomerge.merge.methods import MergeInputs, Method
 from evomerge.merge.plan import MergePlan, TensorOp, build_plan
 from evomerge.merge.rng import TensorRng
@@ -77,6 +78,7 @@ def merge_to_disk(
     if out.exists() and not out.is_dir():
         raise EvomergeError(f"output path {out} is a file, not a folder")
     dev = pick_device(device)
+    keep_freed_memory()
     plan = build_plan(
         recipe, allow_pickle=allow_pickle, search_dirs=[recipe_dir] if recipe_dir else []
     )
@@ -160,6 +162,7 @@ def merge_into_model(
             f"live model has no parameter {missing[0]!r}; is it the same architecture?"
         )
     fetch = lambda model_ref, name: tensors[model_ref][name]  # noqa: E731
+    keep_freed_memory()
     with torch.no_grad():
         for op in plan.ops:
             target = targets[op.name]

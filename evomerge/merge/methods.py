@@ -17,7 +17,7 @@ from typing import Any, Literal, Optional
 import torch
 
 from evomerge.merge.rng import TensorRng
-from evomerge.merge.select import largest_mask, rank_window_mask
+from evomerge.merge.select import keep_largest_, largest_mask, rank_window_mask
 
 Scope = Literal["shared", "input", "non_base"]
 BasePolicy = Literal["required", "optional", "ignored"]
@@ -127,11 +127,10 @@ def magnitude_prune(delta: torch.Tensor, density: float, rescale: bool) -> torch
         return delta
     flat = delta.reshape(-1)
     k = max(1, int(density * flat.numel()))
-    magnitudes = flat.abs()
-    l1 = magnitudes.sum() if rescale else None
-    keep = largest_mask(magnitudes, k).reshape(delta.shape)
-    del magnitudes
-    delta = delta.masked_fill_(~keep, 0.0)
+    keep = flat.abs()
+    l1 = keep.sum() if rescale else None
+    delta.mul_(keep_largest_(keep, k).reshape(delta.shape))
+    del keep
     return _rescale_l1(l1, delta) if rescale else delta
 
 
@@ -161,8 +160,7 @@ def random_prune(
     if density >= 1:
         return delta
     l1 = delta.abs().sum() if rescale else None
-    drop = rng.uniform(delta.shape, delta.device) >= density
-    delta = delta.masked_fill_(drop, 0.0)
+    delta.mul_(rng.keep_mask(delta.shape, density, delta.device))
     return _rescale_l1(l1, delta) if rescale else delta
 
 
@@ -240,14 +238,7 @@ def task_arithmetic_family(
             delta = _sparsify(sparsify, _delta(x, base, m.scratch), p, rescale, rng)
             deltas.append(delta.mul_(p["weight"]))
         if consensus:
-            positive = _sum(deltas) >= 0
-            mixed = torch.zeros_like(base)
-            divisor = torch.zeros_like(base)
-            for delta, w in zip(deltas, weights):
-                agrees = torch.where(positive, delta > 0, delta < 0)
-                mixed.add_(delta.masked_fill_(~agrees, 0.0))
-                divisor.add_(agrees, alpha=w)
-            divisor.masked_fill_(divisor == 0, 1.0)
+            mixed, divisor = _sign_consensus(deltas, weights, m.shared["normalize"])
         else:
             mixed = _sum(deltas)
             total = sum(weights)
@@ -260,6 +251,32 @@ def task_arithmetic_family(
         return mixed.add_(base)
 
     return merge
+
+
+def _sign_consensus(
+    deltas: list[torch.Tensor], weights: list[float], need_divisor: bool
+) -> tuple[torch.Tensor, torch.Tensor | float]:
+    """TIES sign election: per entry, the sign of the summed deltas wins (ties go to +); sum the
+    deltas that agree with it, and (for normalising) the weights of those that do.
+
+    Written with float kernels only (the deltas are overwritten): each agreeing delta is
+    multiplied by the elected sign so that agreement is simply "> 0".
+    """
+    sign = _sum(deltas).ge_(0).mul_(2).sub_(1)
+    divisor = torch.zeros_like(sign) if need_divisor else 1.0
+    agrees = torch.empty_like(sign) if need_divisor else None
+    for delta, w in zip(deltas, weights):
+        delta.mul_(sign)
+        if need_divisor:
+            divisor.add_(torch.gt(delta, 0, out=agrees), alpha=w)
+        delta.clamp_(min=0)
+    mixed = deltas[0]
+    for delta in deltas[1:]:
+        mixed.add_(delta)
+    mixed.mul_(sign)
+    if need_divisor:
+        divisor.masked_fill_(divisor == 0, 1.0)
+    return mixed, divisor
 
 
 def _sum(tensors: list[torch.Tensor]) -> torch.Tensor:

@@ -2,13 +2,14 @@
 
 Never a global RNG: each tensor gets its own generator, so the weights of one tensor do not
 depend on which other tensors were merged before it, on thread order or on the device. Draws
-come from torch's CPU Mersenne Twister (the same stream on every machine) and are moved to the
-compute device afterwards.
+come from torch's CPU Mersenne Twister (the same stream on every machine), 16 bits per entry,
+and are moved to the compute device afterwards.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 
 import torch
 
@@ -27,9 +28,27 @@ class TensorRng:
         self._generator = torch.Generator(device="cpu")
         self._generator.manual_seed(self.seed)
 
+    def _bits16(self, numel: int) -> torch.Tensor:
+        """numel uniform 16-bit integers (as int16), four per 64-bit draw."""
+        words = torch.randint(
+            -(2**63), 2**63 - 1, ((numel + 3) // 4,), dtype=torch.int64, generator=self._generator
+        )
+        return words.view(torch.int16)[:numel]
+
+    def keep_mask(
+        self, shape: torch.Size | tuple[int, ...], probability: float, device: torch.device
+    ) -> torch.Tensor:
+        """Float 0/1 tensor, each entry 1 with `probability` (resolution 2**-16)."""
+        numel = math.prod(shape)
+        threshold = round(probability * 65536) - 32768
+        keep = torch.empty(numel, dtype=torch.float32)
+        torch.lt(self._bits16(numel), threshold, out=keep)
+        return keep.reshape(shape).to(device)
+
     def uniform(self, shape: torch.Size | tuple[int, ...], device: torch.device) -> torch.Tensor:
-        draws = torch.rand(shape, generator=self._generator, dtype=torch.float32)
-        return draws.to(device, non_blocking=False)
+        """Uniform floats in (0, 1) on a 2**-16 grid."""
+        draws = self._bits16(math.prod(shape)).to(torch.float32).add_(32768.5).div_(65536)
+        return draws.reshape(shape).to(device)
 
     def fork(self, label: str) -> TensorRng:
         """An independent stream for the next input of the same tensor."""
