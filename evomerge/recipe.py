@@ -67,13 +67,29 @@ class OutputSlice(BaseModel):
         return self
 
 
+class PathStep(BaseModel):
+    """One layer of a data-flow path: which layer of which model, and the residual scale that
+    multiplies the hidden state where the path enters it."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str
+    layer: int = Field(ge=0)
+    scale: float = 1.0
+
+    @model_validator(mode="after")
+    def _scale_positive(self) -> PathStep:
+        if not (self.scale > 0 and self.scale < float("inf")):
+            raise ValueError(f"scale must be finite and > 0, got {self.scale}")
+        return self
+
+
 class Recipe(BaseModel):
     """A merge: method, inputs, parameters, output dtype and the seed of its random state."""
 
     model_config = ConfigDict(extra="forbid")
 
     merge_method: str
-    models: Optional[list[ModelInput]] = None
+    models: Optional[Union[list[ModelInput], dict[str, str]]] = None
     slices: Optional[list[OutputSlice]] = None
     base_model: Optional[str] = None
     parameters: Optional[Parameters] = None
@@ -83,9 +99,25 @@ class Recipe(BaseModel):
     chat_template: Optional[str] = None
     seed: int = 0
     name: Optional[str] = None
+    embed_from: Optional[str] = None
+    path: Optional[list[PathStep]] = None
 
     @model_validator(mode="after")
     def _models_xor_slices(self) -> Recipe:
+        if self.merge_method == "dataflow":
+            if not isinstance(self.models, dict) or not self.models:
+                raise ValueError("a dataflow recipe needs 'models' as a mapping name -> path")
+            if not self.path:
+                raise ValueError("a dataflow recipe needs a non-empty 'path'")
+            names = [self.embed_from or "", *(step.model for step in self.path)]
+            unknown = [n for n in names if n not in self.models]
+            if unknown:
+                raise ValueError(f"'{unknown[0]}' is not a key of 'models' (embed_from/path)")
+            return self
+        if self.path is not None or self.embed_from is not None:
+            raise ValueError("'path' and 'embed_from' belong to merge_method: dataflow")
+        if isinstance(self.models, dict):
+            raise ValueError("'models' must be a list of {model, parameters}")
         if bool(self.models) == bool(self.slices):
             raise ValueError("give exactly one of 'models' or 'slices' (a non-empty list)")
         return self
@@ -140,6 +172,8 @@ class Recipe(BaseModel):
     def referenced_models(self) -> list[str]:
         """Every model the recipe reads, each once, in first-mention order."""
         seen: dict[str, None] = {}
+        if isinstance(self.models, dict):
+            return list(dict.fromkeys(self.models.values()))
         if self.base_model:
             seen[self.base_model] = None
         for model in self.models or []:

@@ -116,7 +116,8 @@ def _write_metadata(plan: MergePlan, folder: Path) -> None:
     if gen.exists():
         shutil.copy2(gen, folder / gen.name)
     (folder / "evomerge_recipe.yaml").write_text(plan.recipe.to_yaml())
-    (folder / "mergekit_config.yml").write_text(plan.recipe.to_mergekit_yaml())
+    if plan.recipe.merge_method != "dataflow":  # mergekit has no data-flow recipes
+        (folder / "mergekit_config.yml").write_text(plan.recipe.to_mergekit_yaml())
 
 
 def _publish(staging: Path, out: Path) -> None:

@@ -64,6 +64,7 @@ class MergePlan:
     tokenizer_source: Optional[str]
     layer_sources: Optional[list[tuple[str, int]]] = None  # output layer -> (model, layer)
     sources: dict[str, ModelSource] = field(default_factory=dict, repr=False)
+    config_overrides: dict[str, Any] = field(default_factory=dict)
 
     @property
     def out_layers(self) -> Optional[int]:
@@ -86,6 +87,7 @@ class MergePlan:
                         for model, layer in self.layer_sources
                     ]
             config["num_hidden_layers"] = len(self.layer_sources)
+        config.update(self.config_overrides)
         dtypes = {op.out_dtype for op in self.ops if op.out_dtype.is_floating_point}
         if len(dtypes) == 1:
             name = str(dtypes.pop()).removeprefix("torch.")
@@ -240,6 +242,14 @@ def build_plan(
     search_dirs: Iterable = (),
 ) -> MergePlan:
     """Check a recipe against its models and lay out every output tensor."""
+    sources = dict(sources or {})
+    if recipe.merge_method == "dataflow":
+        from evomerge.merge.dataflow import build_dataflow_plan
+
+        for ref in recipe.referenced_models():
+            if ref not in sources:
+                sources[ref] = ModelSource(ref, allow_pickle=allow_pickle, search_dirs=search_dirs)
+        return build_dataflow_plan(recipe, sources)
     method = get_method(recipe.merge_method)
     _check_parameter_settings(recipe, method)
     if recipe.dtype:
@@ -249,7 +259,6 @@ def build_plan(
         if (recipe.out_dtype or recipe.dtype)
         else None
     )
-    sources = dict(sources or {})
     for ref in recipe.referenced_models():
         if ref not in sources:
             sources[ref] = ModelSource(ref, allow_pickle=allow_pickle, search_dirs=search_dirs)

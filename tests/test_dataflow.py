@@ -1,0 +1,115 @@
+"""Data-flow merges export as plain checkpoints whose logits equal the explicitly scaled path."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from evomerge.cli import main
+from evomerge.merge.engine import merge_to_disk
+from evomerge.recipe import Recipe
+
+from .helpers import write_recipe
+
+# Folding is exact up to the norms' epsilon; tiny random models have a small stream, where
+# epsilon is not negligible, so both sides are compared without it.
+NO_EPS = 1e-30
+PATH = [("a", 0, 1.0), ("b", 2, 0.83), ("a", 1, 1.12), ("c", 3, 0.9), ("b", 0, 1.3)]
+
+
+def dataflow(m, path=PATH, **extra) -> dict:
+    return {
+        "merge_method": "dataflow",
+        "embed_from": "a",
+        "tokenizer_source": "a",
+        "models": {"a": str(m["base"]), "b": str(m["ft0"]), "c": str(m["ft1"])},
+        "path": [{"model": mod, "layer": layer, "scale": scale} for mod, layer, scale in path],
+        **extra,
+    }
+
+
+def scaled_reference(m, tmp_path):
+    """The same path with unit scales (no folding), and hooks that scale the stream explicitly."""
+    from transformers import AutoModelForCausalLM
+
+    plain = dataflow(m, [(mod, layer, 1.0) for mod, layer, _ in PATH])
+    folder = merge_to_disk(
+        Recipe.from_dict(plain), tmp_path / "plain", progress=False, device="cpu"
+    )
+    model = AutoModelForCausalLM.from_pretrained(folder, rms_norm_eps=NO_EPS)
+    for layer, (_, _, scale) in zip(model.model.layers, PATH):
+
+        def scale_input(module, args, kwargs, s=scale):
+            if args:
+                return (args[0] * s, *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": kwargs["hidden_states"] * s}
+
+        layer.register_forward_pre_hook(scale_input, with_kwargs=True)
+    return model.eval()
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
+def test_folded_logits_equal_explicit_scaling(families, tmp_path, arch):
+    from transformers import AutoModelForCausalLM
+
+    m = families[arch]
+    out = merge_to_disk(
+        Recipe.from_dict(dataflow(m)), tmp_path / "folded", progress=False, device="cpu"
+    )
+    config = json.loads((out / "config.json").read_text())
+    assert config["num_hidden_layers"] == len(PATH)
+    if "layer_types" in config:
+        assert len(config["layer_types"]) == len(PATH)
+    folded = AutoModelForCausalLM.from_pretrained(out, rms_norm_eps=NO_EPS).eval()
+    reference = scaled_reference(m, tmp_path)
+    ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        got, want = folded(ids).logits, reference(ids).logits
+    rel = float((got - want).norm() / want.norm())
+    assert rel <= 1e-4, rel
+    unscaled = AutoModelForCausalLM.from_pretrained(tmp_path / "plain", rms_norm_eps=NO_EPS).eval()
+    with torch.no_grad():
+        assert float((unscaled(ids).logits - want).norm() / want.norm()) > 1e-3  # scales matter
+
+
+def test_generate_with_cache_equals_without(llama, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    out = merge_to_disk(
+        Recipe.from_dict(dataflow(llama)), tmp_path / "f", progress=False, device="cpu"
+    )
+    model = AutoModelForCausalLM.from_pretrained(out).eval()
+    ids = torch.randint(0, 256, (1, 6), generator=torch.Generator().manual_seed(1))
+    kwargs = {"max_new_tokens": 12, "do_sample": False, "pad_token_id": 258}
+    cached = model.generate(ids, use_cache=True, **kwargs)
+    uncached = model.generate(ids, use_cache=False, **kwargs)
+    assert torch.equal(cached, uncached)
+
+
+def test_bad_dataflow_input(llama, tmp_path, capsys):
+    unsupported = tmp_path / "gemma_like"
+    shutil.copytree(llama["base"], unsupported)
+    cfg = json.loads((unsupported / "config.json").read_text())
+    cfg["architectures"] = ["Gemma2ForCausalLM"]
+    (unsupported / "config.json").write_text(json.dumps(cfg))
+    cases = {
+        "out of range": (dataflow(llama, [("a", 0, 1.0), ("b", 9, 1.0)]), "out of range"),
+        "bad scale": (dataflow(llama, [("a", 0, 0.0)]), "scale must be finite and > 0"),
+        "empty path": (dataflow(llama, []), "non-empty 'path'"),
+        "unknown model": (dataflow(llama, [("z", 0, 1.0)]), "'z' is not a key"),
+        "unsupported": (
+            {
+                **dataflow(llama),
+                "models": {"a": str(unsupported), "b": str(unsupported), "c": str(unsupported)},
+            },
+            "Gemma2ForCausalLM",
+        ),
+    }
+    for name, (data, expected) in cases.items():
+        code = main(["merge", str(write_recipe(tmp_path, data)), str(tmp_path / "out"), "--quiet"])
+        err = capsys.readouterr().err
+        assert code == 2 and expected in err and err.count("\n") == 1, (name, err)
+        assert not (tmp_path / "out").exists()
