@@ -13,8 +13,10 @@ from __future__ import annotations
 
 from typing import Optional
 
+import torch
+
 from evomerge.errors import EvomergeError
-from evomerge.merge.io import ModelSource, parse_dtype
+from evomerge.merge.io import ModelSource
 from evomerge.merge.methods import get_method
 from evomerge.merge.plan import POST_NAME, MergePlan, TensorOp, split_layer_name
 from evomerge.recipe import Recipe
@@ -32,19 +34,16 @@ FOLDABLE_ARCHITECTURES: dict[str, tuple[str, ...]] = {
 }
 
 
-def _architecture(source: ModelSource) -> str:
-    archs = source.config.get("architectures") or [source.config.get("model_type", "unknown")]
-    return archs[0]
-
-
-def build_dataflow_plan(recipe: Recipe, sources: dict[str, ModelSource]) -> MergePlan:
+def build_dataflow_plan(
+    recipe: Recipe, sources: dict[str, ModelSource], out_dtype: Optional[torch.dtype] = None
+) -> MergePlan:
     """Lay out the folded checkpoint of a data-flow recipe."""
     names = recipe.models
     assert isinstance(names, dict) and recipe.path
     embed_name = recipe.embed_from or recipe.path[0].model
     embed_ref = names[embed_name]
     embed = sources[embed_ref]
-    arch = _architecture(embed)
+    arch = embed.architecture
     residual = FOLDABLE_ARCHITECTURES.get(arch)
     if residual is None:
         raise EvomergeError(
@@ -53,9 +52,9 @@ def build_dataflow_plan(recipe: Recipe, sources: dict[str, ModelSource]) -> Merg
         )
     for name, ref in names.items():
         other = sources[ref]
-        if _architecture(other) != arch:
+        if other.architecture != arch:
             raise EvomergeError(
-                f"models.{name}: architecture {_architecture(other)} differs "
+                f"models.{name}: architecture {other.architecture} differs "
                 f"from {arch} of '{embed_name}'"
             )
         for key in ("hidden_size", "vocab_size"):
@@ -78,11 +77,6 @@ def build_dataflow_plan(recipe: Recipe, sources: dict[str, ModelSource]) -> Merg
         following[p] = following[p + 1] * recipe.path[p].scale
 
     ops: list[TensorOp] = []
-    out_dtype = (
-        parse_dtype(recipe.out_dtype or recipe.dtype)
-        if (recipe.out_dtype or recipe.dtype)
-        else None
-    )
 
     def add(out_name: str, ref: str, tensor: str, factor: Optional[float]) -> None:
         info = sources[ref].index[tensor]

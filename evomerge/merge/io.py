@@ -229,6 +229,11 @@ class ModelSource:
         return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
 
     @property
+    def architecture(self) -> str:
+        archs = self.config.get("architectures") or [self.config.get("model_type", "unknown")]
+        return archs[0]
+
+    @property
     def num_layers(self) -> int:
         cfg = self.config.get("text_config", self.config)
         for key in ("num_hidden_layers", "n_layer", "num_layers"):

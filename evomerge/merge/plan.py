@@ -243,15 +243,6 @@ def build_plan(
 ) -> MergePlan:
     """Check a recipe against its models and lay out every output tensor."""
     sources = dict(sources or {})
-    if recipe.merge_method == "dataflow":
-        from evomerge.merge.dataflow import build_dataflow_plan
-
-        for ref in recipe.referenced_models():
-            if ref not in sources:
-                sources[ref] = ModelSource(ref, allow_pickle=allow_pickle, search_dirs=search_dirs)
-        return build_dataflow_plan(recipe, sources)
-    method = get_method(recipe.merge_method)
-    _check_parameter_settings(recipe, method)
     if recipe.dtype:
         parse_dtype(recipe.dtype, "dtype")
     out_dtype_override = (
@@ -259,9 +250,14 @@ def build_plan(
         if (recipe.out_dtype or recipe.dtype)
         else None
     )
-    for ref in recipe.referenced_models():
-        if ref not in sources:
-            sources[ref] = ModelSource(ref, allow_pickle=allow_pickle, search_dirs=search_dirs)
+    if recipe.merge_method == "dataflow":
+        from evomerge.merge.dataflow import build_dataflow_plan
+
+        _open_sources(recipe, sources, allow_pickle, search_dirs)
+        return build_dataflow_plan(recipe, sources, out_dtype_override)
+    method = get_method(recipe.merge_method)
+    _check_parameter_settings(recipe, method)
+    _open_sources(recipe, sources, allow_pickle, search_dirs)
     _check_architectures(sources)
 
     slices = _normalize_slices(recipe, sources)
@@ -414,11 +410,19 @@ def _layer_tensors(source: ModelSource, layer: int) -> list[tuple[str, str]]:
     return found
 
 
+def _open_sources(
+    recipe: Recipe, sources: dict[str, ModelSource], allow_pickle: bool, search_dirs: Iterable
+) -> None:
+    """Open (headers and configs only) every model the recipe reads that is not open yet."""
+    for ref in recipe.referenced_models():
+        if ref not in sources:
+            sources[ref] = ModelSource(ref, allow_pickle=allow_pickle, search_dirs=search_dirs)
+
+
 def _check_architectures(sources: dict[str, ModelSource]) -> None:
     seen: dict[str, str] = {}
     for ref, source in sources.items():
-        archs = source.config.get("architectures") or [source.config.get("model_type", "?")]
-        seen[ref] = archs[0]
+        seen[ref] = source.architecture
     if len(set(seen.values())) > 1:
         detail = ", ".join(f"{k}: {v}" for k, v in seen.items())
         raise EvomergeError(f"models have different architectures ({detail})")
