@@ -89,7 +89,8 @@ class Recipe(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     merge_method: str
-    models: Optional[Union[list[ModelInput], dict[str, str]]] = None
+    # dataflow recipes name their models; a name may hold a nested recipe (PS then DFS)
+    models: Optional[Union[list[ModelInput], dict[str, Union[str, Recipe]]]] = None
     slices: Optional[list[OutputSlice]] = None
     base_model: Optional[str] = None
     parameters: Optional[Parameters] = None
@@ -106,7 +107,9 @@ class Recipe(BaseModel):
     def _models_xor_slices(self) -> Recipe:
         if self.merge_method == "dataflow":
             if not isinstance(self.models, dict) or not self.models:
-                raise ValueError("a dataflow recipe needs 'models' as a mapping name -> path")
+                raise ValueError(
+                    "a dataflow recipe needs 'models' as a mapping name -> path or nested recipe"
+                )
             if not self.path:
                 raise ValueError("a dataflow recipe needs a non-empty 'path'")
             names = [self.embed_from or "", *(step.model for step in self.path)]
@@ -173,7 +176,10 @@ class Recipe(BaseModel):
         """Every model the recipe reads, each once, in first-mention order."""
         seen: dict[str, None] = {}
         if isinstance(self.models, dict):
-            return list(dict.fromkeys(self.models.values()))
+            for model in self.models.values():
+                for ref in model.referenced_models() if isinstance(model, Recipe) else [model]:
+                    seen[ref] = None
+            return list(seen)
         if self.base_model:
             seen[self.base_model] = None
         for model in self.models or []:
@@ -222,6 +228,10 @@ _FIELD_NAMES = sorted(
         "filter",
         "value",
         "residual_weight",
+        "embed_from",
+        "path",
+        "layer",
+        "scale",
     }
 )
 

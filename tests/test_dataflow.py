@@ -113,3 +113,85 @@ def test_bad_dataflow_input(llama, tmp_path, capsys):
         err = capsys.readouterr().err
         assert code == 2 and expected in err and err.count("\n") == 1, (name, err)
         assert not (tmp_path / "out").exists()
+
+
+def test_bad_dataflow_models_mismatch(llama, tmp_path, capsys):
+    from evomerge.testing import make_family
+
+    wide = make_family(tmp_path / "wide", "llama", n_finetunes=0, seed=5, hidden=96, heads=4)
+    big_vocab = make_family(tmp_path / "vocab", "llama", n_finetunes=0, seed=6, vocab=300)
+    capsys.readouterr()
+    for other, expected in ((wide, "hidden_size 96 differs"), (big_vocab, "vocab_size 300")):
+        data = dataflow(llama)
+        data["models"]["c"] = str(other["base"])
+        code = main(["merge", str(write_recipe(tmp_path, data)), str(tmp_path / "out"), "--quiet"])
+        err = capsys.readouterr().err
+        assert code == 2 and "models.c" in err and expected in err and err.count("\n") == 1, err
+        assert not (tmp_path / "out").exists()
+
+
+def nested_ps(m) -> dict:
+    """A stochastic parameter-space merge, to be read by a data-flow path."""
+    return {
+        "merge_method": "dare_ties",
+        "base_model": str(m["base"]),
+        "models": [
+            {"model": str(m["ft0"]), "parameters": {"weight": 0.6, "density": 0.5}},
+            {"model": str(m["ft1"]), "parameters": {"weight": 0.4, "density": 0.7}},
+        ],
+        "seed": 7,
+    }
+
+
+def test_ps_then_dfs_in_one_recipe_equals_two_steps(llama, tmp_path):
+    """A nested PS recipe gives the same bytes as merging it to disk and pointing the path at it."""
+    from .helpers import load_folder
+
+    one_file = dataflow(llama)
+    one_file["models"]["b"] = nested_ps(llama)
+    one_file["embed_from"] = "b"
+    got = merge_to_disk(Recipe.from_dict(one_file), tmp_path / "one", progress=False)
+
+    ps = merge_to_disk(Recipe.from_dict(nested_ps(llama)), tmp_path / "ps", progress=False)
+    two_steps = dataflow(llama)
+    two_steps["models"]["b"] = str(ps)
+    two_steps["embed_from"] = "b"
+    want = merge_to_disk(Recipe.from_dict(two_steps), tmp_path / "two", progress=False)
+
+    got_t, want_t = load_folder(got), load_folder(want)
+    assert got_t.keys() == want_t.keys()
+    assert all(torch.equal(got_t[k], want_t[k]) for k in want_t)
+    saved = Recipe.from_yaml(got / "evomerge_recipe.yaml")
+    assert saved.models["b"].merge_method == "dare_ties" and saved.models["b"].seed == 7
+
+
+def test_nested_recipe_in_memory_equals_disk(llama, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from evomerge.merge.engine import load_source_tensors, merge_into_model, plan_for
+    from evomerge.merge.io import ModelSource
+
+    from .helpers import load_folder
+
+    data = dataflow(llama)
+    data["models"]["c"] = nested_ps(llama)
+    recipe = Recipe.from_dict(data)
+    disk = load_folder(merge_to_disk(recipe, tmp_path / "out", progress=False))
+    sources = {ref: ModelSource(ref) for ref in recipe.referenced_models()}
+    tensors = load_source_tensors(sources, "cpu")
+    live = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    with torch.no_grad():
+        for p in live.parameters():
+            p.zero_()
+    merge_into_model(plan_for(recipe, sources), tensors, live)
+    state = live.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in disk.items())
+
+
+def test_bad_nested_recipe_names_its_model(llama, tmp_path, capsys):
+    data = dataflow(llama)
+    data["models"]["b"] = {**nested_ps(llama), "merge_method": "tiez"}
+    code = main(["merge", str(write_recipe(tmp_path, data)), str(tmp_path / "out"), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and "models.b" in err and "tiez" in err and err.count("\n") == 1, err
+    assert not (tmp_path / "out").exists()

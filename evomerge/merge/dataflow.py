@@ -35,11 +35,14 @@ FOLDABLE_ARCHITECTURES: dict[str, tuple[str, ...]] = {
 
 
 def build_dataflow_plan(
-    recipe: Recipe, sources: dict[str, ModelSource], out_dtype: Optional[torch.dtype] = None
+    recipe: Recipe,
+    names: dict[str, str],
+    sources: dict[str, ModelSource],
+    out_dtype: Optional[torch.dtype] = None,
 ) -> MergePlan:
-    """Lay out the folded checkpoint of a data-flow recipe."""
-    names = recipe.models
-    assert isinstance(names, dict) and recipe.path
+    """Lay out the folded checkpoint of a data-flow recipe; `names` maps the recipe's model names
+    to keys of `sources`."""
+    assert recipe.path
     embed_name = recipe.embed_from or recipe.path[0].model
     embed_ref = names[embed_name]
     embed = sources[embed_ref]

@@ -140,6 +140,8 @@ def load_source_tensors(
     """Every tensor of every source, once, on `device` (optionally cast to `dtype`)."""
     loaded = {}
     for ref, source in sources.items():
+        if not isinstance(source, ModelSource):
+            continue  # nested recipes are merged from the loaded tensors when fetched
         tensors = {}
         for name in source.index:
             t = source.get(name)
@@ -162,7 +164,14 @@ def merge_into_model(
         raise EvomergeError(
             f"live model has no parameter {missing[0]!r}; is it the same architecture?"
         )
-    fetch = lambda model_ref, name: tensors[model_ref][name]  # noqa: E731
+
+    def fetch(model_ref: str, name: str) -> torch.Tensor:
+        held = tensors.get(model_ref)
+        if held is not None:
+            return held[name]
+        return plan.sources[model_ref].make(name, fetch, device)  # a nested recipe's tensor
+
+    device = next(iter(targets.values())).device
     keep_freed_memory()
     with torch.no_grad():
         for op in plan.ops:

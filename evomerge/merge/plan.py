@@ -31,6 +31,7 @@ from evomerge.recipe import (
 )
 
 LAYER_NAME = re.compile(r"^(?P<prefix>(?:.*\.)?(?:layers|h|blocks)\.)(?P<index>\d+)\.(?P<rest>.+)$")
+NESTED_REF = "<nested recipe {name}>"  # a source key no path or hub name can spell
 POST_NAME = re.compile(r"(^|\.)(lm_head|norm|ln_f|final_layernorm|final_layer_norm|final_norm)\.")
 
 
@@ -252,9 +253,21 @@ def build_plan(
     )
     if recipe.merge_method == "dataflow":
         from evomerge.merge.dataflow import build_dataflow_plan
+        from evomerge.merge.nested import MergedSource
 
         _open_sources(recipe, sources, allow_pickle, search_dirs)
-        return build_dataflow_plan(recipe, sources, out_dtype_override)
+        refs: dict[str, str] = {}
+        for name, model in (recipe.models or {}).items():
+            if isinstance(model, Recipe):  # PS then DFS: the merge is read tensor by tensor
+                try:
+                    inner = build_plan(model, allow_pickle=allow_pickle, sources=sources)
+                except EvomergeError as exc:
+                    raise EvomergeError(f"models.{name} (nested recipe): {exc}") from None
+                refs[name] = NESTED_REF.format(name=name)
+                sources[refs[name]] = MergedSource(refs[name], inner)
+            else:
+                refs[name] = model
+        return build_dataflow_plan(recipe, refs, sources, out_dtype_override)
     method = get_method(recipe.merge_method)
     _check_parameter_settings(recipe, method)
     _open_sources(recipe, sources, allow_pickle, search_dirs)
