@@ -31,6 +31,46 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_run(args: argparse.Namespace) -> int:
+    from evomerge.config import RunConfig
+    from evomerge.run import create_run, drive, make_local_pool
+
+    config = RunConfig.load(args.config)
+    name = config.name or Path(args.config).stem
+    folder = Path(args.out) if args.out else Path("results") / name
+    run = create_run(config, folder)
+    print(f"run folder: {folder}  (resume with: evomerge resume {folder})", file=sys.stderr)
+    drive(run, make_local_pool(run), progress=not args.quiet)
+    print(f"run finished: {folder}")
+    return 0
+
+
+def _cmd_resume(args: argparse.Namespace) -> int:
+    from evomerge.run import drive, make_local_pool, open_run
+
+    run = open_run(Path(args.folder))
+    drive(run, make_local_pool(run), progress=not args.quiet)
+    print(f"run finished: {args.folder}")
+    return 0
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from evomerge.status import records_frame, summary
+
+    folder = Path(args.folder)
+    if args.csv or args.parquet:
+        frame = records_frame(folder)
+        if args.csv:
+            frame.to_csv(args.csv, index=False)
+            print(f"wrote {len(frame)} rows to {args.csv}")
+        if args.parquet:
+            frame.to_parquet(args.parquet, index=False)
+            print(f"wrote {len(frame)} rows to {args.parquet}")
+        return 0
+    print(summary(folder))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="evomerge", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -48,6 +88,23 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--shard-size", default="5GB", help="largest output shard (default 5GB)")
     merge.add_argument("--quiet", action="store_true", help="no progress bar")
     merge.set_defaults(handler=_cmd_merge)
+
+    run = sub.add_parser("run", help="start a search from a run config")
+    run.add_argument("config", help="run config YAML")
+    run.add_argument("--out", help="run folder (default results/<name>)")
+    run.add_argument("--quiet", action="store_true", help="no progress bar")
+    run.set_defaults(handler=_cmd_run)
+
+    resume = sub.add_parser("resume", help="continue a run from its folder")
+    resume.add_argument("folder", help="run folder")
+    resume.add_argument("--quiet", action="store_true", help="no progress bar")
+    resume.set_defaults(handler=_cmd_resume)
+
+    status = sub.add_parser("status", help="progress, best, Pareto set and failures of a run")
+    status.add_argument("folder", help="run folder")
+    status.add_argument("--csv", help="write every evaluation to this CSV file")
+    status.add_argument("--parquet", help="write every evaluation to this Parquet file")
+    status.set_defaults(handler=_cmd_status)
     return parser
 
 

@@ -1,0 +1,95 @@
+"""CMA-ES and Sep-CMA-ES from the cmaes package, with state saved without pickle.
+
+cmaes objects expose their state through __getstate__ (everything but the RNG); we store that
+dict as JSON values and arrays and the RNG state beside it, so a restored optimizer asks the
+same points as one that never stopped. Above ~100 dimensions a full covariance learns slowly
+and costs O(n^2) memory: use Sep-CMA-ES there (`sep_cma`), or CMA with n_max_resampling=1.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import numpy as np
+from cmaes import CMA, SepCMA
+
+from evomerge.errors import EvomergeError
+from evomerge.optim.base import Evaluation, Optimizer, rng_state, set_rng_state
+
+
+class CMAES(Optimizer):
+    name = "cma"
+    generational = True
+    strategy = CMA
+
+    def __init__(
+        self,
+        lower,
+        upper,
+        x0,
+        n_objectives: int,
+        seed: int,
+        *,
+        sigma: Optional[float] = None,
+        population_size: Optional[int] = None,
+        n_max_resampling: Optional[int] = None,
+    ) -> None:
+        super().__init__(lower, upper, x0, n_objectives, seed)
+        width = float(np.min(self.upper - self.lower))
+        sigma = sigma if sigma is not None else width / 4
+        if not sigma > 0:
+            raise EvomergeError("optimizer.options.sigma: must be > 0")
+        if population_size is not None and population_size < 2:
+            raise EvomergeError("optimizer.options.population_size: must be >= 2")
+        if n_max_resampling is None:
+            n_max_resampling = 1 if self.dim > 100 else 100
+        self.es = self.strategy(
+            mean=self.x0.copy(),
+            sigma=sigma,
+            bounds=np.stack([self.lower, self.upper], axis=1),
+            seed=seed,
+            population_size=population_size,
+            n_max_resampling=n_max_resampling,
+        )
+        self.generation_asked = 0
+        self.results: list[tuple[np.ndarray, float]] = []
+
+    @property
+    def population_size(self) -> int:
+        return self.es.population_size
+
+    def _propose(self, n: int) -> list[np.ndarray]:
+        room = min(n, self.population_size - self.generation_asked)
+        self.generation_asked += max(room, 0)
+        return [self.es.ask() for _ in range(max(room, 0))]
+
+    def _learn(self, evaluation: Evaluation) -> None:
+        loss = float(self.losses_of(evaluation)[0])
+        self.results.append((np.asarray(evaluation.genome, dtype=float), loss))
+        if len(self.results) == self.population_size:
+            self.es.tell(self.results)
+            self.results = []
+            self.generation_asked = 0
+
+    def _state(self) -> dict[str, Any]:
+        return {
+            "es": self.es.__getstate__(),
+            "rng": rng_state(self.es._rng),
+            "generation_asked": self.generation_asked,
+            "results": [[x, f] for x, f in self.results],
+        }
+
+    def _load(self, state: dict[str, Any]) -> None:
+        es = self.strategy.__new__(self.strategy)
+        es.__setstate__(dict(state["es"]))
+        set_rng_state(es._rng, state["rng"])
+        self.es = es
+        self.generation_asked = int(state["generation_asked"])
+        self.results = [(np.asarray(x), float(f)) for x, f in state["results"]]
+
+
+class SepCMAES(CMAES):
+    """Diagonal covariance: linear cost in the dimension, for large genomes."""
+
+    name = "sep_cma"
+    strategy = SepCMA

@@ -1,0 +1,164 @@
+"""NSGA-II and TPE through Optuna's ask/tell, as plain evomerge optimizers.
+
+The sampler works on an in-memory study that mirrors what it was told. Its state (every trial
+with its parameters, values and the sampler's bookkeeping attributes, the study's attributes,
+and each random state inside the sampler) is saved as JSON values, and a restored sampler sees
+the same study and draws the same numbers.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import numpy as np
+import optuna
+from optuna.distributions import FloatDistribution
+from optuna.samplers._lazy_random_state import LazyRandomState
+from optuna.trial import FrozenTrial, TrialState
+
+from evomerge.errors import EvomergeError
+from evomerge.optim.base import Evaluation, Optimizer, rng_state, set_rng_state
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+class OptunaOptimizer(Optimizer):
+    multi_objective = True
+
+    def __init__(self, lower, upper, x0, n_objectives: int, seed: int, **options: Any) -> None:
+        super().__init__(lower, upper, x0, n_objectives, seed)
+        self.options = options
+        self.sampler = self._make_sampler(seed, options)
+        self.study = optuna.create_study(
+            directions=["minimize"] * n_objectives, sampler=self.sampler
+        )
+        self.distributions = {
+            f"x{i}": FloatDistribution(float(lo), float(hi))
+            for i, (lo, hi) in enumerate(zip(self.lower, self.upper))
+        }
+        self.running: dict[int, optuna.Trial] = {}
+        self.enqueued_x0 = False
+
+    def _make_sampler(self, seed: int, options: dict[str, Any]) -> optuna.samplers.BaseSampler:
+        raise NotImplementedError
+
+    def _propose(self, n: int) -> list[np.ndarray]:
+        out = []
+        for k in range(n):
+            if not self.enqueued_x0:  # the search space's start point is the first candidate
+                self.study.enqueue_trial(
+                    {name: float(v) for name, v in zip(self.distributions, self.x0)}
+                )
+                self.enqueued_x0 = True
+            trial = self.study.ask(self.distributions)
+            self.running[self.asked + k] = trial
+            out.append(np.array([trial.params[name] for name in self.distributions]))
+        return out
+
+    def _learn(self, evaluation: Evaluation) -> None:
+        trial = self.running.pop(evaluation.index)
+        self.study.tell(trial, [float(v) for v in self.losses_of(evaluation)])
+
+    # ----- state ---------------------------------------------------------------------------
+    def _state(self) -> dict[str, Any]:
+        storage, sid = self.study._storage, self.study._study_id
+        trials = []
+        for t in self.study.get_trials(deepcopy=False):
+            trials.append(
+                {
+                    "number": t.number,
+                    "state": t.state.name,
+                    "params": [t.params[name] for name in self.distributions] if t.params else None,
+                    "values": t.values,
+                    "system_attrs": t.system_attrs,
+                    "index": next(
+                        (i for i, r in self.running.items() if r.number == t.number), None
+                    ),
+                }
+            )
+        return {
+            "trials": trials,
+            "study_system_attrs": storage.get_study_system_attrs(sid),
+            "rngs": {path: rng_state(r.rng) for path, r in _random_states(self.sampler)},
+            "enqueued_x0": self.enqueued_x0,
+        }
+
+    def _load(self, state: dict[str, Any]) -> None:
+        self.sampler = self._make_sampler(self.seed, self.options)
+        self.study = optuna.create_study(
+            directions=["minimize"] * self.n_objectives, sampler=self.sampler
+        )
+        storage, sid = self.study._storage, self.study._study_id
+        for key, value in state["study_system_attrs"].items():
+            storage.set_study_system_attr(sid, key, value)
+        self.running = {}
+        for t in state["trials"]:
+            params = (
+                {name: float(v) for name, v in zip(self.distributions, t["params"])}
+                if t["params"] is not None
+                else {}
+            )
+            kind = TrialState[t["state"]]
+            frozen = FrozenTrial(
+                number=t["number"],
+                state=kind,
+                value=None,
+                values=t["values"] if kind == TrialState.COMPLETE else None,
+                datetime_start=None,
+                datetime_complete=None,
+                params=params,
+                distributions={k: self.distributions[k] for k in params},
+                user_attrs={},
+                system_attrs=t["system_attrs"],
+                intermediate_values={},
+                trial_id=-1,
+            )
+            trial_id = storage.create_new_trial(sid, template_trial=frozen)
+            if t["index"] is not None:
+                self.running[int(t["index"])] = optuna.Trial(self.study, trial_id)
+        states = dict(_random_states(self.sampler))
+        for path, value in state["rngs"].items():
+            set_rng_state(states[path].rng, value)
+        self.enqueued_x0 = bool(state["enqueued_x0"])
+
+
+def _random_states(obj: Any, prefix: str = "", depth: int = 0) -> list[tuple[str, Any]]:
+    """Every LazyRandomState reachable from the sampler through its attributes, by path."""
+    found: list[tuple[str, Any]] = []
+    for name, value in sorted(vars(obj).items()):
+        path = f"{prefix}.{name}" if prefix else name
+        if isinstance(value, LazyRandomState):
+            found.append((path, value))
+        elif (
+            depth < 2 and hasattr(value, "__dict__") and type(value).__module__.startswith("optuna")
+        ):
+            found.extend(_random_states(value, path, depth + 1))
+    return found
+
+
+class NSGA2(OptunaOptimizer):
+    name = "nsga2"
+    generational = True
+
+    def _make_sampler(self, seed: int, options: dict[str, Any]) -> optuna.samplers.BaseSampler:
+        size: Optional[int] = options.get("population_size", 16)
+        if size is None or size < 2:
+            raise EvomergeError("optimizer.options.population_size: must be >= 2")
+        return optuna.samplers.NSGAIISampler(
+            seed=seed,
+            population_size=size,
+            mutation_prob=options.get("mutation_prob"),
+            crossover_prob=options.get("crossover_prob", 0.9),
+        )
+
+
+class TPE(OptunaOptimizer):
+    name = "tpe"
+
+    def _make_sampler(self, seed: int, options: dict[str, Any]) -> optuna.samplers.BaseSampler:
+        return optuna.samplers.TPESampler(
+            seed=seed,
+            n_startup_trials=options.get("n_startup_trials", 10),
+            multivariate=options.get("multivariate", True),
+            constant_liar=options.get("constant_liar", True),
+        )

@@ -1,0 +1,293 @@
+"""The population manager: ask the optimizer, dispatch, commit, tell, checkpoint; and resume.
+
+Every candidate carries its ask index. Before dispatching one, the store is asked whether that
+index with that genome was already scored (a resumed run re-asks what it had asked before the
+crash): if so the stored result is told and nothing is re-scored. Results are committed to the
+store before the optimizer is told, and the optimizer is checkpointed after every ask and tell,
+so a SIGKILL at any moment loses nothing committed and repeats only what was in flight. With
+one worker the candidate sequence of a resumed run equals an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Protocol
+
+import numpy as np
+import yaml
+from tqdm.auto import tqdm
+
+from evomerge.config import RunConfig
+from evomerge.errors import EvomergeError
+from evomerge.merge.io import ModelSource
+from evomerge.optim import Candidate, Evaluation, Optimizer, make_optimizer
+from evomerge.spaces import SearchSpace, build_space, read_space_spec
+from evomerge.store import Record, RunStore, genome_key, read_run_meta
+from evomerge.worker import Outcome, Worker, load_callable
+
+RUN_CONFIG = "run.yaml"
+MISSING_METRIC = "the fitness gives no metric"
+
+
+class Pool(Protocol):
+    """Where candidates are scored: in this process, or on Ray workers."""
+
+    def free(self) -> int: ...
+    def submit(self, candidate: Candidate, recipe_yaml: str) -> None: ...
+    def in_flight(self) -> int: ...
+    def wait(self) -> list[tuple[Candidate, str, Outcome]]: ...
+    def close(self) -> None: ...
+
+
+class LocalPool:
+    """One in-process worker, one candidate at a time."""
+
+    def __init__(self, worker: Worker) -> None:
+        self.worker = worker
+        self.queue: deque[tuple[Candidate, str]] = deque()
+
+    def free(self) -> int:
+        return 0 if self.queue else 1
+
+    def submit(self, candidate: Candidate, recipe_yaml: str) -> None:
+        self.queue.append((candidate, recipe_yaml))
+
+    def in_flight(self) -> int:
+        return len(self.queue)
+
+    def wait(self) -> list[tuple[Candidate, str, Outcome]]:
+        candidate, recipe = self.queue.popleft()
+        return [(candidate, recipe, self.worker.evaluate(recipe))]
+
+    def close(self) -> None:
+        pass
+
+
+@dataclass
+class Run:
+    folder: Path
+    config: RunConfig
+    space: SearchSpace
+    store: RunStore
+
+    def candidate_seed(self, index: int) -> int:
+        """Seed of the stochastic methods in candidate `index`'s recipe."""
+        return (self.config.seed * 1_000_003 + index) % 2**31
+
+    def losses(self, record: Record) -> Optional[np.ndarray]:
+        if record.values is None:
+            return None
+        return np.array(
+            [
+                -record.values[o.name] if o.direction == "maximize" else record.values[o.name]
+                for o in self.config.objectives
+            ]
+        )
+
+    def new_optimizer(self) -> Optimizer:
+        lower, upper = self.space.bounds()
+        return make_optimizer(
+            self.config.optimizer.name,
+            self.config.optimizer.options,
+            lower,
+            upper,
+            self.space.initial(),
+            len(self.config.objectives),
+            self.config.seed,
+        )
+
+
+# ----- building ------------------------------------------------------------------------------
+def prepare(config: RunConfig) -> tuple[RunConfig, SearchSpace]:
+    """Resolve the config into a self-contained one (space inlined, local paths absolute) and
+    build its search space; every error surfaces here, before anything is written."""
+    models = {
+        name: str(Path(ref).resolve()) if Path(ref).exists() else ref
+        for name, ref in config.models.items()
+    }
+    spec = read_space_spec(config.search_space)
+    resolved = config.model_copy(
+        update={"models": models, "search_space": spec.model_dump(mode="json", exclude_none=True)}
+    )
+    depths: dict[str, int] = {}
+
+    def depth_of(name: str) -> int:
+        if name not in depths:
+            depths[name] = ModelSource(models[name], allow_pickle=config.allow_pickle).num_layers
+        return depths[name]
+
+    space = build_space(spec, models, config.base_model, depth_of)
+    if space.size == 0:
+        raise EvomergeError("field 'search_space': the space has no genes to search")
+    make_optimizer_check(resolved, space)
+    load_callable(config.fitness.function)
+    return resolved, space
+
+
+def make_optimizer_check(config: RunConfig, space: SearchSpace) -> None:
+    lower, upper = space.bounds()
+    make_optimizer(
+        config.optimizer.name,
+        config.optimizer.options,
+        lower,
+        upper,
+        space.initial(),
+        len(config.objectives),
+        config.seed,
+    )
+
+
+def create_run(config: RunConfig, folder: Path) -> Run:
+    if folder.exists() and any(folder.iterdir()):
+        raise EvomergeError(
+            f"--out {folder}: exists and is not empty; resume it with `evomerge resume {folder}` "
+            "or choose another folder"
+        )
+    resolved, space = prepare(config)
+    try:
+        store = RunStore.create(
+            folder,
+            resolved.store,
+            [(o.name, o.direction) for o in resolved.objectives],
+            space.gene_names(),
+        )
+        text = yaml.safe_dump(resolved.model_dump(mode="json", exclude_none=True), sort_keys=False)
+        (folder / RUN_CONFIG).write_text(text)
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    return Run(folder, resolved, space, store)
+
+
+def open_run(folder: Path) -> Run:
+    read_run_meta(folder)
+    config = RunConfig.load(folder / RUN_CONFIG)
+    resolved, space = prepare(config)
+    store = RunStore.open(folder)
+    if store.gene_names and store.gene_names != space.gene_names():
+        raise EvomergeError(f"{folder}: the search space no longer matches the stored genomes")
+    return Run(folder, resolved, space, store)
+
+
+def make_local_pool(run: Run) -> LocalPool:
+    config = run.config
+    fitness = load_callable(config.fitness.function)
+    worker = Worker(
+        list(dict.fromkeys(config.models.values())),
+        fitness,
+        config.fitness.options,
+        device=config.device,
+        allow_pickle=config.allow_pickle,
+        trust_remote_code=config.trust_remote_code,
+    )
+    return LocalPool(worker)
+
+
+# ----- the loop ------------------------------------------------------------------------------
+def drive(run: Run, pool: Pool, progress: bool = True) -> None:
+    """Run until the budget is spent; safe to kill at any moment and call again."""
+    store, budget = run.store, run.config.budget
+    known = {(r.index, genome_key(r.genome)): r for r in store.records()}
+    done = len(known)
+    optimizer = run.new_optimizer()
+    checkpoint = store.load_checkpoint()
+    sequence = 0
+    if checkpoint is not None:
+        optimizer.load_state_dict(checkpoint[0])
+        sequence = checkpoint[1]
+    queue: deque[Candidate] = deque(optimizer.pending())
+
+    def save() -> None:
+        nonlocal sequence
+        sequence += 1
+        store.save_checkpoint(optimizer.state_dict(), sequence)
+
+    def tell(candidate: Candidate, record: Record) -> None:
+        optimizer.tell(
+            Evaluation(
+                candidate.index,
+                candidate.genome,
+                run.losses(record),
+                None if record.per_example is None else np.asarray(record.per_example),
+            )
+        )
+        save()
+
+    bar = tqdm(
+        total=budget,
+        initial=min(done, budget),
+        desc="evaluations",
+        unit="eval",
+        disable=not progress,
+        dynamic_ncols=True,
+    )
+    try:
+        while True:
+            while pool.free() > 0 and done + pool.in_flight() < budget:
+                if not queue:
+                    asked = optimizer.ask(pool.free())
+                    if not asked:
+                        break
+                    save()
+                    queue.extend(asked)
+                candidate = queue.popleft()
+                stored = known.pop((candidate.index, genome_key(candidate.genome)), None)
+                if stored is not None:  # scored before a restart: tell it, score nothing
+                    tell(candidate, stored)
+                    continue
+                recipe = run.space.decode(candidate.genome, run.candidate_seed(candidate.index))
+                pool.submit(candidate, recipe.to_yaml())
+            if pool.in_flight() == 0:
+                break
+            for candidate, recipe, outcome in pool.wait():
+                record = to_record(run, candidate, recipe, outcome)
+                store.commit(record)
+                done += 1
+                bar.update(1)
+                bar.set_postfix_str(_postfix(record), refresh=False)
+                if record.error and record.error.startswith(MISSING_METRIC):
+                    raise EvomergeError(f"field 'objectives': {record.error}")
+                tell(candidate, record)
+    finally:
+        bar.close()
+        pool.close()
+
+
+def to_record(run: Run, candidate: Candidate, recipe: str, outcome: Outcome) -> Record:
+    values, error = None, outcome.error
+    if error is None:
+        values = {}
+        for o in run.config.objectives:
+            value = outcome.metrics.get(o.metric)
+            if value is None:
+                error = (
+                    f"{MISSING_METRIC} {o.metric!r} for objective {o.name!r}; it gave "
+                    f"{', '.join(sorted(outcome.metrics)) or 'nothing'}; fix the metric name"
+                )
+                values = None
+                break
+            if not math.isfinite(value):
+                error, values = f"objective {o.name!r} is {value}", None
+                break
+            values[o.name] = value
+    return Record(
+        index=candidate.index,
+        genome=candidate.genome,
+        recipe=recipe,
+        values=values,
+        metrics=outcome.metrics,
+        per_example=outcome.per_example,
+        seconds=outcome.seconds,
+        worker=outcome.worker,
+        error=error,
+    )
+
+
+def _postfix(record: Record) -> str:
+    if record.values is None:
+        return f"#{record.index} failed"
+    return f"#{record.index} " + " ".join(f"{k}={v:.4g}" for k, v in record.values.items())

@@ -1,0 +1,32 @@
+"""SearchSpace: a genome layout (names, bounds, start point) and a pure decode to a Recipe."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import numpy as np
+
+from evomerge.recipe import Recipe
+
+
+class SearchSpace(ABC):
+    """Decodes a flat float genome into the one description of a merge."""
+
+    kind: str
+
+    @abstractmethod
+    def gene_names(self) -> list[str]: ...
+
+    @abstractmethod
+    def bounds(self) -> tuple[np.ndarray, np.ndarray]: ...
+
+    @abstractmethod
+    def initial(self) -> np.ndarray: ...
+
+    @abstractmethod
+    def decode(self, genome: np.ndarray, seed: int = 0) -> Recipe:
+        """The recipe a genome stands for; `seed` fixes stochastic methods' random state."""
+
+    @property
+    def size(self) -> int:
+        return len(self.gene_names())

@@ -1,0 +1,134 @@
+"""Data-flow (DFS) and PS-then-DFS search spaces over `DataflowGenome`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Optional
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from evomerge.errors import EvomergeError
+from evomerge.recipe import Recipe
+from evomerge.spaces.base import SearchSpace
+from evomerge.spaces.dataflow import DataflowGenome, ScalingForm
+from evomerge.spaces.parameter import ParameterSpace, ParameterSpaceSpec
+
+MERGED = "merged"  # in a ps_dfs space, the name of the parameter-space stage's result
+
+
+class DataflowSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    kind: str = "dataflow"
+    models: list[str] = Field(min_length=1)  # laid end to end in this order; the first is "A"
+    embed_from: Optional[str] = None
+    repetitions: int = Field(default=2, ge=1)
+    scaling: ScalingForm = "full"
+    rank: int = Field(default=2, ge=1)
+    scale_bounds: tuple[float, float] = (0.5, 2.0)
+    sigma: float = Field(default=0.1, gt=0)
+    dtype: Optional[str] = None
+
+
+class CombinedSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    kind: str = "ps_dfs"
+    parameter: ParameterSpaceSpec
+    dataflow: DataflowSpec
+
+
+class DataflowSpace(SearchSpace):
+    kind = "dataflow"
+
+    def __init__(
+        self,
+        spec: DataflowSpec,
+        models: dict[str, Any],
+        depth_of: Callable[[str], int],
+    ) -> None:
+        for name in [*spec.models, spec.embed_from or spec.models[0]]:
+            if name not in models:
+                raise EvomergeError(
+                    f"field 'search_space.models': {name!r} is not a key of the run's 'models'"
+                )
+        self.spec, self.models = spec, models
+        self.genome = DataflowGenome(
+            tuple((name, depth_of(name)) for name in spec.models),
+            repetitions=spec.repetitions,
+            scaling=spec.scaling,
+            rank=spec.rank,
+            scale_bounds=tuple(spec.scale_bounds),
+            sigma=spec.sigma,
+        )
+
+    def gene_names(self) -> list[str]:
+        return self.genome.gene_names()
+
+    def bounds(self) -> tuple[np.ndarray, np.ndarray]:
+        return self.genome.bounds()
+
+    def initial(self) -> np.ndarray:
+        return self.genome.initial()
+
+    def decode(self, genome: np.ndarray, seed: int = 0) -> Recipe:
+        path = self.genome.decode(genome)
+        used = dict.fromkeys(
+            [self.spec.embed_from or self.spec.models[0], *(s.model for s in path)]
+        )
+        data: dict[str, Any] = {
+            "merge_method": "dataflow",
+            "embed_from": self.spec.embed_from or self.spec.models[0],
+            "models": {name: self.models[name] for name in used},
+            "path": [step.model_dump() for step in path],
+            "seed": int(seed),
+        }
+        if self.spec.dtype:
+            data["dtype"] = self.spec.dtype
+        return Recipe.from_dict(data, source="search space")
+
+
+class CombinedSpace(SearchSpace):
+    """PS then DFS: the genome is the PS genes followed by the DFS genes; the path may read the
+    PS result under the name `merged`."""
+
+    kind = "ps_dfs"
+
+    def __init__(
+        self,
+        spec: CombinedSpec,
+        models: dict[str, str],
+        base: Optional[str],
+        depth_of: Callable[[str], int],
+    ) -> None:
+        if MERGED in models:
+            raise EvomergeError(
+                f"field 'models': {MERGED!r} is reserved for the PS result in a ps_dfs space"
+            )
+        self.ps = ParameterSpace(spec.parameter, models, base)
+        donor = base or self.ps.models[0]
+        names = {**models, MERGED: MERGED}
+        self.dfs = DataflowSpace(
+            spec.dataflow, names, lambda n: depth_of(donor if n == MERGED else n)
+        )
+        self.split = self.ps.size
+
+    def gene_names(self) -> list[str]:
+        return [f"ps.{n}" for n in self.ps.gene_names()] + [
+            f"dfs.{n}" for n in self.dfs.gene_names()
+        ]
+
+    def bounds(self) -> tuple[np.ndarray, np.ndarray]:
+        (a, b), (c, d) = self.ps.bounds(), self.dfs.bounds()
+        return np.concatenate([a, c]), np.concatenate([b, d])
+
+    def initial(self) -> np.ndarray:
+        return np.concatenate([self.ps.initial(), self.dfs.initial()])
+
+    def decode(self, genome: np.ndarray, seed: int = 0) -> Recipe:
+        x = np.asarray(genome, dtype=float)
+        ps = self.ps.decode(x[: self.split], seed)
+        dfs = self.dfs.decode(x[self.split :], seed)
+        data = dfs.model_dump(mode="json", exclude_none=True)
+        if MERGED in data["models"]:
+            data["models"][MERGED] = ps.model_dump(mode="json", exclude_none=True)
+        return Recipe.from_dict(data, source="search space")

@@ -1,0 +1,156 @@
+"""Parameter-space (PS) search: one merge method, a weight/density/... gene per model, optionally
+per layer group and per tensor filter (attention / mlp / the rest).
+
+Layer groups become mergekit's per-layer value lists (a list of G values is read at
+t = layer / (n - 1), so G genes span the depth); filters become ``{filter, value}`` entries
+with a final catch-all for the rest. Method parameters shared by all inputs (slerp's ``t``,
+``lambda``) get one gene set, not one per model.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from evomerge.errors import EvomergeError
+from evomerge.merge.methods import get_method
+from evomerge.recipe import Recipe
+from evomerge.spaces.base import SearchSpace
+
+
+class GeneRange(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    low: float
+    high: float
+    init: Optional[float] = None
+
+    @model_validator(mode="after")
+    def _ordered(self) -> GeneRange:
+        if not (np.isfinite(self.low) and np.isfinite(self.high) and self.low < self.high):
+            raise ValueError(f"bounds [{self.low}, {self.high}] must be finite with low < high")
+        if self.init is not None and not self.low <= self.init <= self.high:
+            raise ValueError(f"init {self.init} lies outside [{self.low}, {self.high}]")
+        return self
+
+    @property
+    def start(self) -> float:
+        return self.init if self.init is not None else (self.low + self.high) / 2
+
+
+class ParameterSpaceSpec(BaseModel):
+    """What a PS search-space file holds."""
+
+    model_config = ConfigDict(extra="forbid")
+    kind: str = "parameter"
+    method: str
+    models: Optional[list[str]] = None  # names from the run's `models`; default: all but base
+    parameters: dict[str, GeneRange] = Field(min_length=1)
+    fixed: dict[str, Any] = Field(default_factory=dict)  # method parameters held constant
+    layer_groups: int = Field(default=1, ge=1)
+    filters: list[str] = Field(default_factory=list)  # e.g. [self_attn, mlp]; the rest follow
+    dtype: Optional[str] = None
+
+
+class ParameterSpace(SearchSpace):
+    kind = "parameter"
+
+    def __init__(self, spec: ParameterSpaceSpec, models: dict[str, str], base: Optional[str]):
+        self.spec = spec
+        method = get_method(spec.method)
+        names = spec.models or [m for m in models if m != base]
+        unknown = [m for m in names if m not in models]
+        if unknown:
+            raise EvomergeError(
+                f"field 'search_space.models': {unknown[0]!r} is not a key of the run's 'models'"
+            )
+        if method.base == "required" and base is None:
+            raise EvomergeError(
+                f"field 'base_model': merge method {method.name} needs a base model"
+            )
+        self.models, self.refs, self.base = names, models, base
+        known = {p.name: p for p in method.params}
+        for key in [*spec.parameters, *spec.fixed]:
+            if key not in known:
+                raise EvomergeError(
+                    f"field 'search_space.parameters.{key}': {method.name} has no parameter "
+                    f"{key!r}; it takes {', '.join(sorted(known))}"
+                )
+        self.shared = [k for k in spec.parameters if known[k].scope == "shared"]
+        self.per_model = [k for k in spec.parameters if known[k].scope != "shared"]
+        self.method = method
+        self.blocks = [*spec.filters, None]  # None: the rest
+
+    # ----- layout --------------------------------------------------------------------------
+    def _genes(self) -> list[tuple[Optional[str], str, Optional[str], int]]:
+        """(model or None for shared, parameter, filter, layer group), in genome order."""
+        genes = []
+        owners: list[tuple[Optional[str], list[str]]] = [(None, self.shared)]
+        owners += [(m, self.per_model) for m in self.models]
+        for owner, params in owners:
+            for param in params:
+                for block in self.blocks:
+                    for group in range(self.spec.layer_groups):
+                        genes.append((owner, param, block, group))
+        return genes
+
+    def gene_names(self) -> list[str]:
+        names = []
+        for owner, param, block, group in self._genes():
+            name = f"{owner}.{param}" if owner else param
+            if block is not None or self.spec.filters:
+                name += f"[{block or 'rest'}]"
+            if self.spec.layer_groups > 1:
+                name += f"@{group}"
+            names.append(name)
+        return names
+
+    def bounds(self) -> tuple[np.ndarray, np.ndarray]:
+        genes = self._genes()
+        lo = np.array([self.spec.parameters[p].low for _, p, _, _ in genes])
+        hi = np.array([self.spec.parameters[p].high for _, p, _, _ in genes])
+        return lo, hi
+
+    def initial(self) -> np.ndarray:
+        return np.array([self.spec.parameters[p].start for _, p, _, _ in self._genes()])
+
+    # ----- decode -----------------------------------------------------------------------------
+    def settings(self, genome: np.ndarray) -> dict[Optional[str], dict[str, Any]]:
+        """Per owner (model, or None for shared), each parameter's mergekit setting."""
+        x = np.asarray(genome, dtype=float)
+        genes = self._genes()
+        if x.shape != (len(genes),):
+            raise EvomergeError(f"genome has shape {x.shape}; the space has {len(genes)} genes")
+        values: dict[tuple[Optional[str], str, Optional[str]], list[float]] = {}
+        for value, (owner, param, block, _group) in zip(x, genes):
+            values.setdefault((owner, param, block), []).append(round(float(value), 8))
+        out: dict[Optional[str], dict[str, Any]] = {}
+        for (owner, param, block), series in values.items():
+            value: Any = series[0] if len(series) == 1 else series
+            target = out.setdefault(owner, {})
+            if not self.spec.filters:
+                target[param] = value
+            else:
+                entry = {"value": value} if block is None else {"filter": block, "value": value}
+                target.setdefault(param, []).append(entry)
+        return out
+
+    def decode(self, genome: np.ndarray, seed: int = 0) -> Recipe:
+        settings = self.settings(genome)
+        shared = {**self.spec.fixed, **settings.get(None, {})}
+        models = [{"model": self.refs[m], "parameters": settings.get(m, {})} for m in self.models]
+        data: dict[str, Any] = {
+            "merge_method": self.method.name,
+            "models": models,
+            "seed": int(seed),
+        }
+        if self.base is not None and self.method.base != "ignored":
+            data["base_model"] = self.refs[self.base]
+        if self.method.name in ("slerp", "nuslerp") and self.base is not None:
+            data["models"] = [{"model": self.refs[self.base]}, *models]
+        if shared:
+            data["parameters"] = shared
+        if self.spec.dtype:
+            data["dtype"] = self.spec.dtype
+        return Recipe.from_dict(data, source="search space")

@@ -1,0 +1,109 @@
+"""What a run has done so far, as a pandas table and a printed summary (live runs included)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from evomerge.config import RunConfig
+from evomerge.store import RunStore, read_run_meta
+
+MAX_GENE_COLUMNS = 100
+
+
+def records_frame(folder: Path) -> pd.DataFrame:
+    """One row per committed evaluation: objectives, metrics, timing, failure, genes."""
+    store = RunStore.open(folder)
+    config = RunConfig.load(folder / "run.yaml")
+    rows = []
+    for r in store.records():
+        row = {
+            "number": r.number,
+            "index": r.index,
+            "failed": r.failed,
+            "error": r.error,
+            "seconds": r.seconds,
+            "worker": r.worker,
+        }
+        for o in config.objectives:
+            row[o.name] = np.nan if r.values is None else r.values[o.name]
+        for key, value in r.metrics.items():
+            row[f"metric:{key}"] = value
+        if len(r.genome) <= MAX_GENE_COLUMNS and len(store.gene_names) == len(r.genome):
+            row.update({f"gene:{n}": float(v) for n, v in zip(store.gene_names, r.genome)})
+        row["recipe"] = r.recipe
+        rows.append(row)
+    frame = pd.DataFrame(rows)
+    if not frame.empty:
+        frame["pareto"] = pareto_mask(frame, config)
+    return frame
+
+
+def pareto_mask(frame: pd.DataFrame, config: RunConfig) -> np.ndarray:
+    """True for the non-dominated successful evaluations over the run's objectives."""
+    from pymoo.util.nds.non_dominated_sorting import NonDominatedSorting
+
+    ok = ~frame["failed"].to_numpy(bool)
+    mask = np.zeros(len(frame), dtype=bool)
+    if not ok.any():
+        return mask
+    losses = np.stack(
+        [
+            (-1 if o.direction == "maximize" else 1) * frame[o.name].to_numpy(float)
+            for o in config.objectives
+        ],
+        axis=1,
+    )[ok]
+    front = NonDominatedSorting().do(losses, only_non_dominated_front=True)
+    mask[np.flatnonzero(ok)[front]] = True
+    return mask
+
+
+def summary(folder: Path) -> str:
+    meta = read_run_meta(folder)
+    config = RunConfig.load(folder / "run.yaml")
+    frame = records_frame(folder)
+    store = RunStore.open(folder)
+    lines = [f"run {folder} (evomerge {meta.get('evomerge')}, store {meta.get('store')})"]
+    checkpoint = store.load_checkpoint()
+    opt = config.optimizer.name
+    if checkpoint is not None:
+        state = checkpoint[0]
+        lines.append(
+            f"optimizer: {opt}, asked {state['asked']}, told {state['told']}, "
+            f"in flight {len(state['outstanding'])}"
+        )
+    else:
+        lines.append(f"optimizer: {opt}, not started")
+    done = len(frame)
+    failed = int(frame["failed"].sum()) if done else 0
+    lines.append(f"evaluations: {done} / {config.budget} ({failed} failed)")
+    if done and not frame["failed"].all():
+        good = frame[~frame["failed"]]
+        best = pd.DataFrame(
+            [
+                {
+                    "objective": o.name,
+                    "direction": o.direction,
+                    "best": good[o.name].max() if o.direction == "maximize" else good[o.name].min(),
+                    "index": int(
+                        good.loc[
+                            good[o.name].idxmax()
+                            if o.direction == "maximize"
+                            else good[o.name].idxmin(),
+                            "index",
+                        ]
+                    ),
+                }
+                for o in config.objectives
+            ]
+        )
+        lines += ["", "best per objective:", best.to_string(index=False)]
+        front = frame[frame["pareto"]][["index", *[o.name for o in config.objectives]]]
+        lines += ["", f"Pareto set ({len(front)}):", front.to_string(index=False)]
+    if failed:
+        fails = frame[frame["failed"]][["index", "error"]].tail(5)
+        lines += ["", "failures (last 5):", fails.to_string(index=False)]
+    return "\n".join(lines)

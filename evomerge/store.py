@@ -1,0 +1,219 @@
+"""The run store: every evaluation, durably, before any optimizer learns of it.
+
+Evaluations are Optuna trials in an RDB study (SQLite under the run folder by default, so
+optuna-dashboard can read a live run; a PostgreSQL URL on a cluster). The genome, the recipe,
+per-task metrics, per-example scores, timing, worker and failure reason ride along as trial
+user attributes: JSON, never pickle. Optimizer checkpoints are separate files (optim/state.py)
+written after every ask and tell; the newest readable one wins, and a torn one is reported and
+skipped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import optuna
+from optuna.distributions import FloatDistribution
+from optuna.trial import TrialState
+
+from evomerge import __version__
+from evomerge.errors import EvomergeError
+from evomerge.optim.state import read_state, write_state
+
+FORMAT = 1
+STUDY = "evomerge"
+MAX_PARAM_GENES = 100  # genomes up to this size also appear as Optuna params (dashboard plots)
+KEEP_CHECKPOINTS = 2
+log = logging.getLogger("evomerge")
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+@dataclass
+class Record:
+    """One committed evaluation."""
+
+    index: int  # the optimizer's ask index
+    genome: np.ndarray
+    recipe: str  # the recipe YAML that was scored
+    values: Optional[dict[str, float]]  # objective name -> value; None when it failed
+    metrics: dict[str, float] = field(default_factory=dict)
+    per_example: Optional[list[float]] = None
+    seconds: float = 0.0
+    worker: str = ""
+    error: Optional[str] = None
+    number: int = -1  # position in the store
+
+    @property
+    def failed(self) -> bool:
+        return self.values is None
+
+
+def genome_key(genome: np.ndarray) -> str:
+    return hashlib.blake2b(
+        np.asarray(genome, dtype=np.float64).tobytes(), digest_size=12
+    ).hexdigest()
+
+
+class RunStore:
+    def __init__(self, folder: Path, study: optuna.Study, gene_names: list[str]) -> None:
+        self.folder = folder
+        self.study = study
+        self.gene_names = gene_names
+        self.objectives: list[str] = study.user_attrs.get("objectives", [])
+        self.checkpoints = folder / "checkpoints"
+
+    # ----- opening ----------------------------------------------------------------------------
+    @classmethod
+    def create(
+        cls,
+        folder: Path,
+        url: Optional[str],
+        objectives: list[tuple[str, str]],
+        gene_names: list[str],
+    ) -> RunStore:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "checkpoints").mkdir(exist_ok=True)
+        storage = _storage(url or _sqlite_url(folder))
+        try:
+            study = optuna.create_study(
+                storage=storage,
+                study_name=STUDY,
+                directions=[direction for _, direction in objectives],
+            )
+        except optuna.exceptions.DuplicatedStudyError:
+            raise EvomergeError(
+                f"store {url or folder}: already holds a run; resume it or use a new --out"
+            ) from None
+        study.set_user_attr("objectives", [name for name, _ in objectives])
+        study.set_user_attr("gene_names", gene_names)
+        _write_json(
+            folder / "run.json",
+            {
+                "format": FORMAT,
+                "evomerge": __version__,
+                "created": time.time(),
+                "store": url or "sqlite:store.sqlite",
+            },
+        )
+        return cls(folder, study, gene_names)
+
+    @classmethod
+    def open(cls, folder: Path) -> RunStore:
+        meta = read_run_meta(folder)
+        url = meta["store"]
+        if url == "sqlite:store.sqlite":
+            url = _sqlite_url(folder)
+        try:
+            study = optuna.load_study(study_name=STUDY, storage=_storage(url))
+        except KeyError:
+            raise EvomergeError(f"{folder}: its store holds no evomerge study") from None
+        return cls(folder, study, study.user_attrs.get("gene_names", []))
+
+    # ----- evaluations ------------------------------------------------------------------------
+    def commit(self, record: Record) -> None:
+        attrs = {
+            "index": record.index,
+            "genome": [float(v) for v in record.genome],
+            "genome_key": genome_key(record.genome),
+            "recipe": record.recipe,
+            "metrics": record.metrics,
+            "seconds": record.seconds,
+            "worker": record.worker,
+        }
+        if record.per_example is not None:
+            attrs["per_example"] = [float(v) for v in record.per_example]
+        if record.error is not None:
+            attrs["error"] = record.error[:2000]
+        params, distributions = {}, {}
+        if len(record.genome) <= MAX_PARAM_GENES and len(self.gene_names) == len(record.genome):
+            for name, value in zip(self.gene_names, record.genome):
+                params[name] = float(value)
+                distributions[name] = FloatDistribution(float(value), float(value))
+        trial = optuna.trial.create_trial(
+            state=TrialState.FAIL if record.failed else TrialState.COMPLETE,
+            values=None if record.failed else [record.values[o] for o in self.objectives],
+            params=params,
+            distributions=distributions,
+            user_attrs=attrs,
+        )
+        self.study.add_trial(trial)
+
+    def records(self) -> list[Record]:
+        out = []
+        for t in self.study.get_trials(
+            deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL)
+        ):
+            a = t.user_attrs
+            values = None if t.state == TrialState.FAIL else dict(zip(self.objectives, t.values))
+            out.append(
+                Record(
+                    index=int(a["index"]),
+                    genome=np.asarray(a["genome"], dtype=float),
+                    recipe=a["recipe"],
+                    values=values,
+                    metrics=a.get("metrics", {}),
+                    per_example=a.get("per_example"),
+                    seconds=float(a.get("seconds", 0.0)),
+                    worker=a.get("worker", ""),
+                    error=a.get("error"),
+                    number=t.number,
+                )
+            )
+        return out
+
+    # ----- optimizer checkpoints ------------------------------------------------------------
+    def save_checkpoint(self, state: dict[str, Any], sequence: int) -> None:
+        write_state(self.checkpoints / f"optimizer-{sequence:08d}.npz", state)
+        for old in sorted(self.checkpoints.glob("optimizer-*.npz"))[:-KEEP_CHECKPOINTS]:
+            old.unlink(missing_ok=True)
+
+    def load_checkpoint(self) -> Optional[tuple[dict[str, Any], int]]:
+        """The newest readable checkpoint and its sequence number, or None."""
+        for path in sorted(self.checkpoints.glob("optimizer-*.npz"), reverse=True):
+            try:
+                return read_state(path), int(path.stem.split("-")[1])
+            except EvomergeError as exc:
+                log.warning("%s; using the previous checkpoint", exc)
+        return None
+
+
+def read_run_meta(folder: Path) -> dict[str, Any]:
+    meta_file = Path(folder) / "run.json"
+    if not meta_file.is_file():
+        raise EvomergeError(f"{folder}: not an evomerge run folder (no run.json)")
+    try:
+        meta = json.loads(meta_file.read_text())
+    except (OSError, ValueError):
+        raise EvomergeError(f"{meta_file}: unreadable run metadata") from None
+    if meta.get("format") != FORMAT:
+        raise EvomergeError(
+            f"{folder}: store format {meta.get('format')!r} was written by evomerge "
+            f"{meta.get('evomerge', '?')}; this evomerge {__version__} reads format {FORMAT}"
+        )
+    return meta
+
+
+def _sqlite_url(folder: Path) -> str:
+    return f"sqlite:///{(Path(folder) / 'store.sqlite').resolve()}"
+
+
+def _storage(url: str) -> optuna.storages.RDBStorage:
+    kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
+    try:
+        return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
+    except Exception as exc:  # SQLAlchemy raises many kinds for a bad URL or server
+        raise EvomergeError(f"store {url}: cannot open ({type(exc).__name__}: {exc})") from None
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)

@@ -1,0 +1,141 @@
+"""A worker: source tensors loaded once onto its device, one live model, recipes written into
+it in place and scored. Ray actors (and the in-process pool) wrap this class."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from evomerge.errors import EvomergeError
+from evomerge.merge.engine import load_source_tensors, merge_into_model, pick_device, plan_for
+from evomerge.merge.io import ModelSource
+from evomerge.recipe import Recipe
+
+
+@dataclass
+class Outcome:
+    """What scoring one recipe gave: metrics, or the reason it failed."""
+
+    metrics: dict[str, float] = field(default_factory=dict)
+    per_example: Optional[list[float]] = None
+    error: Optional[str] = None
+    seconds: float = 0.0
+    worker: str = ""
+
+
+def load_callable(spec: str, search_dirs: tuple[Path, ...] = ()) -> Callable[..., Any]:
+    """`package.module:function`, importable from the current folder or `search_dirs`."""
+    module_name, _, attr = spec.partition(":")
+    for folder in (Path.cwd(), *search_dirs):
+        if str(folder) not in sys.path:
+            sys.path.append(str(folder))
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise EvomergeError(
+            f"field 'fitness.function': cannot import {module_name} ({exc})"
+        ) from None
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        raise EvomergeError(f"field 'fitness.function': {module_name} has no function {attr!r}")
+    return fn
+
+
+class Worker:
+    def __init__(
+        self,
+        refs: list[str],
+        fitness: Callable[..., Any],
+        fitness_options: Optional[dict[str, Any]] = None,
+        device: str = "auto",
+        allow_pickle: bool = False,
+        trust_remote_code: bool = False,
+        name: str = "local",
+    ) -> None:
+        self.device = pick_device(device)
+        self.sources = {ref: ModelSource(ref, allow_pickle=allow_pickle) for ref in refs}
+        self.tensors = load_source_tensors(self.sources, self.device)
+        self.fitness = fitness
+        self.fitness_options = fitness_options or {}
+        self.trust_remote_code = trust_remote_code
+        self.name = name
+        self.model: Optional[torch.nn.Module] = None
+        self.model_key: Optional[str] = None
+        self.tokenizers: dict[str, Any] = {}
+
+    def live_model(self, config: dict[str, Any]) -> torch.nn.Module:
+        """The live model, rebuilt only when the recipe changes its shape (DFS depth)."""
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        key = json.dumps(config, sort_keys=True, default=str)
+        if self.model is None or key != self.model_key:
+            fields = dict(config)
+            cfg = AutoConfig.for_model(fields.pop("model_type"), **fields)
+            self.model = None
+            with torch.device(self.device):
+                self.model = AutoModelForCausalLM.from_config(
+                    cfg, trust_remote_code=self.trust_remote_code
+                )
+            self.model.eval()
+            self.model_key = key
+        return self.model
+
+    def tokenizer(self, folder: Path) -> Any:
+        from transformers import AutoTokenizer
+
+        key = str(folder)
+        if key not in self.tokenizers:
+            self.tokenizers[key] = AutoTokenizer.from_pretrained(
+                folder, trust_remote_code=self.trust_remote_code
+            )
+        return self.tokenizers[key]
+
+    def materialize(self, recipe: Recipe) -> tuple[torch.nn.Module, Any]:
+        plan = plan_for(recipe, self.sources)
+        model = self.live_model(plan.output_config())
+        merge_into_model(plan, self.tensors, model)
+        return model, self.tokenizer(plan.sources[plan.tokenizer_source].path)
+
+    def evaluate(self, recipe_yaml: str) -> Outcome:
+        """Score one recipe; any failure becomes an Outcome with its reason, never a raise."""
+        start = time.perf_counter()
+        try:
+            recipe = Recipe.from_yaml_text(recipe_yaml)
+            model, tokenizer = self.materialize(recipe)
+            with torch.no_grad():
+                result = self.fitness(model, tokenizer, **self.fitness_options)
+            outcome = _outcome_from(result)
+        except Exception as exc:  # a candidate's failure is data, not the run's end
+            outcome = Outcome(error=f"{type(exc).__name__}: {exc}".splitlines()[0][:500])
+        outcome.seconds = time.perf_counter() - start
+        outcome.worker = self.name
+        return outcome
+
+
+def _outcome_from(result: Any) -> Outcome:
+    if not isinstance(result, dict):
+        return Outcome(error=f"fitness returned {type(result).__name__}, expected a dict")
+    per_example = result.get("per_example")
+    metrics = {}
+    for key, value in result.items():
+        if key == "per_example":
+            continue
+        try:
+            metrics[key] = float(value)
+        except (TypeError, ValueError):
+            return Outcome(error=f"fitness metric {key!r} is not a number: {value!r}")
+    bad = [k for k, v in metrics.items() if not math.isfinite(v)]
+    if bad:
+        return Outcome(metrics=metrics, error=f"fitness metric {bad[0]!r} is {metrics[bad[0]]}")
+    if per_example is not None:
+        per_example = [float(v) for v in per_example]
+    return Outcome(metrics=metrics, per_example=per_example)
