@@ -72,16 +72,26 @@ class CMAES(Optimizer):
             self.generation_asked = 0
 
     def _state(self) -> dict[str, Any]:
+        es = self.es.__getstate__()
+        if "_c_1d" in es:  # keep C whole: a symmetrised copy would drift from the original
+            es["_c_1d"] = np.zeros(0)
+            es["_C_full"] = self.es._C
         return {
-            "es": self.es.__getstate__(),
+            "es": es,
             "rng": rng_state(self.es._rng),
             "generation_asked": self.generation_asked,
             "results": [[x, f] for x, f in self.results],
         }
 
     def _load(self, state: dict[str, Any]) -> None:
+        saved = dict(state["es"])
+        full_c = saved.pop("_C_full", None)
         es = self.strategy.__new__(self.strategy)
-        es.__setstate__(dict(state["es"]))
+        if full_c is not None:
+            saved["_c_1d"] = np.zeros(full_c.shape[0] * (full_c.shape[0] + 1) // 2)
+        es.__setstate__(saved)
+        if full_c is not None:
+            es._C = np.array(full_c)
         set_rng_state(es._rng, state["rng"])
         self.es = es
         self.generation_asked = int(state["generation_asked"])

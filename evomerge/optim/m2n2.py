@@ -136,9 +136,7 @@ class M2N2(Optimizer):
             if self.scores is None:
                 return
             score = np.zeros(self.scores.shape[1])
-        if self.scores is None:
-            self.scores = np.empty((0, score.size))
-        if score.size != self.scores.shape[1]:
+        if self.scores is not None and score.size != self.scores.shape[1]:
             raise EvomergeError(
                 f"m2n2: candidate {evaluation.index} has {score.size} per-example scores, the "
                 f"archive holds {self.scores.shape[1]}; every evaluation must score the same set"
@@ -147,6 +145,8 @@ class M2N2(Optimizer):
 
     def add(self, genome: np.ndarray, score: np.ndarray) -> None:
         """Admit a scored genome, replacing the lowest shared-fitness member when full."""
+        if self.scores is None:
+            self.scores = np.empty((0, score.size))
         if len(self.members) < self.archive_size:
             self.members = np.vstack([self.members, genome[None, :]])
             self.scores = np.vstack([self.scores, score[None, :]])

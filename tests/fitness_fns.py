@@ -1,0 +1,30 @@
+"""Cheap python-callable fitness functions for run tests (imported by the run's worker)."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+IDS = torch.arange(0, 64).reshape(2, 32) % 250
+
+
+def score(model, tokenizer, sleep: float = 0.0):
+    """Next-token NLL on a fixed byte sequence, plus the logit scale; per-example = per-row
+    token accuracy."""
+    if sleep:
+        time.sleep(sleep)
+    logits = model(IDS).logits.float()
+    logp = torch.log_softmax(logits, -1)[:, :-1]
+    target = IDS[:, 1:]
+    nll = -logp.gather(-1, target[..., None]).mean()
+    hits = (logp.argmax(-1) == target).float()
+    return {
+        "nll": float(nll),
+        "logit_std": float(logits.std()),
+        "per_example": hits.flatten().tolist(),
+    }
+
+
+def explode(model, tokenizer):
+    raise RuntimeError("this fitness always fails")
