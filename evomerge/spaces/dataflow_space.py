@@ -20,7 +20,9 @@ MERGED = "merged"  # in a ps_dfs space, the name of the parameter-space stage's 
 class DataflowSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
     kind: str = "dataflow"
-    models: list[str] = Field(min_length=1)  # laid end to end in this order; the first is "A"
+    # laid end to end in this order; the first is the paper's model A. Default: the run's models
+    # (in a ps_dfs space: the PS result `merged`, then the run's models)
+    models: Optional[list[str]] = Field(default=None, min_length=1)
     embed_from: Optional[str] = None
     repetitions: int = Field(default=2, ge=1)
     scaling: ScalingForm = "full"
@@ -46,6 +48,8 @@ class DataflowSpace(SearchSpace):
         models: dict[str, Any],
         depth_of: Callable[[str], int],
     ) -> None:
+        if spec.models is None:
+            spec = spec.model_copy(update={"models": list(models)})
         for name in [*spec.models, spec.embed_from or spec.models[0]]:
             if name not in models:
                 raise EvomergeError(
@@ -106,7 +110,7 @@ class CombinedSpace(SearchSpace):
             )
         self.ps = ParameterSpace(spec.parameter, models, base)
         donor = base or self.ps.models[0]
-        names = {**models, MERGED: MERGED}
+        names = {MERGED: MERGED, **models}
         self.dfs = DataflowSpace(
             spec.dataflow, names, lambda n: depth_of(donor if n == MERGED else n)
         )

@@ -69,6 +69,12 @@ class ParameterSpace(SearchSpace):
             raise EvomergeError(
                 f"field 'base_model': merge method {method.name} needs a base model"
             )
+        inputs = len(names) + (1 if method.base != "ignored" and base not in names else 0)
+        if method.max_inputs is not None and inputs > method.max_inputs:
+            raise EvomergeError(
+                f"field 'search_space.models': {method.name} merges at most "
+                f"{method.max_inputs} models (base included); name the expert(s) to use"
+            )
         self.models, self.refs, self.base = names, models, base
         known = {p.name: p for p in method.params}
         for key in [*spec.parameters, *spec.fixed]:
