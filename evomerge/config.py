@@ -4,10 +4,18 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    model_validator,
+)
 
 from evomerge.errors import EvomergeError
 from evomerge.recipe import describe_validation_error
@@ -16,8 +24,28 @@ from evomerge.recipe import describe_validation_error
 class Objective(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str = Field(min_length=1)
-    metric: str = Field(min_length=1)  # a key of the fitness result, e.g. "arith: acc,none"
+    metric: Optional[str] = Field(default=None, min_length=1)  # e.g. "arith: acc,none"
+    weights: Optional[dict[str, float]] = None  # or a weighted sum of metrics
     direction: Literal["maximize", "minimize"] = "maximize"
+
+    @model_validator(mode="after")
+    def _one_source(self) -> Objective:
+        if (self.metric is None) == (self.weights is None):
+            raise ValueError("give exactly one of 'metric' or 'weights' (a weighted sum)")
+        if self.weights is not None and not self.weights:
+            raise ValueError("'weights' needs at least one metric")
+        return self
+
+    def metrics(self) -> list[str]:
+        return [self.metric] if self.metric is not None else list(self.weights or {})
+
+    def value(self, metrics: dict[str, float]) -> Optional[float]:
+        """This objective's value from a fitness result, or None if a metric is missing."""
+        if self.metric is not None:
+            return metrics.get(self.metric)
+        if any(m not in metrics for m in self.weights or {}):
+            return None
+        return sum(w * metrics[m] for m, w in (self.weights or {}).items())
 
 
 class OptimizerSpec(BaseModel):
@@ -35,6 +63,32 @@ class PythonFitness(BaseModel):
     options: dict[str, Any] = Field(default_factory=dict)  # passed as keyword arguments
 
 
+class HeldOut(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    tasks: list[str] = Field(min_length=1)
+    limit: Optional[int] = Field(default=None, gt=0)
+
+
+class LmEvalFitnessSpec(BaseModel):
+    """lm-eval tasks (registered names, or YAML+JSONL tasks in `include_path`)."""
+
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["lm_eval"]
+    tasks: list[str] = Field(min_length=1)
+    include_path: Optional[str] = None
+    limit: Optional[int] = Field(default=None, gt=0)  # first N documents of each task
+    samples: Optional[dict[str, list[int]]] = None  # or fixed document ids per task
+    batch_size: int = Field(default=8, gt=0)
+    num_fewshot: Optional[int] = Field(default=None, ge=0)
+    # scored only for the final Pareto set, so reported numbers are not the ones searched on
+    held_out: Optional[HeldOut] = None
+
+
+def _fitness_kind(data: Any) -> str:
+    kind = data.get("kind", "python") if isinstance(data, dict) else getattr(data, "kind", None)
+    return kind if kind in ("python", "lm_eval") else "python"
+
+
 class RunConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: Optional[str] = None
@@ -45,7 +99,16 @@ class RunConfig(BaseModel):
     optimizer: OptimizerSpec
     budget: int = Field(gt=0)
     seed: int = 0
-    fitness: PythonFitness
+    fitness: Annotated[
+        Union[
+            Annotated[PythonFitness, Tag("python")], Annotated[LmEvalFitnessSpec, Tag("lm_eval")]
+        ],
+        Discriminator(_fitness_kind),
+    ]
+    workers: int = Field(default=1, gt=0)  # Ray actors; 0 GPUs here means CPU workers
+    threads_per_worker: Optional[int] = Field(default=None, gt=0)
+    candidate_timeout: Optional[float] = Field(default=None, gt=0)  # seconds per candidate
+    ray_address: Optional[str] = None  # or RAY_ADDRESS; default: a local Ray started by the run
     device: str = "auto"
     store: Optional[str] = None  # None: SQLite under the run folder; or postgresql://...
     allow_pickle: bool = False
@@ -91,8 +154,16 @@ class RunConfig(BaseModel):
                 hint = f"did you mean '{close[0]}'?" if close else "remove it"
                 message = f"field '{unknown[0]['loc'][0]}': unknown field; {hint}"
             raise EvomergeError(f"{source}: {message}") from None
-        if isinstance(config.search_space, str) and base_dir is not None:
-            candidate = Path(config.search_space)
-            if not candidate.is_absolute() and not candidate.exists():
-                config.search_space = str(base_dir / candidate)
+        if base_dir is not None:  # relative paths: from the current folder, else the config's
+            if isinstance(config.search_space, str):
+                config.search_space = _beside(config.search_space, base_dir)
+            if isinstance(config.fitness, LmEvalFitnessSpec) and config.fitness.include_path:
+                config.fitness.include_path = _beside(config.fitness.include_path, base_dir)
         return config
+
+
+def _beside(path: str, base_dir: Path) -> str:
+    candidate = Path(path)
+    if candidate.is_absolute() or candidate.exists() or not (base_dir / candidate).exists():
+        return path
+    return str(base_dir / candidate)

@@ -239,7 +239,7 @@ _FIELD_NAMES = sorted(
 def _is_union_tag(part: Any) -> bool:
     return isinstance(part, str) and (
         part.startswith(("list[", "dict[", "tuple["))
-        or part in {"bool", "int", "float", "str"}
+        or part in {"bool", "int", "float", "str", "python", "lm_eval"}  # last two: fitness tags
         or part.startswith("function-")
     )
 

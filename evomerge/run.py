@@ -21,7 +21,7 @@ import numpy as np
 import yaml
 from tqdm.auto import tqdm
 
-from evomerge.config import RunConfig
+from evomerge.config import PythonFitness, RunConfig
 from evomerge.errors import EvomergeError
 from evomerge.merge.io import ModelSource
 from evomerge.optim import Candidate, Evaluation, Optimizer, make_optimizer
@@ -109,9 +109,19 @@ def prepare(config: RunConfig) -> tuple[RunConfig, SearchSpace]:
         name: str(Path(ref).resolve()) if Path(ref).exists() else ref
         for name, ref in config.models.items()
     }
+    fitness = config.fitness
+    if not isinstance(fitness, PythonFitness) and fitness.include_path:
+        include = Path(fitness.include_path)
+        fitness = fitness.model_copy(
+            update={"include_path": str(include.resolve()) if include.exists() else str(include)}
+        )
     spec = read_space_spec(config.search_space)
     resolved = config.model_copy(
-        update={"models": models, "search_space": spec.model_dump(mode="json", exclude_none=True)}
+        update={
+            "models": models,
+            "search_space": spec.model_dump(mode="json", exclude_none=True),
+            "fitness": fitness,
+        }
     )
     depths: dict[str, int] = {}
 
@@ -124,8 +134,27 @@ def prepare(config: RunConfig) -> tuple[RunConfig, SearchSpace]:
     if space.size == 0:
         raise EvomergeError("field 'search_space': the space has no genes to search")
     make_optimizer_check(resolved, space)
-    load_callable(config.fitness.function)
+    check_fitness(resolved)
     return resolved, space
+
+
+def check_fitness(config: RunConfig) -> None:
+    """Fail before the run starts on a fitness that cannot work: an unimportable function, an
+    unknown lm-eval task or task folder."""
+    fitness = config.fitness
+    if isinstance(fitness, PythonFitness):
+        load_callable(fitness.function)
+        return
+    if fitness.include_path and not Path(fitness.include_path).is_dir():
+        raise EvomergeError(f"field 'fitness.include_path': {fitness.include_path} is not a folder")
+    from lm_eval.tasks import TaskManager
+
+    manager = TaskManager(include_path=fitness.include_path, verbosity="ERROR")
+    held = fitness.held_out.tasks if fitness.held_out else []
+    for field, names in (("fitness.tasks", fitness.tasks), ("fitness.held_out.tasks", held)):
+        unknown = [t for t in names if t not in manager.all_tasks]
+        if unknown:
+            raise EvomergeError(f"field '{field}': lm-eval knows no task {unknown[0]!r}")
 
 
 def make_optimizer_check(config: RunConfig, space: SearchSpace) -> None:
@@ -175,11 +204,9 @@ def open_run(folder: Path) -> Run:
 
 def make_local_pool(run: Run) -> LocalPool:
     config = run.config
-    fitness = load_callable(config.fitness.function)
     worker = Worker(
         list(dict.fromkeys(config.models.values())),
-        fitness,
-        config.fitness.options,
+        config.fitness.model_dump(mode="json"),
         device=config.device,
         allow_pickle=config.allow_pickle,
         trust_remote_code=config.trust_remote_code,
@@ -262,10 +289,11 @@ def to_record(run: Run, candidate: Candidate, recipe: str, outcome: Outcome) -> 
     if error is None:
         values = {}
         for o in run.config.objectives:
-            value = outcome.metrics.get(o.metric)
+            value = o.value(outcome.metrics)
             if value is None:
+                missing = next(m for m in o.metrics() if m not in outcome.metrics)
                 error = (
-                    f"{MISSING_METRIC} {o.metric!r} for objective {o.name!r}; it gave "
+                    f"{MISSING_METRIC} {missing!r} for objective {o.name!r}; it gave "
                     f"{', '.join(sorted(outcome.metrics)) or 'nothing'}; fix the metric name"
                 )
                 values = None

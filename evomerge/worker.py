@@ -50,12 +50,23 @@ def load_callable(spec: str, search_dirs: tuple[Path, ...] = ()) -> Callable[...
     return fn
 
 
+def make_fitness(spec: dict[str, Any]) -> Callable[..., Any]:
+    """The fitness callable a run config's `fitness` mapping describes."""
+    if spec.get("kind") == "lm_eval":
+        from evomerge.scoring import LmEvalFitness
+
+        options = {k: v for k, v in spec.items() if k not in ("kind", "held_out")}
+        return LmEvalFitness(**options)
+    fn = load_callable(spec["function"])
+    options = spec.get("options") or {}
+    return lambda model, tokenizer: fn(model, tokenizer, **options)
+
+
 class Worker:
     def __init__(
         self,
         refs: list[str],
-        fitness: Callable[..., Any],
-        fitness_options: Optional[dict[str, Any]] = None,
+        fitness: dict[str, Any],
         device: str = "auto",
         allow_pickle: bool = False,
         trust_remote_code: bool = False,
@@ -64,8 +75,7 @@ class Worker:
         self.device = pick_device(device)
         self.sources = {ref: ModelSource(ref, allow_pickle=allow_pickle) for ref in refs}
         self.tensors = load_source_tensors(self.sources, self.device)
-        self.fitness = fitness
-        self.fitness_options = fitness_options or {}
+        self.fitness = make_fitness(fitness)
         self.trust_remote_code = trust_remote_code
         self.name = name
         self.model: Optional[torch.nn.Module] = None
@@ -112,7 +122,7 @@ class Worker:
             recipe = Recipe.from_yaml_text(recipe_yaml)
             model, tokenizer = self.materialize(recipe)
             with torch.no_grad():
-                result = self.fitness(model, tokenizer, **self.fitness_options)
+                result = self.fitness(model, tokenizer)
             outcome = _outcome_from(result)
         except Exception as exc:  # a candidate's failure is data, not the run's end
             outcome = Outcome(error=f"{type(exc).__name__}: {exc}".splitlines()[0][:500])

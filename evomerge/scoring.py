@@ -1,0 +1,113 @@
+"""lm-eval fitness on the live, in-memory model.
+
+Tasks are built once per worker and reused for every candidate through
+`lm_eval.evaluator.evaluate` (no per-call environment probing, bootstrap off). HFLM wraps the
+live model; it is re-wrapped only when the worker rebuilds the model (a DFS depth change).
+Results are flattened to "task: metric,filter" keys (e.g. "arith: acc,none"); the per-document
+values of each task's first metric, in document order, are the per-example scores M2N2 uses.
+Relative `data_files` in a task folder's YAML resolve against that folder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+SKIP_KEYS = {"alias", "name", "sample_len", "samples"}
+
+
+@contextlib.contextmanager
+def _working_dir(folder: Optional[Path]):
+    if folder is None:
+        yield
+        return
+    previous = Path.cwd()
+    os.chdir(folder)
+    try:
+        yield
+    finally:
+        os.chdir(previous)
+
+
+class LmEvalFitness:
+    """`fitness(model, tokenizer) -> {"task: metric": value, ..., "per_example": [...]}`."""
+
+    def __init__(
+        self,
+        tasks: list[str],
+        include_path: Optional[str] = None,
+        limit: Optional[int] = None,
+        samples: Optional[dict[str, list[int]]] = None,
+        batch_size: int = 8,
+        num_fewshot: Optional[int] = None,
+    ) -> None:
+        from lm_eval.tasks import TaskManager, get_task_dict
+
+        from evomerge.errors import EvomergeError
+
+        folder = Path(include_path).resolve() if include_path else None
+        if folder is not None and not folder.is_dir():
+            raise EvomergeError(f"field 'fitness.include_path': {include_path} is not a folder")
+        manager = TaskManager(include_path=str(folder) if folder else None, verbosity="ERROR")
+        unknown = [t for t in tasks if t not in manager.all_tasks]
+        if unknown:
+            raise EvomergeError(
+                f"field 'fitness.tasks': lm-eval knows no task {unknown[0]!r}"
+                + (f" (looked in {folder} too)" if folder else "; set fitness.include_path")
+            )
+        with _working_dir(folder):
+            self.task_dict = get_task_dict(list(tasks), manager)
+        if num_fewshot is not None:
+            for task in self.task_dict.values():
+                if hasattr(task, "set_config"):
+                    task.set_config(key="num_fewshot", value=num_fewshot)
+        self.tasks = list(tasks)
+        self.limit = limit
+        self.samples = samples
+        self.batch_size = batch_size
+        self._lm: Any = None
+        self._wrapped: Any = None
+
+    def _harness(self, model: Any, tokenizer: Any) -> Any:
+        from lm_eval.models.huggingface import HFLM
+
+        if self._wrapped is not model:
+            device = str(next(model.parameters()).device)
+            self._lm = HFLM(
+                pretrained=model, tokenizer=tokenizer, device=device, batch_size=self.batch_size
+            )
+            self._wrapped = model
+        return self._lm
+
+    def __call__(self, model: Any, tokenizer: Any) -> dict[str, Any]:
+        from lm_eval.evaluator import evaluate
+
+        results = evaluate(
+            lm=self._harness(model, tokenizer),
+            task_dict=self.task_dict,
+            limit=None if self.samples else self.limit,
+            samples=self.samples,
+            bootstrap_iters=0,
+            log_samples=True,
+            verbosity="ERROR",
+        )
+        out: dict[str, Any] = {}
+        per_example: list[float] = []
+        for task, values in results["results"].items():
+            first_metric = None
+            for key, value in values.items():
+                if key in SKIP_KEYS or "_stderr" in key or not isinstance(value, (int, float)):
+                    continue
+                out[f"{task}: {key}"] = float(value)
+                first_metric = first_metric or key.split(",")[0]
+            docs = sorted(results.get("samples", {}).get(task, []), key=lambda s: s["doc_id"])
+            if first_metric is not None:
+                per_example += [float(d[first_metric]) for d in docs if first_metric in d]
+        if per_example:
+            out["per_example"] = per_example
+        return out
