@@ -33,23 +33,23 @@ def _cmd_merge(args: argparse.Namespace) -> int:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from evomerge.config import RunConfig
-    from evomerge.run import create_run, drive, make_local_pool
+    from evomerge.run import create_run, drive, make_pool
 
     config = RunConfig.load(args.config)
     name = config.name or Path(args.config).stem
     folder = Path(args.out) if args.out else Path("results") / name
     run = create_run(config, folder)
     print(f"run folder: {folder}  (resume with: evomerge resume {folder})", file=sys.stderr)
-    drive(run, make_local_pool(run), progress=not args.quiet)
+    drive(run, make_pool(run), progress=not args.quiet)
     print(f"run finished: {folder}")
     return 0
 
 
 def _cmd_resume(args: argparse.Namespace) -> int:
-    from evomerge.run import drive, make_local_pool, open_run
+    from evomerge.run import drive, make_pool, open_run
 
     run = open_run(Path(args.folder))
-    drive(run, make_local_pool(run), progress=not args.quiet)
+    drive(run, make_pool(run), progress=not args.quiet)
     print(f"run finished: {args.folder}")
     return 0
 

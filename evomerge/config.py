@@ -105,7 +105,8 @@ class RunConfig(BaseModel):
         ],
         Discriminator(_fitness_kind),
     ]
-    workers: int = Field(default=1, gt=0)  # Ray actors; 0 GPUs here means CPU workers
+    pool: Literal["ray", "local"] = "ray"  # local: score in this process, one at a time
+    workers: int = Field(default=1, gt=0)  # Ray actors: one per GPU, else CPU workers
     threads_per_worker: Optional[int] = Field(default=None, gt=0)
     candidate_timeout: Optional[float] = Field(default=None, gt=0)  # seconds per candidate
     ray_address: Optional[str] = None  # or RAY_ADDRESS; default: a local Ray started by the run

@@ -10,10 +10,12 @@ one worker the candidate sequence of a resumed run equals an uninterrupted one.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import shutil
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional, Protocol
 
@@ -24,7 +26,9 @@ from tqdm.auto import tqdm
 from evomerge.config import PythonFitness, RunConfig
 from evomerge.errors import EvomergeError
 from evomerge.merge.io import ModelSource
+from evomerge.merge.methods import get_method
 from evomerge.optim import Candidate, Evaluation, Optimizer, make_optimizer
+from evomerge.recipe import Recipe
 from evomerge.spaces import SearchSpace, build_space, read_space_spec
 from evomerge.store import Record, RunStore, genome_key, read_run_meta
 from evomerge.worker import Outcome, Worker, load_callable
@@ -37,7 +41,7 @@ class Pool(Protocol):
     """Where candidates are scored: in this process, or on Ray workers."""
 
     def free(self) -> int: ...
-    def submit(self, candidate: Candidate, recipe_yaml: str) -> None: ...
+    def submit(self, candidate: Candidate, recipe_yaml: str, held_out: bool = False) -> None: ...
     def in_flight(self) -> int: ...
     def wait(self) -> list[tuple[Candidate, str, Outcome]]: ...
     def close(self) -> None: ...
@@ -48,20 +52,20 @@ class LocalPool:
 
     def __init__(self, worker: Worker) -> None:
         self.worker = worker
-        self.queue: deque[tuple[Candidate, str]] = deque()
+        self.queue: deque[tuple[Candidate, str, bool]] = deque()
 
     def free(self) -> int:
         return 0 if self.queue else 1
 
-    def submit(self, candidate: Candidate, recipe_yaml: str) -> None:
-        self.queue.append((candidate, recipe_yaml))
+    def submit(self, candidate: Candidate, recipe_yaml: str, held_out: bool = False) -> None:
+        self.queue.append((candidate, recipe_yaml, held_out))
 
     def in_flight(self) -> int:
         return len(self.queue)
 
     def wait(self) -> list[tuple[Candidate, str, Outcome]]:
-        candidate, recipe = self.queue.popleft()
-        return [(candidate, recipe, self.worker.evaluate(recipe))]
+        candidate, recipe, held_out = self.queue.popleft()
+        return [(candidate, recipe, self.worker.evaluate(recipe, held_out))]
 
     def close(self) -> None:
         pass
@@ -149,7 +153,7 @@ def check_fitness(config: RunConfig) -> None:
         raise EvomergeError(f"field 'fitness.include_path': {fitness.include_path} is not a folder")
     from lm_eval.tasks import TaskManager
 
-    manager = TaskManager(include_path=fitness.include_path, verbosity="ERROR")
+    manager = TaskManager(include_path=fitness.include_path)
     held = fitness.held_out.tasks if fitness.held_out else []
     for field, names in (("fitness.tasks", fitness.tasks), ("fitness.held_out.tasks", held)):
         unknown = [t for t in names if t not in manager.all_tasks]
@@ -202,23 +206,37 @@ def open_run(folder: Path) -> Run:
     return Run(folder, resolved, space, store)
 
 
-def make_local_pool(run: Run) -> LocalPool:
+def make_pool(run: Run) -> Pool:
+    """Ray actors (embedded Ray, or the cluster at ray_address / RAY_ADDRESS), or one
+    in-process worker with `pool: local`."""
     config = run.config
-    worker = Worker(
-        list(dict.fromkeys(config.models.values())),
-        config.fitness.model_dump(mode="json"),
-        device=config.device,
-        allow_pickle=config.allow_pickle,
-        trust_remote_code=config.trust_remote_code,
+    kwargs = {
+        "refs": list(dict.fromkeys(config.models.values())),
+        "fitness": config.fitness.model_dump(mode="json"),
+        "device": config.device,
+        "allow_pickle": config.allow_pickle,
+        "trust_remote_code": config.trust_remote_code,
+    }
+    if config.pool == "local":
+        return LocalPool(Worker(**kwargs, threads=config.threads_per_worker))
+    from evomerge.workers import RayPool
+
+    return RayPool(
+        config.workers,
+        kwargs,
+        address=config.ray_address,
+        threads=config.threads_per_worker,
+        timeout=config.candidate_timeout,
     )
-    return LocalPool(worker)
 
 
 # ----- the loop ------------------------------------------------------------------------------
 def drive(run: Run, pool: Pool, progress: bool = True) -> None:
     """Run until the budget is spent; safe to kill at any moment and call again."""
     store, budget = run.store, run.config.budget
-    known = {(r.index, genome_key(r.genome)): r for r in store.records()}
+    records = store.records()
+    known = {(r.index, genome_key(r.genome)): r for r in records}
+    scored = {recipe_key(r.recipe): r for r in records if not r.failed}
     done = len(known)
     optimizer = run.new_optimizer()
     checkpoint = store.load_checkpoint()
@@ -267,21 +285,84 @@ def drive(run: Run, pool: Pool, progress: bool = True) -> None:
                     tell(candidate, stored)
                     continue
                 recipe = run.space.decode(candidate.genome, run.candidate_seed(candidate.index))
+                twin = scored.get(recipe_key(recipe.to_yaml()))
+                if twin is not None:  # the same merge was scored already: reuse, don't re-score
+                    record = replace(
+                        twin,
+                        index=candidate.index,
+                        genome=candidate.genome,
+                        seconds=0.0,
+                        worker=f"cache of #{twin.index}",
+                    )
+                    store.commit(record)
+                    done += 1
+                    bar.update(1)
+                    tell(candidate, record)
+                    continue
                 pool.submit(candidate, recipe.to_yaml())
             if pool.in_flight() == 0:
                 break
             for candidate, recipe, outcome in pool.wait():
                 record = to_record(run, candidate, recipe, outcome)
                 store.commit(record)
+                if not record.failed:
+                    scored.setdefault(recipe_key(recipe), record)
                 done += 1
                 bar.update(1)
                 bar.set_postfix_str(_postfix(record), refresh=False)
                 if record.error and record.error.startswith(MISSING_METRIC):
                     raise EvomergeError(f"field 'objectives': {record.error}")
                 tell(candidate, record)
+        bar.close()
+        if getattr(run.config.fitness, "held_out", None) is not None:
+            score_held_out(run, pool, progress)
     finally:
         bar.close()
         pool.close()
+
+
+def score_held_out(run: Run, pool: Pool, progress: bool = True) -> None:
+    """Score the Pareto set on the held-out tasks (once per evaluation, stored with it)."""
+    from evomerge.status import pareto_records
+
+    todo = [r for r in pareto_records(run.store, run.config) if r.held_out is None]
+    bar = tqdm(total=len(todo), desc="held-out", unit="model", disable=not progress)
+    queue = deque(todo)
+    by_index: dict[int, Record] = {}
+    while queue or pool.in_flight():
+        while queue and pool.free() > 0:
+            record = queue.popleft()
+            by_index[record.number] = record
+            pool.submit(Candidate(record.number, record.genome), record.recipe, held_out=True)
+        for candidate, _, outcome in pool.wait():
+            metrics = outcome.metrics if outcome.error is None else {"error": outcome.error}
+            run.store.set_held_out(by_index[candidate.index].number, metrics)
+            bar.update(1)
+    bar.close()
+
+
+def recipe_key(recipe_yaml: str) -> str:
+    """Identity of a merge: the recipe without seeds when no method in it draws randomness."""
+    recipe = Recipe.from_yaml_text(recipe_yaml)
+    data = recipe.model_dump(mode="json", exclude_none=True)
+    if not _stochastic(recipe):
+        data = _without_seeds(data)
+    return hashlib.blake2b(json.dumps(data, sort_keys=True).encode(), digest_size=16).hexdigest()
+
+
+def _stochastic(recipe: Recipe) -> bool:
+    if recipe.merge_method != "dataflow" and get_method(recipe.merge_method).stochastic:
+        return True
+    models = recipe.models.values() if isinstance(recipe.models, dict) else []
+    return any(isinstance(m, Recipe) and _stochastic(m) for m in models)
+
+
+def _without_seeds(data):
+    if isinstance(data, dict):
+        return {k: _without_seeds(v) for k, v in data.items() if k != "seed"}
+    if isinstance(data, list):
+        return [_without_seeds(v) for v in data]
+    return data
 
 
 def to_record(run: Run, candidate: Candidate, recipe: str, outcome: Outcome) -> Record:

@@ -46,14 +46,14 @@ class LmEvalFitness:
         batch_size: int = 8,
         num_fewshot: Optional[int] = None,
     ) -> None:
-        from lm_eval.tasks import TaskManager, get_task_dict
+        from lm_eval.tasks import TaskManager
 
         from evomerge.errors import EvomergeError
 
         folder = Path(include_path).resolve() if include_path else None
         if folder is not None and not folder.is_dir():
             raise EvomergeError(f"field 'fitness.include_path': {include_path} is not a folder")
-        manager = TaskManager(include_path=str(folder) if folder else None, verbosity="ERROR")
+        manager = TaskManager(include_path=str(folder) if folder else None)
         unknown = [t for t in tasks if t not in manager.all_tasks]
         if unknown:
             raise EvomergeError(
@@ -61,9 +61,9 @@ class LmEvalFitness:
                 + (f" (looked in {folder} too)" if folder else "; set fitness.include_path")
             )
         with _working_dir(folder):
-            self.task_dict = get_task_dict(list(tasks), manager)
+            self.task_dict = manager.load(list(tasks))
         if num_fewshot is not None:
-            for task in self.task_dict.values():
+            for task in self.task_dict["tasks"].values():
                 if hasattr(task, "set_config"):
                     task.set_config(key="num_fewshot", value=num_fewshot)
         self.tasks = list(tasks)

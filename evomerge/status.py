@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 
 from evomerge.config import RunConfig
-from evomerge.store import RunStore, read_run_meta
+from evomerge.store import Record, RunStore, read_run_meta
 
 MAX_GENE_COLUMNS = 100
 
@@ -33,6 +33,8 @@ def records_frame(folder: Path) -> pd.DataFrame:
             row[f"metric:{key}"] = value
         if len(r.genome) <= MAX_GENE_COLUMNS and len(store.gene_names) == len(r.genome):
             row.update({f"gene:{n}": float(v) for n, v in zip(store.gene_names, r.genome)})
+        for key, value in (r.held_out or {}).items():
+            row[f"held_out:{key}"] = value
         row["recipe"] = r.recipe
         rows.append(row)
     frame = pd.DataFrame(rows)
@@ -59,6 +61,23 @@ def pareto_mask(frame: pd.DataFrame, config: RunConfig) -> np.ndarray:
     front = NonDominatedSorting().do(losses, only_non_dominated_front=True)
     mask[np.flatnonzero(ok)[front]] = True
     return mask
+
+
+def pareto_records(store: RunStore, config: RunConfig) -> list[Record]:
+    """The store's non-dominated successful evaluations."""
+    records = store.records()
+    frame = pd.DataFrame(
+        [
+            {
+                "failed": r.failed,
+                **{o.name: np.nan if r.failed else r.values[o.name] for o in config.objectives},
+            }
+            for r in records
+        ]
+    )
+    if frame.empty:
+        return []
+    return [r for r, keep in zip(records, pareto_mask(frame, config)) if keep]
 
 
 def summary(folder: Path) -> str:

@@ -50,6 +50,7 @@ class Record:
     worker: str = ""
     error: Optional[str] = None
     number: int = -1  # position in the store
+    held_out: Optional[dict[str, float]] = None  # scores on the held-out tasks (Pareto set)
 
     @property
     def failed(self) -> bool:
@@ -148,6 +149,7 @@ class RunStore:
 
     def records(self) -> list[Record]:
         out = []
+        study_attrs = self.study.user_attrs
         for t in self.study.get_trials(
             deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL)
         ):
@@ -165,9 +167,15 @@ class RunStore:
                     worker=a.get("worker", ""),
                     error=a.get("error"),
                     number=t.number,
+                    held_out=study_attrs.get(f"held_out:{t.number}"),
                 )
             )
         return out
+
+    def set_held_out(self, number: int, metrics: dict[str, float]) -> None:
+        """Held-out scores of evaluation `number` (a finished trial is immutable in Optuna, so
+        they live in the study's attributes)."""
+        self.study.set_user_attr(f"held_out:{number}", metrics)
 
     # ----- optimizer checkpoints ------------------------------------------------------------
     def save_checkpoint(self, state: dict[str, Any], sequence: int) -> None:

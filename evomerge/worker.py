@@ -71,16 +71,24 @@ class Worker:
         allow_pickle: bool = False,
         trust_remote_code: bool = False,
         name: str = "local",
+        threads: Optional[int] = None,
     ) -> None:
+        if threads:
+            torch.set_num_threads(threads)
         self.device = pick_device(device)
         self.sources = {ref: ModelSource(ref, allow_pickle=allow_pickle) for ref in refs}
         self.tensors = load_source_tensors(self.sources, self.device)
         self.fitness = make_fitness(fitness)
+        self.fitness_spec = fitness
+        self.held_out_fitness: Optional[Callable[..., Any]] = None
         self.trust_remote_code = trust_remote_code
         self.name = name
         self.model: Optional[torch.nn.Module] = None
         self.model_key: Optional[str] = None
         self.tokenizers: dict[str, Any] = {}
+        # build the live model now (a PS recipe keeps the first source's shape), so that a
+        # candidate's time, and its timeout, never include the worker's start-up
+        self.live_model(dict(self.sources[refs[0]].config))
 
     def live_model(self, config: dict[str, Any]) -> torch.nn.Module:
         """The live model, rebuilt only when the recipe changes its shape (DFS depth)."""
@@ -90,10 +98,13 @@ class Worker:
         if self.model is None or key != self.model_key:
             fields = dict(config)
             cfg = AutoConfig.for_model(fields.pop("model_type"), **fields)
+            dtype = fields.get("dtype") or fields.get("torch_dtype") or "float32"
             self.model = None
             with torch.device(self.device):
                 self.model = AutoModelForCausalLM.from_config(
-                    cfg, trust_remote_code=self.trust_remote_code
+                    cfg,
+                    trust_remote_code=self.trust_remote_code,
+                    dtype=getattr(torch, str(dtype).removeprefix("torch.")),
                 )
             self.model.eval()
             self.model_key = key
@@ -115,14 +126,35 @@ class Worker:
         merge_into_model(plan, self.tensors, model)
         return model, self.tokenizer(plan.sources[plan.tokenizer_source].path)
 
-    def evaluate(self, recipe_yaml: str) -> Outcome:
+    def held_out(self) -> Callable[..., Any]:
+        """The held-out fitness: the same task folder, the held-out tasks and limit."""
+        if self.held_out_fitness is None:
+            spec = self.fitness_spec.get("held_out")
+            if not spec:
+                raise EvomergeError("the fitness has no held_out tasks")
+            self.held_out_fitness = make_fitness(
+                {
+                    "kind": "lm_eval",
+                    "tasks": spec["tasks"],
+                    "limit": spec.get("limit"),
+                    "include_path": self.fitness_spec.get("include_path"),
+                    "batch_size": self.fitness_spec.get("batch_size", 8),
+                }
+            )
+        return self.held_out_fitness
+
+    def ping(self) -> str:
+        return self.name
+
+    def evaluate(self, recipe_yaml: str, held_out: bool = False) -> Outcome:
         """Score one recipe; any failure becomes an Outcome with its reason, never a raise."""
         start = time.perf_counter()
         try:
             recipe = Recipe.from_yaml_text(recipe_yaml)
             model, tokenizer = self.materialize(recipe)
+            fitness = self.held_out() if held_out else self.fitness
             with torch.no_grad():
-                result = self.fitness(model, tokenizer)
+                result = fitness(model, tokenizer)
             outcome = _outcome_from(result)
         except Exception as exc:  # a candidate's failure is data, not the run's end
             outcome = Outcome(error=f"{type(exc).__name__}: {exc}".splitlines()[0][:500])

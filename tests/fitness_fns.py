@@ -28,3 +28,19 @@ def score(model, tokenizer, sleep: float = 0.0):
 
 def explode(model, tokenizer):
     raise RuntimeError("this fitness always fails")
+
+
+def chaos_once(model, tokenizer, folder: str, hang: float = 60.0):
+    """First call anywhere: the worker process dies. Second: it hangs. Then: it scores."""
+    import os
+    import signal
+    from pathlib import Path
+
+    died, hung = Path(folder) / "died", Path(folder) / "hung"
+    if not died.exists():
+        died.touch()
+        os.kill(os.getpid(), signal.SIGKILL)
+    if not hung.exists():
+        hung.touch()
+        time.sleep(hang)
+    return score(model, tokenizer)

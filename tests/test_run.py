@@ -38,6 +38,7 @@ def run_config(m, **changes) -> dict:
         "seed": 3,
         "fitness": {"function": "tests.fitness_fns:score"},
         "device": "cpu",
+        "pool": "local",
     }
     config.update(changes)
     return config

@@ -1,0 +1,203 @@
+"""Ray workers: one actor per device, kept busy, replaced when they die.
+
+Each actor is a `Worker` (worker.py): it loads the source tensors once onto its device and
+scores recipes in a live model. The pool keeps one candidate on every actor; the run asks the
+optimizer for more the moment an actor frees (a generational optimizer fills a whole
+generation). An actor that dies mid-candidate (killed, OOM, node lost) is replaced and its
+candidate dispatched again; one past the per-candidate timeout is killed, replaced, and its
+candidate recorded as failed. `ray.util.ActorPool` is not used: it does not survive a dead
+actor.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from evomerge.errors import EvomergeError
+from evomerge.optim import Candidate
+from evomerge.worker import Outcome, Worker
+
+log = logging.getLogger("evomerge")
+MAX_ATTEMPTS = 3  # dispatches of one candidate whose worker died before it is recorded failed
+MAX_START_FAILURES = 3  # actors that die while loading their sources: give up
+POLL_SECONDS = 0.5
+
+
+@dataclass
+class Job:
+    actor: int
+    candidate: Candidate
+    recipe: str
+    started: float
+    attempt: int
+    held_out: bool = False
+
+
+def start_ray(address: Optional[str]) -> bool:
+    """Connect to `address` (or RAY_ADDRESS), else start Ray on this machine. True if started
+    here. Token authentication is left as Ray configures it (on for local clusters)."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, logging_level=logging.ERROR, log_to_driver=False)
+        return False
+    # local workers import the fitness module from the folder the run was started in
+    path = os.environ.get("PYTHONPATH", "")
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(Path.cwd()), path) if p)
+    ray.init(include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False)
+    return True
+
+
+class RayPool:
+    def __init__(
+        self,
+        n_workers: int,
+        worker_kwargs: dict[str, Any],
+        address: Optional[str] = None,
+        threads: Optional[int] = None,
+        timeout: Optional[float] = None,
+    ) -> None:
+        import ray
+
+        self.ray = ray
+        self.started_ray = start_ray(address)
+        gpus = ray.cluster_resources().get("GPU", 0)
+        cpus = ray.cluster_resources().get("CPU", 1)
+        self.use_gpu = gpus >= 1 and worker_kwargs.get("device", "auto") in ("auto", "cuda")
+        self.threads = threads or max(1, int(cpus // max(n_workers, 1)))
+        self.worker_kwargs = dict(worker_kwargs)
+        if self.use_gpu:
+            self.worker_kwargs["device"] = "cuda"
+        self.timeout = timeout
+        self.actors: list[Any] = []
+        self.served = [0] * n_workers
+        self.generation = 0
+        self.start_failures = 0
+        self.jobs: dict[Any, Job] = {}
+        self.actors = [self._spawn(slot) for slot in range(n_workers)]
+        self._await_ready(list(range(n_workers)))
+
+    def _spawn(self, slot: int) -> Any:
+        self.generation += 1
+        options: dict[str, Any] = {"max_restarts": 0, "max_concurrency": 1}
+        if self.use_gpu:
+            options["num_gpus"] = 1
+        else:
+            options["num_cpus"] = self.threads
+        remote = self.ray.remote(Worker).options(**options)
+        name = f"worker-{slot}.{self.generation}"
+        return remote.remote(**self.worker_kwargs, name=name, threads=self.threads)
+
+    def _await_ready(self, slots: list[int]) -> None:
+        """Wait until the actors in `slots` have loaded their sources (so a candidate's timeout
+        never counts a worker's start-up); replace ones that die starting, a few times."""
+        from ray.exceptions import RayActorError
+
+        pending = list(slots)
+        while pending:
+            slot = pending.pop(0)
+            try:
+                self.ray.get(self.actors[slot].ping.remote())
+            except RayActorError as exc:
+                self.start_failures += 1
+                reason = str(exc).splitlines()[0][:300]
+                if self.start_failures >= MAX_START_FAILURES:
+                    raise EvomergeError(f"workers die while starting: {reason}") from None
+                log.warning("worker %d died while starting (%s); retrying", slot, reason)
+                self.actors[slot] = self._spawn(slot)
+                pending.append(slot)
+
+    def _replace(self, slot: int) -> None:
+        with contextlib.suppress(Exception):  # already gone
+            self.ray.kill(self.actors[slot], no_restart=True)
+        self.actors[slot] = self._spawn(slot)
+        self.served[slot] = 0
+        self._await_ready([slot])
+
+    # ----- the Pool protocol -------------------------------------------------------------------
+    def _busy(self) -> set[int]:
+        return {job.actor for job in self.jobs.values()}
+
+    def free(self) -> int:
+        return len(self.actors) - len(self._busy())
+
+    def in_flight(self) -> int:
+        return len(self.jobs)
+
+    def submit(
+        self, candidate: Candidate, recipe_yaml: str, held_out: bool = False, attempt: int = 1
+    ) -> None:
+        slot = next(i for i in range(len(self.actors)) if i not in self._busy())
+        ref = self.actors[slot].evaluate.remote(recipe_yaml, held_out)
+        self.jobs[ref] = Job(slot, candidate, recipe_yaml, time.monotonic(), attempt, held_out)
+
+    def wait(self) -> list[tuple[Candidate, str, Outcome]]:
+        """Block until at least one candidate is done (scored, failed or timed out)."""
+        from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+
+        while True:
+            ready, _ = self.ray.wait(list(self.jobs), num_returns=1, timeout=POLL_SECONDS)
+            done: list[tuple[Candidate, str, Outcome]] = []
+            for ref in ready:
+                job = self.jobs.pop(ref)
+                try:
+                    outcome = self.ray.get(ref, timeout=60)
+                except (RayActorError, GetTimeoutError) as exc:
+                    self._worker_died(job, exc, done)
+                    continue
+                except RayTaskError as exc:  # evaluate() never raises; this is Ray's own error
+                    outcome = Outcome(error=f"worker error: {str(exc).splitlines()[0][:300]}")
+                self.served[job.actor] += 1
+                done.append((job.candidate, job.recipe, outcome))
+            done += self._expire()
+            if done:
+                return done
+
+    def _worker_died(self, job: Job, exc: Exception, done: list) -> None:
+        reason = str(exc).splitlines()[0][:300]
+        log.warning("worker %d died (%s); replacing it", job.actor, reason)
+        self._replace(job.actor)
+        if job.attempt >= MAX_ATTEMPTS:
+            done.append(
+                (
+                    job.candidate,
+                    job.recipe,
+                    Outcome(error=f"worker died {job.attempt} times: {reason}"),
+                )
+            )
+        else:
+            self.submit(job.candidate, job.recipe, job.held_out, job.attempt + 1)
+
+    def _expire(self) -> list[tuple[Candidate, str, Outcome]]:
+        if self.timeout is None:
+            return []
+        now, expired = time.monotonic(), []
+        for ref, job in list(self.jobs.items()):
+            if now - job.started > self.timeout:
+                del self.jobs[ref]
+                self._replace(job.actor)
+                expired.append(
+                    (
+                        job.candidate,
+                        job.recipe,
+                        Outcome(error=f"timed out after {self.timeout:g} s"),
+                    )
+                )
+        return expired
+
+    def close(self) -> None:
+        for actor in self.actors:
+            with contextlib.suppress(Exception):  # already gone
+                self.ray.kill(actor, no_restart=True)
+        self.actors = []
+        if self.started_ray:
+            self.ray.shutdown()

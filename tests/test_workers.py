@@ -1,0 +1,107 @@
+"""Ray workers survive dead and hung actors; lm-eval scores the live model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from evomerge.cli import main
+from evomerge.store import RunStore
+
+from .test_run import expect_error, run_config, write
+
+
+def test_ray_pool_survives_a_killed_worker_and_a_hung_one(llama, tmp_path):
+    config = run_config(
+        llama,
+        pool="ray",
+        workers=2,
+        threads_per_worker=1,
+        candidate_timeout=20,
+        budget=6,
+        optimizer={"name": "random"},
+        fitness={
+            "function": "tests.fitness_fns:chaos_once",
+            "options": {"folder": str(tmp_path), "hang": 120},
+        },
+    )
+    out = tmp_path / "run"
+    assert main(["run", str(write(tmp_path, config)), "--out", str(out), "--quiet"]) == 0
+    records = RunStore.open(out).records()
+    assert len(records) == 6 and len({r.index for r in records}) == 6
+    failed = [r for r in records if r.failed]
+    assert len(failed) == 1 and "timed out after 20 s" in failed[0].error  # the hung candidate
+    assert len({r.worker for r in records if not r.failed}) >= 2  # both workers (or a respawn)
+    assert (tmp_path / "died").exists()  # a worker was killed; its candidate was scored anyway
+
+
+TASK = """task: {name}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {name}.jsonl
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{question}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: "{{{{answer}}}}"
+metric_list:
+  - metric: acc
+"""
+
+
+def make_tasks(folder, names=("parity_fit", "parity_held")):
+    folder.mkdir(parents=True, exist_ok=True)
+    for offset, name in enumerate(names):
+        (folder / f"{name}.yaml").write_text(TASK.format(name=name))
+        with open(folder / f"{name}.jsonl", "w") as f:
+            for n in range(offset * 100, offset * 100 + 12):
+                doc = {"question": f"Is {n} even?", "choices": [" yes", " no"], "answer": n % 2}
+                f.write(json.dumps(doc) + "\n")
+    return folder
+
+
+def test_lm_eval_fitness_with_per_example_scores_and_held_out(llama, tmp_path):
+    tasks = make_tasks(tmp_path / "tasks")
+    config = run_config(
+        llama,
+        budget=4,
+        optimizer={"name": "m2n2"},
+        objectives=[{"name": "parity", "metric": "parity_fit: acc,none"}],
+        fitness={
+            "kind": "lm_eval",
+            "tasks": ["parity_fit"],
+            "include_path": str(tasks),
+            "batch_size": 4,
+            "held_out": {"tasks": ["parity_held"]},
+        },
+    )
+    out = tmp_path / "run"
+    assert main(["run", str(write(tmp_path, config)), "--out", str(out), "--quiet"]) == 0
+    records = RunStore.open(out).records()
+    assert len(records) == 4 and not any(r.failed for r in records)
+    assert all(len(r.per_example) == 12 for r in records)
+    assert all(r.values["parity"] == pytest.approx(sum(r.per_example) / 12) for r in records)
+    held = [r for r in records if r.held_out is not None]
+    assert held and all("parity_held: acc,none" in r.held_out for r in held)
+
+
+def test_bad_lm_eval_fitness(llama, tmp_path, capsys):
+    tasks = make_tasks(tmp_path / "tasks")
+    config = run_config(
+        llama, fitness={"kind": "lm_eval", "tasks": ["parity_fitt"], "include_path": str(tasks)}
+    )
+    expect_error(
+        ["run", str(write(tmp_path, config)), "--out", str(tmp_path / "o")],
+        capsys,
+        "fitness.tasks",
+        "parity_fitt",
+    )
+    config["fitness"] = {"kind": "lm_eval", "tasks": ["x"], "include_path": str(tmp_path / "no")}
+    expect_error(
+        ["run", str(write(tmp_path, config)), "--out", str(tmp_path / "o")],
+        capsys,
+        "fitness.include_path",
+    )
+    assert not (tmp_path / "o").exists()
