@@ -94,8 +94,15 @@ def run_arm(arm: str, seed: int, hidden: int, evals: int) -> dict:
         best_genome = opt.members[opt.best()]
         best_train = float(opt.scores[opt.best()].mean())
     test = float((net.predict(best_genome, xte) == yte).mean())
-    return {"arm": arm, "seed": seed, "hidden": hidden, "evals": done, "train": best_train,
-            "test": test, "seconds": time.perf_counter() - start}
+    return {
+        "arm": arm,
+        "seed": seed,
+        "hidden": hidden,
+        "evals": done,
+        "train": best_train,
+        "test": test,
+        "seconds": time.perf_counter() - start,
+    }
 
 
 def main() -> None:
@@ -117,8 +124,11 @@ def main() -> None:
     with ProcessPoolExecutor(args.jobs) as pool:
         for result in pool.map(run_arm, *zip(*jobs)):
             results.append(result)
-            print(f"{result['arm']:>14} seed {result['seed']}: test {result['test']:.3f} "
-                  f"train {result['train']:.3f} ({result['seconds']:.0f} s)", flush=True)
+            print(
+                f"{result['arm']:>14} seed {result['seed']}: test {result['test']:.3f} "
+                f"train {result['train']:.3f} ({result['seconds']:.0f} s)",
+                flush=True,
+            )
     lines = [
         f"M2N2 on 8x8 digits: 64-{args.hidden}-10 MLP ({MLP(args.hidden).size} weights), "
         f"{args.evals} forward passes, {args.seeds} seeds, {platform.processor() or 'cpu'}",

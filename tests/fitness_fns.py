@@ -44,3 +44,9 @@ def chaos_once(model, tokenizer, folder: str, hang: float = 60.0):
         hung.touch()
         time.sleep(hang)
     return score(model, tokenizer)
+
+
+def sleepy(model, tokenizer, seconds: float = 0.5):
+    """A fixed-cost fitness, for dispatcher benchmarks: the score is the logit scale."""
+    time.sleep(seconds)
+    return {"nll": float(len(list(model.parameters()))), "logit_std": seconds}

@@ -231,3 +231,18 @@ def test_bad_run_folders(llama, tmp_path, capsys):
     expect_error(["resume", str(out)], capsys, "format 99")
     (out / "run.json").write_text(json.dumps(meta))
     assert stored(out) == before
+
+
+def test_ps_dfs_search_runs_end_to_end(llama, tmp_path):
+    config = run_config(
+        llama,
+        search_space=str(REPO / "search_spaces" / "ps_dfs.yaml"),
+        optimizer={"name": "random"},
+        budget=5,
+    )
+    out = tmp_path / "run"
+    assert main(["run", str(write(tmp_path, config)), "--out", str(out), "--quiet"]) == 0
+    records = RunStore.open(out).records()
+    assert len(records) == 5 and not any(r.failed for r in records), [r.error for r in records]
+    depths = {len(yaml.safe_load(r.recipe)["path"]) for r in records}
+    assert len(depths) > 1  # the live model was rebuilt for other depths

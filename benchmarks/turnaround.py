@@ -1,0 +1,148 @@
+"""Candidate turnaround on a ~100M-parameter model: the worker's in-place materialization
+against writing the merge to disk and loading it back (mergekit-evolve's default path), and
+both as a fraction of one lm-eval evaluation of the candidate.
+
+    python benchmarks/turnaround.py [--repeats 3] [--docs 200] [--out results/bench]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+TASK = """task: bench_mc
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: bench_mc.jsonl
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{question}}"
+doc_to_choice: "{{choices}}"
+doc_to_target: "{{answer}}"
+metric_list:
+  - metric: acc
+"""
+
+
+def write_task(folder: Path, docs: int) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "bench_mc.yaml").write_text(TASK)
+    with open(folder / "bench_mc.jsonl", "w") as f:
+        for n in range(docs):
+            doc = {
+                "question": f"What is {n} plus {n % 7}?",
+                "choices": [f" {n + n % 7}", f" {n + n % 7 + 1}", f" {n - 1}"],
+                "answer": 0,
+            }
+            f.write(json.dumps(doc) + "\n")
+    return folder
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--docs", type=int, default=200)
+    parser.add_argument("--out", type=Path, default=ROOT / "results" / "bench")
+    args = parser.parse_args()
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from evomerge.merge.engine import merge_to_disk
+    from evomerge.recipe import Recipe
+    from evomerge.testing import make_family
+    from evomerge.worker import Worker
+
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        models = make_family(
+            tmp / "models",
+            "llama",
+            n_finetunes=2,
+            seed=0,
+            hidden=768,
+            layers=10,
+            heads=12,
+            kv_heads=4,
+            intermediate=2048,
+            vocab=16000,
+        )
+        params = sum(
+            p.numel() for p in AutoModelForCausalLM.from_pretrained(models["base"]).parameters()
+        )
+        tasks = write_task(tmp / "tasks", args.docs)
+        recipe = Recipe.from_dict(
+            {
+                "merge_method": "dare_ties",
+                "base_model": str(models["base"]),
+                "seed": 1,
+                "models": [
+                    {"model": str(models[k]), "parameters": {"weight": 0.5, "density": 0.6}}
+                    for k in ("ft0", "ft1")
+                ],
+            }
+        )
+        fitness = {
+            "kind": "lm_eval",
+            "tasks": ["bench_mc"],
+            "include_path": str(tasks),
+            "batch_size": 16,
+        }
+        worker = Worker([str(models[k]) for k in ("base", "ft0", "ft1")], fitness, device="cpu")
+        in_place, disk, evaluation = [], [], []
+        for _ in range(args.repeats):
+            start = time.perf_counter()
+            model, tokenizer = worker.materialize(recipe)
+            in_place.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            with torch.no_grad():
+                worker.fitness(model, tokenizer)
+            evaluation.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            out = merge_to_disk(recipe, tmp / "merged", force=True, progress=False, device="cpu")
+            AutoModelForCausalLM.from_pretrained(out)
+            AutoTokenizer.from_pretrained(out)
+            disk.append(time.perf_counter() - start)
+    row = {
+        k: statistics.median(v)
+        for k, v in (("in_place_s", in_place), ("disk_s", disk), ("evaluation_s", evaluation))
+    }
+    row.update(
+        params=params,
+        docs=args.docs,
+        repeats=args.repeats,
+        speedup=row["disk_s"] / row["in_place_s"],
+        in_place_fraction=row["in_place_s"] / row["evaluation_s"],
+        disk_fraction=row["disk_s"] / row["evaluation_s"],
+    )
+    lines = [
+        f"Candidate turnaround: {params / 1e6:.0f}M-parameter fp32 Llama, dare_ties of two "
+        f"fine-tunes, lm-eval on {args.docs} 3-way multiple-choice documents, "
+        f"{platform.processor() or 'cpu'}, median of {args.repeats}",
+        "",
+        "| path | seconds | vs in-place | fraction of one evaluation |",
+        "|---|---|---|---|",
+        f"| in place (worker) | {row['in_place_s']:.2f} | 1.0x | {row['in_place_fraction']:.1%} |",
+        f"| disk + reload | {row['disk_s']:.2f} | {row['speedup']:.1f}x | "
+        f"{row['disk_fraction']:.1%} |",
+        f"| one evaluation | {row['evaluation_s']:.2f} | | |",
+    ]
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "turnaround.md").write_text("\n".join(lines) + "\n")
+    (args.out / "turnaround.json").write_text(json.dumps(row, indent=2) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
