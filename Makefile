@@ -36,6 +36,10 @@ demo: setup
 
 bench: setup
 	$(PY) benchmarks/merge_speed.py
+	$(PY) benchmarks/turnaround.py
+	$(PY) benchmarks/dispatch.py
+	$(PY) benchmarks/m2n2_digits.py --hidden 8
+	$(PY) benchmarks/m2n2_digits.py --hidden 256 --arms "m2n2,no crossover,no attraction,GA (alpha 0),Sep-CMA-ES"
 
 clean:
 	rm -rf $(VENV) results/example results/bench

@@ -24,7 +24,10 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-import numpy as np
+for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")  # one thread per run; runs go in parallel (--jobs)
+
+import numpy as np  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 ARMS = {
@@ -61,7 +64,6 @@ class MLP:
 
 
 def run_arm(arm: str, seed: int, hidden: int, evals: int) -> dict:
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
     sys.path.insert(0, str(ROOT))
     from evomerge.optim import Evaluation
     from evomerge.optim.cma import CMAES, SepCMAES

@@ -71,6 +71,24 @@ def _cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from evomerge.export import export
+
+    written = export(
+        Path(args.folder),
+        Path(args.to),
+        pareto=args.pareto,
+        best=args.best,
+        index=args.id,
+        device=args.device,
+        force=args.force,
+        progress=not args.quiet,
+    )
+    for folder in written:
+        print(f"exported {folder}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="evomerge", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -105,6 +123,18 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--csv", help="write every evaluation to this CSV file")
     status.add_argument("--parquet", help="write every evaluation to this Parquet file")
     status.set_defaults(handler=_cmd_status)
+
+    export = sub.add_parser("export", help="write chosen evaluations as Hugging Face folders")
+    export.add_argument("folder", help="run folder")
+    choice = export.add_mutually_exclusive_group()
+    choice.add_argument("--pareto", action="store_true", help="the Pareto set (default)")
+    choice.add_argument("--best", metavar="OBJECTIVE", help="the best evaluation on one objective")
+    choice.add_argument("--id", type=int, help="the evaluation with this index")
+    export.add_argument("--to", required=True, help="folder to write eval-NNNNN/ folders into")
+    export.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    export.add_argument("--force", action="store_true", help="replace existing folders")
+    export.add_argument("--quiet", action="store_true", help="no progress bar")
+    export.set_defaults(handler=_cmd_export)
     return parser
 
 

@@ -112,6 +112,8 @@ class RunConfig(BaseModel):
     ray_address: Optional[str] = None  # or RAY_ADDRESS; default: a local Ray started by the run
     device: str = "auto"
     store: Optional[str] = None  # None: SQLite under the run folder; or postgresql://...
+    score_sources: bool = True  # score each source model first (report, hypervolume reference)
+    reference: Optional[list[float]] = None  # hypervolume reference, one value per objective
     allow_pickle: bool = False
     trust_remote_code: bool = False
 
@@ -122,6 +124,11 @@ class RunConfig(BaseModel):
         names = [o.name for o in self.objectives]
         if len(set(names)) != len(names):
             raise ValueError("objective names must be unique")
+        if self.reference is not None and len(self.reference) != len(self.objectives):
+            raise ValueError(
+                f"reference has {len(self.reference)} values; give one per objective "
+                f"({len(self.objectives)})"
+            )
         return self
 
     @classmethod

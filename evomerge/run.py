@@ -262,6 +262,8 @@ def drive(run: Run, pool: Pool, progress: bool = True) -> None:
         )
         save()
 
+    if run.config.score_sources:
+        score_sources(run, pool, progress)
     bar = tqdm(
         total=budget,
         initial=min(done, budget),
@@ -319,6 +321,36 @@ def drive(run: Run, pool: Pool, progress: bool = True) -> None:
     finally:
         bar.close()
         pool.close()
+
+
+def source_recipe(ref: str) -> str:
+    """A source model as a recipe: itself, unchanged (linear, weight 1)."""
+    return Recipe.from_dict(
+        {"merge_method": "linear", "models": [{"model": ref, "parameters": {"weight": 1.0}}]}
+    ).to_yaml()
+
+
+def score_sources(run: Run, pool: Pool, progress: bool = True) -> None:
+    """Score every source model once (not counted in the budget, not told to the optimizer):
+    the report marks them, and the hypervolume reference defaults to their worst values."""
+    done = run.store.sources()
+    todo = [name for name in run.config.models if name not in done]
+    if not todo:
+        return
+    bar = tqdm(total=len(todo), desc="source models", unit="model", disable=not progress)
+    queue = deque(enumerate(todo))
+    while queue or pool.in_flight():
+        while queue and pool.free() > 0:
+            k, name = queue.popleft()
+            pool.submit(Candidate(-1 - k, np.zeros(0)), source_recipe(run.config.models[name]))
+        for candidate, recipe, outcome in pool.wait():
+            name = todo[-1 - candidate.index]
+            record = to_record(run, candidate, recipe, outcome)
+            run.store.set_source(
+                name, {"values": record.values, "metrics": outcome.metrics, "error": record.error}
+            )
+            bar.update(1)
+    bar.close()
 
 
 def score_held_out(run: Run, pool: Pool, progress: bool = True) -> None:

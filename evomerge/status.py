@@ -120,7 +120,8 @@ def summary(folder: Path) -> str:
             ]
         )
         lines += ["", "best per objective:", best.to_string(index=False)]
-        front = frame[frame["pareto"]][["index", *[o.name for o in config.objectives]]]
+        held = [c for c in frame.columns if c.startswith("held_out:")]
+        front = frame[frame["pareto"]][["index", *[o.name for o in config.objectives], *held]]
         lines += ["", f"Pareto set ({len(front)}):", front.to_string(index=False)]
     if failed:
         fails = frame[frame["failed"]][["index", "error"]].tail(5)

@@ -177,6 +177,17 @@ class RunStore:
         they live in the study's attributes)."""
         self.study.set_user_attr(f"held_out:{number}", metrics)
 
+    def set_source(self, name: str, result: dict[str, Any]) -> None:
+        """A source model's scores: {"values": {objective: v} or None, "metrics", "error"}."""
+        self.study.set_user_attr(f"source:{name}", result)
+
+    def sources(self) -> dict[str, dict[str, Any]]:
+        return {
+            key.removeprefix("source:"): value
+            for key, value in self.study.user_attrs.items()
+            if key.startswith("source:")
+        }
+
     # ----- optimizer checkpoints ------------------------------------------------------------
     def save_checkpoint(self, state: dict[str, Any], sequence: int) -> None:
         write_state(self.checkpoints / f"optimizer-{sequence:08d}.npz", state)

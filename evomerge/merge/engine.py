@@ -70,6 +70,7 @@ def merge_to_disk(
     shard_bytes: int = 5 * 10**9,
     progress: bool = True,
     recipe_dir: Optional[Path] = None,
+    extra_files: Optional[dict[str, str]] = None,
 ) -> Path:
     """Materialize a recipe as a Hugging Face folder; nothing lands at `out` unless it succeeds."""
     out = Path(out)
@@ -97,6 +98,8 @@ def merge_to_disk(
             del tensor
         writer.finish()
         _write_metadata(plan, staging)
+        for name, text in (extra_files or {}).items():
+            (staging / Path(name).name).write_text(text)  # names only: nothing lands outside
         _publish(staging, out)
     except BaseException:
         if writer is not None:
