@@ -89,6 +89,14 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_report(args: argparse.Namespace) -> int:
+    from evomerge.report import write_report
+
+    page = write_report(Path(args.folder), Path(args.exports) if args.exports else None)
+    print(f"report written to {page}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="evomerge", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -135,6 +143,11 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--force", action="store_true", help="replace existing folders")
     export.add_argument("--quiet", action="store_true", help="no progress bar")
     export.set_defaults(handler=_cmd_export)
+
+    report = sub.add_parser("report", help="write the run's HTML report and PNG plots")
+    report.add_argument("folder", help="run folder")
+    report.add_argument("--exports", help="where exported folders are (default RUN/exports)")
+    report.set_defaults(handler=_cmd_report)
     return parser
 
 

@@ -77,3 +77,10 @@ def test_exported_models_equal_the_scored_ones(llama, tmp_path, capsys):
         ["export", str(run), "--id", "999", "--to", str(tmp_path / "x")], capsys, "--id 999"
     )
     assert not (tmp_path / "x").exists()
+
+    assert main(["report", str(run), "--exports", str(tmp_path / "pareto")]) == 0
+    page = (run / "report" / "index.html").read_text()
+    assert "Plotly.newPlot" in page and '<script src="http' not in page  # self-contained
+    assert f"eval-{best.index:05d}" in page and "source models" in page
+    for png in ("pareto", "objective_nll", "objective_spread"):
+        assert (run / "report" / f"{png}.png").stat().st_size > 10_000

@@ -1,0 +1,234 @@
+"""The run report: one self-contained HTML page (plotly inlined; opens without a network) and
+PNGs of the same plots, written under the run folder.
+
+Plots: the Pareto front (a scatter for two objectives, parallel coordinates for more) with the
+source models marked; each objective over evaluations with its running best; hypervolume over
+evaluations. A table lists the Pareto set with links to exported folders found beside it.
+"""
+
+from __future__ import annotations
+
+import html
+import os
+from pathlib import Path
+from typing import Optional
+
+import pandas as pd
+
+from evomerge.config import RunConfig
+from evomerge.errors import EvomergeError
+from evomerge.pareto import hypervolume_curve, losses_of, reference_point
+from evomerge.status import records_frame
+from evomerge.store import RunStore
+
+
+def _figures(frame: pd.DataFrame, config: RunConfig, sources: dict) -> dict:
+    import plotly.graph_objects as go
+
+    names = [o.name for o in config.objectives]
+    ok = frame[~frame["failed"]].sort_values("number")
+    figures = {}
+    src = {k: v["values"] for k, v in sources.items() if v.get("values")}
+    if len(names) == 2:
+        x, y = names
+        fig = go.Figure()
+        rest = ok[~ok["pareto"]]
+        front = ok[ok["pareto"]].sort_values(x)
+        fig.add_scatter(
+            x=rest[x],
+            y=rest[y],
+            mode="markers",
+            name="evaluations",
+            marker={"color": "#9aa5b1"},
+            text=rest["index"],
+        )
+        fig.add_scatter(
+            x=front[x],
+            y=front[y],
+            mode="markers+lines",
+            name="Pareto set",
+            marker={"color": "#d6336c", "size": 10},
+            text=front["index"],
+        )
+        if src:
+            fig.add_scatter(
+                x=[v[x] for v in src.values()],
+                y=[v[y] for v in src.values()],
+                mode="markers+text",
+                name="source models",
+                text=list(src),
+                textposition="top center",
+                marker={"symbol": "star", "size": 14, "color": "#1c7ed6"},
+            )
+        fig.update_layout(
+            title="Pareto front",
+            xaxis_title=f"{x} ({_dir(config, x)})",
+            yaxis_title=f"{y} ({_dir(config, y)})",
+        )
+        figures["pareto"] = fig
+    elif len(names) > 2:
+        fig = go.Figure(
+            go.Parcoords(
+                line={
+                    "color": ok["pareto"].astype(int),
+                    "colorscale": [[0, "#ced4da"], [1, "#d6336c"]],
+                },
+                dimensions=[{"label": n, "values": ok[n]} for n in names],
+            )
+        )
+        fig.update_layout(title="Evaluations over all objectives (Pareto set in red)")
+        figures["pareto"] = fig
+    for n in names:
+        fig = go.Figure()
+        fig.add_scatter(
+            x=ok["number"], y=ok[n], mode="markers", name=n, marker={"color": "#9aa5b1"}
+        )
+        best = ok[n].cummax() if _dir(config, n) == "maximize" else ok[n].cummin()
+        fig.add_scatter(
+            x=ok["number"], y=best, mode="lines", name="best so far", line={"color": "#d6336c"}
+        )
+        for name, values in src.items():
+            fig.add_hline(y=values[n], line_dash="dot", annotation_text=name)
+        fig.update_layout(title=f"{n} over evaluations", xaxis_title="evaluation", yaxis_title=n)
+        figures[f"objective_{n}"] = fig
+    if len(names) > 1 and len(ok):
+        losses = losses_of(ok[names].to_dict("records"), config.objectives)
+        source_losses = losses_of(list(src.values()), config.objectives) if src else None
+        ref, origin = reference_point(losses, config.objectives, config.reference, source_losses)
+        curve = hypervolume_curve(losses, ref)
+        fig = go.Figure(
+            go.Scatter(x=ok["number"], y=curve, mode="lines", line={"color": "#0ca678"})
+        )
+        fig.update_layout(
+            title=f"Hypervolume over evaluations (reference: {origin})",
+            xaxis_title="evaluation",
+            yaxis_title="hypervolume",
+        )
+        figures["hypervolume"] = fig
+    return figures
+
+
+def _dir(config: RunConfig, name: str) -> str:
+    return next(o.direction for o in config.objectives if o.name == name)
+
+
+def _png(name: str, frame: pd.DataFrame, config: RunConfig, sources: dict, folder: Path) -> None:
+    """The same plots as PNGs (matplotlib: no browser needed to write them)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [o.name for o in config.objectives]
+    ok = frame[~frame["failed"]].sort_values("number")
+    src = {k: v["values"] for k, v in sources.items() if v.get("values")}
+    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=110)
+    if name == "pareto" and len(names) == 2:
+        x, y = names
+        front = ok[ok["pareto"]].sort_values(x)
+        ax.scatter(ok[x], ok[y], c="#9aa5b1", s=14, label="evaluations")
+        ax.plot(front[x], front[y], "o-", c="#d6336c", label="Pareto set")
+        for label, values in src.items():
+            ax.scatter(values[x], values[y], marker="*", s=160, c="#1c7ed6")
+            ax.annotate(label, (values[x], values[y]), textcoords="offset points", xytext=(4, 4))
+        ax.set_xlabel(x)
+        ax.set_ylabel(y)
+        ax.set_title("Pareto front")
+    elif name.startswith("objective_"):
+        n = name.removeprefix("objective_")
+        best = ok[n].cummax() if _dir(config, n) == "maximize" else ok[n].cummin()
+        ax.scatter(ok["number"], ok[n], c="#9aa5b1", s=14, label=n)
+        ax.plot(ok["number"], best, c="#d6336c", label="best so far")
+        for label, values in src.items():
+            ax.axhline(values[n], ls=":", c="#1c7ed6")
+            ax.annotate(label, (0, values[n]), textcoords="offset points", xytext=(2, 3))
+        ax.set_xlabel("evaluation")
+        ax.set_ylabel(n)
+        ax.set_title(f"{n} over evaluations")
+    else:
+        plt.close(fig)
+        return
+    ax.legend(loc="best", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(folder / f"{name}.png")
+    plt.close(fig)
+
+
+def write_report(run_folder: Path, exports: Optional[Path] = None) -> Path:
+    run_folder = Path(run_folder)
+    config = RunConfig.load(run_folder / "run.yaml")
+    store = RunStore.open(run_folder)
+    frame = records_frame(run_folder)
+    sources = store.sources()
+    out = run_folder / "report"
+    out.mkdir(exist_ok=True)
+    if frame.empty:
+        raise EvomergeError(f"{run_folder}: no evaluations yet; nothing to report")
+    figures = _figures(frame, config, sources)
+    parts = []
+    for i, (name, fig) in enumerate(figures.items()):
+        parts.append(
+            fig.to_html(
+                full_html=False,
+                include_plotlyjs=(i == 0),
+                default_width="100%",
+                default_height="420px",
+            )
+        )
+        _png(name, frame, config, sources, out)
+    names = [o.name for o in config.objectives]
+    front = frame[frame["pareto"]].sort_values(names[0])
+    exports = Path(exports) if exports else run_folder / "exports"
+    rows = []
+    for _, r in front.iterrows():
+        folder = exports / f"eval-{int(r['index']):05d}"
+        link = (
+            f'<a href="{html.escape(os.path.relpath(folder, out))}">{folder.name}</a>'
+            if folder.exists()
+            else "not exported"
+        )
+        held = ", ".join(
+            f"{k.removeprefix('held_out:')}: {r[k]:.4g}"
+            for k in frame.columns
+            if k.startswith("held_out:") and pd.notna(r[k])
+        )
+        cells = "".join(f"<td>{r[n]:.6g}</td>" for n in names)
+        rows.append(
+            f"<tr><td>{int(r['index'])}</td>{cells}<td>{html.escape(held)}</td><td>{link}</td></tr>"
+        )
+    src_rows = "".join(
+        f"<tr><td>{html.escape(k)}</td>"
+        + "".join(
+            f"<td>{v['values'][n]:.6g}</td>" if v.get("values") else "<td>failed</td>"
+            for n in names
+        )
+        + "</tr>"
+        for k, v in sources.items()
+    )
+    failed = int(frame["failed"].sum())
+    notice = (
+        "<p><b>Note:</b> this run loaded models with trust_remote_code enabled.</p>"
+        if config.trust_remote_code
+        else ""
+    )
+    header = "".join(f"<th>{html.escape(n)} ({_dir(config, n)})</th>" for n in names)
+    page = f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>evomerge run {html.escape(run_folder.name)}</title>
+<style>body{{font-family:system-ui,sans-serif;margin:2em;max-width:1100px}}
+table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}
+</style></head><body>
+<h1>evomerge run {html.escape(run_folder.name)}</h1>
+<p>{len(frame)} of {config.budget} evaluations ({failed} failed); optimizer
+{html.escape(config.optimizer.name)}; seed {config.seed}.</p>{notice}
+<h2>Pareto set ({len(front)})</h2>
+<table><tr><th>index</th>{header}<th>held-out</th><th>export</th></tr>{"".join(rows)}</table>
+<h2>Source models</h2>
+<table><tr><th>model</th>{header}</tr>{src_rows}</table>
+{"".join(f"<div>{p}</div>" for p in parts)}
+</body></html>
+"""
+    (out / "index.html").write_text(page, encoding="utf-8")
+    return out / "index.html"
+
+
+__all__ = ["write_report"]
