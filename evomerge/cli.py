@@ -97,6 +97,14 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_propose(args: argparse.Namespace) -> int:
+    from evomerge.surrogate import propose
+
+    count = propose(Path(args.folder), points=args.points, progress=not args.quiet)
+    print(f"scored {count} surrogate proposals; see evomerge status {args.folder}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="evomerge", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -148,6 +156,14 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("folder", help="run folder")
     report.add_argument("--exports", help="where exported folders are (default RUN/exports)")
     report.set_defaults(handler=_cmd_report)
+
+    propose = sub.add_parser(
+        "propose", help="fit quadratic surrogates on a run's evaluations and score their picks"
+    )
+    propose.add_argument("folder", help="run folder")
+    propose.add_argument("--points", type=int, default=8, help="proposals to score (default 8)")
+    propose.add_argument("--quiet", action="store_true", help="no progress bar")
+    propose.set_defaults(handler=_cmd_propose)
     return parser
 
 

@@ -235,7 +235,7 @@ def drive(run: Run, pool: Pool, progress: bool = True) -> None:
     """Run until the budget is spent; safe to kill at any moment and call again."""
     store, budget = run.store, run.config.budget
     records = store.records()
-    known = {(r.index, genome_key(r.genome)): r for r in records}
+    known = {(r.index, genome_key(r.genome)): r for r in records if r.origin == "optimizer"}
     scored = {recipe_key(r.recipe): r for r in records if not r.failed}
     done = len(known)
     optimizer = run.new_optimizer()

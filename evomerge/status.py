@@ -123,7 +123,21 @@ def summary(folder: Path) -> str:
         held = [c for c in frame.columns if c.startswith("held_out:")]
         front = frame[frame["pareto"]][["index", *[o.name for o in config.objectives], *held]]
         lines += ["", f"Pareto set ({len(front)}):", front.to_string(index=False)]
+        if len(config.objectives) > 1:
+            lines.append(_hypervolume_line(good, config, store))
     if failed:
         fails = frame[frame["failed"]][["index", "error"]].tail(5)
         lines += ["", "failures (last 5):", fails.to_string(index=False)]
     return "\n".join(lines)
+
+
+def _hypervolume_line(good: pd.DataFrame, config: RunConfig, store: RunStore) -> str:
+    from evomerge.pareto import hypervolume, losses_of, non_dominated, reference_point
+
+    names = [o.name for o in config.objectives]
+    losses = losses_of(good[names].to_dict("records"), config.objectives)
+    sources = [v["values"] for v in store.sources().values() if v.get("values")]
+    source_losses = losses_of(sources, config.objectives) if sources else None
+    ref, origin = reference_point(losses, config.objectives, config.reference, source_losses)
+    value = hypervolume(losses[non_dominated(losses)], ref)
+    return f"hypervolume: {value:.6g} (reference {origin}: {np.round(ref, 6).tolist()} as losses)"

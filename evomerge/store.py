@@ -51,6 +51,7 @@ class Record:
     error: Optional[str] = None
     number: int = -1  # position in the store
     held_out: Optional[dict[str, float]] = None  # scores on the held-out tasks (Pareto set)
+    origin: str = "optimizer"  # or "surrogate": proposed by a surrogate-assisted step
 
     @property
     def failed(self) -> bool:
@@ -128,6 +129,7 @@ class RunStore:
             "metrics": record.metrics,
             "seconds": record.seconds,
             "worker": record.worker,
+            "origin": record.origin,
         }
         if record.per_example is not None:
             attrs["per_example"] = [float(v) for v in record.per_example]
@@ -168,6 +170,7 @@ class RunStore:
                     error=a.get("error"),
                     number=t.number,
                     held_out=study_attrs.get(f"held_out:{t.number}"),
+                    origin=a.get("origin", "optimizer"),
                 )
             )
         return out

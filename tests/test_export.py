@@ -84,3 +84,21 @@ def test_exported_models_equal_the_scored_ones(llama, tmp_path, capsys):
     assert f"eval-{best.index:05d}" in page and "source models" in page
     for png in ("pareto", "objective_nll", "objective_spread"):
         assert (run / "report" / f"{png}.png").stat().st_size > 10_000
+
+
+def test_surrogate_step_on_a_finished_run(llama, tmp_path):
+    config = run_config(
+        llama, budget=12, optimizer={"name": "random"},
+        search_space={"kind": "parameter", "method": "task_arithmetic",
+                      "parameters": {"weight": {"low": 0.0, "high": 1.0}}},
+        objectives=[{"name": "nll", "metric": "nll", "direction": "minimize"},
+                    {"name": "spread", "metric": "logit_std"}],
+    )
+    run = tmp_path / "run"
+    assert main(["run", str(write(tmp_path, config)), "--out", str(run), "--quiet"]) == 0
+    assert main(["propose", str(run), "--points", "3", "--quiet"]) == 0
+    records = RunStore.open(run).records()
+    extra = [r for r in records if r.origin == "surrogate"]
+    assert len(records) == 15 and len(extra) == 3 and all(r.index < 0 for r in extra)
+    assert main(["resume", str(run), "--quiet"]) == 0  # the budget is still the optimizer's
+    assert len(RunStore.open(run).records()) == 15

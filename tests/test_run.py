@@ -77,6 +77,7 @@ def test_run_status_and_exports(llama, tmp_path, capsys):
     assert main(["status", str(out)]) == 0
     text = capsys.readouterr().out
     assert "evaluations: 8 / 8 (0 failed)" in text and "Pareto set" in text
+    assert "hypervolume:" in text
     assert (
         main(
             [
