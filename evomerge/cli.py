@@ -105,6 +105,17 @@ def _cmd_propose(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_zoo(args: argparse.Namespace) -> int:
+    from evomerge.zoo.build import SMALL, ZooSettings, build
+
+    settings = SMALL if args.small else ZooSettings()
+    paths = build(Path(args.out), Path(args.fitness), settings, progress=not args.quiet)
+    for name, folder in paths.items():
+        print(f"{name}: {folder}")
+    print(f"tasks: {args.fitness}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="evomerge", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -164,6 +175,15 @@ def build_parser() -> argparse.ArgumentParser:
     propose.add_argument("--points", type=int, default=8, help="proposals to score (default 8)")
     propose.add_argument("--quiet", action="store_true", help="no progress bar")
     propose.set_defaults(handler=_cmd_propose)
+
+    zoo = sub.add_parser("zoo", help="build the local model zoo and its tasks")
+    zoo_sub = zoo.add_subparsers(dest="zoo_command", required=True)
+    zoo_build = zoo_sub.add_parser("build", help="pre-train a base, fine-tune experts (cached)")
+    zoo_build.add_argument("--out", default="results/zoo", help="models folder")
+    zoo_build.add_argument("--fitness", default="fitness/zoo", help="task folder")
+    zoo_build.add_argument("--small", action="store_true", help="a tiny zoo, for tests")
+    zoo_build.add_argument("--quiet", action="store_true", help="no progress bars")
+    zoo_build.set_defaults(handler=_cmd_zoo)
     return parser
 
 

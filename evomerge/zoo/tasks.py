@@ -1,0 +1,143 @@
+"""The zoo's skills, as generated text: each example is a prompt, the right answer and three
+near-miss distractors (lm-eval scores the four choices by log-likelihood).
+
+- add:        "47+18=" -> " 65"                   (two-digit addition)
+- cipher:     "enc 4071=" -> " rqup"              (digits written in the cipher alphabet)
+- reverse:    "rev 83920=" -> " 02938"            (string reversal)
+- cipher_add: "add ru+qi=" -> " ut"               (addition written in the cipher: needs two
+                                                   skills at once; no expert is trained on it)
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+
+CIPHER = "qwertyuiop"  # digit d is written CIPHER[d]
+SKILLS = ("add", "cipher", "reverse")
+TARGET = "cipher_add"
+
+
+def encode(digits: str) -> str:
+    return "".join(CIPHER[int(d)] for d in digits)
+
+
+@dataclass(frozen=True)
+class Example:
+    prompt: str
+    answer: str
+    distractors: tuple[str, str, str]
+
+    @property
+    def key(self) -> str:
+        return self.prompt
+
+
+def _distinct(rng: random.Random, answer: str, make: Callable[[], str]) -> tuple[str, str, str]:
+    out: list[str] = []
+    while len(out) < 3:
+        candidate = make()
+        if candidate != answer and candidate not in out and candidate:
+            out.append(candidate)
+    return tuple(out)  # type: ignore[return-value]
+
+
+def _near_number(rng: random.Random, value: int) -> str:
+    return str(max(0, value + rng.choice([-11, -10, -9, -2, -1, 1, 2, 9, 10, 11])))
+
+
+def _mutate(rng: random.Random, text: str, alphabet: str) -> str:
+    i = rng.randrange(len(text))
+    return text[:i] + rng.choice(alphabet.replace(text[i], "")) + text[i + 1 :]
+
+
+def add(rng: random.Random) -> Example:
+    a, b = rng.randint(10, 99), rng.randint(10, 99)
+    answer = str(a + b)
+    return Example(
+        f"{a}+{b}=",
+        f" {answer}",
+        tuple(f" {d}" for d in _distinct(rng, answer, lambda: _near_number(rng, a + b))),
+    )
+
+
+def cipher(rng: random.Random) -> Example:
+    digits = "".join(rng.choice("0123456789") for _ in range(rng.randint(3, 5)))
+    answer = encode(digits)
+    return Example(
+        f"enc {digits}=",
+        f" {answer}",
+        tuple(f" {d}" for d in _distinct(rng, answer, lambda: _mutate(rng, answer, CIPHER))),
+    )
+
+
+def reverse(rng: random.Random) -> Example:
+    digits = "".join(rng.choice("0123456789") for _ in range(rng.randint(3, 5)))
+    answer = digits[::-1]
+    return Example(
+        f"rev {digits}=",
+        f" {answer}",
+        tuple(
+            f" {d}"
+            for d in _distinct(
+                rng,
+                answer,
+                lambda: _mutate(rng, answer, "0123456789") if rng.random() < 0.7 else digits,
+            )
+        ),
+    )
+
+
+def cipher_add(rng: random.Random) -> Example:
+    a, b = rng.randint(10, 99), rng.randint(10, 99)
+    answer = encode(str(a + b))
+    return Example(
+        f"add {encode(str(a))}+{encode(str(b))}=",
+        f" {answer}",
+        tuple(
+            f" {encode(d)}" for d in _distinct(rng, str(a + b), lambda: _near_number(rng, a + b))
+        ),
+    )
+
+
+GENERATORS: dict[str, Callable[[random.Random], Example]] = {
+    "add": add,
+    "cipher": cipher,
+    "reverse": reverse,
+    "cipher_add": cipher_add,
+}
+
+
+def split(task: str, seed: int, sizes: dict[str, int], exclude: set[str] = frozenset()):
+    """Disjoint named splits of one task (no prompt appears twice, none from `exclude`)."""
+    rng = random.Random(f"{task}:{seed}")
+    seen = set(exclude)
+    out: dict[str, list[Example]] = {}
+    for name, size in sizes.items():
+        examples = []
+        while len(examples) < size:
+            example = GENERATORS[task](rng)
+            if example.key not in seen:
+                seen.add(example.key)
+                examples.append(example)
+        out[name] = examples
+    return out
+
+
+def noise_line(rng: random.Random) -> str:
+    """Pre-training text: the tasks' surface forms with random (mostly wrong) answers, so the
+    base knows the formats and the alphabet but none of the skills."""
+    kind = rng.choice(["add", "enc", "rev", "cadd", "digits", "letters"])
+    digits = lambda n: "".join(rng.choice("0123456789") for _ in range(n))  # noqa: E731
+    if kind == "add":
+        return f"{rng.randint(10, 99)}+{rng.randint(10, 99)}= {rng.randint(20, 198)}"
+    if kind == "enc":
+        return f"enc {digits(rng.randint(3, 5))}= {encode(digits(rng.randint(3, 5)))}"
+    if kind == "rev":
+        return f"rev {digits(rng.randint(3, 5))}= {digits(rng.randint(3, 5))}"
+    if kind == "cadd":
+        return f"add {encode(digits(2))}+{encode(digits(2))}= {encode(digits(rng.randint(2, 3)))}"
+    if kind == "digits":
+        return " ".join(digits(rng.randint(1, 5)) for _ in range(rng.randint(2, 6)))
+    return " ".join(encode(digits(rng.randint(1, 5))) for _ in range(rng.randint(2, 6)))
