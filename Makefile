@@ -28,16 +28,28 @@ test: setup
 lint: setup
 	$(PY) -m ruff check evomerge tests benchmarks
 
-# The main job (until the search lands): build a small local model family and merge it.
+# The main job: build the local zoo (cached), search PS+DFS merges of its experts on local Ray
+# workers, export the Pareto set, write the report.
+DEMO_RUN ?= results/demo
 demo: setup
-	$(PY) -m evomerge.testing --out results/example --hidden 256 --layers 8
-	$(VENV)/bin/evomerge merge search_spaces/examples/ties.yaml results/example/merged --force
-	@echo "merged checkpoint: results/example/merged"
+	$(VENV)/bin/evomerge zoo build
+	@if [ -f $(DEMO_RUN)/run.json ]; then \
+		$(VENV)/bin/evomerge resume $(DEMO_RUN); \
+	else \
+		$(VENV)/bin/evomerge run search_spaces/examples/demo_run.yaml --out $(DEMO_RUN); \
+	fi
+	$(VENV)/bin/evomerge status $(DEMO_RUN)
+	$(VENV)/bin/evomerge export $(DEMO_RUN) --pareto --to $(DEMO_RUN)/exports --force --quiet
+	$(VENV)/bin/evomerge report $(DEMO_RUN)
+	@echo "run: $(DEMO_RUN)  report: $(DEMO_RUN)/report/index.html  models: $(DEMO_RUN)/exports"
 
 bench: setup
 	$(PY) benchmarks/merge_speed.py
 	$(PY) benchmarks/turnaround.py
 	$(PY) benchmarks/dispatch.py
+	$(PY) benchmarks/map_digits.py
+	$(PY) benchmarks/zoo_results.py
+	$(PY) benchmarks/report_render.py
 	$(PY) benchmarks/m2n2_digits.py --hidden 8
 	$(PY) benchmarks/m2n2_digits.py --hidden 256 --arms "m2n2,no crossover,no attraction,GA (alpha 0),Sep-CMA-ES"
 

@@ -134,6 +134,15 @@ def _png(name: str, frame: pd.DataFrame, config: RunConfig, sources: dict, folde
         ax.set_xlabel(x)
         ax.set_ylabel(y)
         ax.set_title("Pareto front")
+    elif name == "pareto" and len(names) > 2:
+        for _, row in ok.iterrows():
+            color, width = ("#d6336c", 1.6) if row["pareto"] else ("#ced4da", 0.6)
+            ax.plot(range(len(names)), [row[n] for n in names], c=color, lw=width)
+        for label, values in src.items():
+            ax.plot(range(len(names)), [values[n] for n in names], "--", c="#1c7ed6", lw=1)
+            ax.annotate(label, (len(names) - 1, values[names[-1]]), fontsize=7)
+        ax.set_xticks(range(len(names)), names)
+        ax.set_title("Evaluations over all objectives (Pareto set in red, sources dashed)")
     elif name.startswith("objective_"):
         n = name.removeprefix("objective_")
         best = ok[n].cummax() if _dir(config, n) == "maximize" else ok[n].cummin()

@@ -88,11 +88,18 @@ def test_exported_models_equal_the_scored_ones(llama, tmp_path, capsys):
 
 def test_surrogate_step_on_a_finished_run(llama, tmp_path):
     config = run_config(
-        llama, budget=12, optimizer={"name": "random"},
-        search_space={"kind": "parameter", "method": "task_arithmetic",
-                      "parameters": {"weight": {"low": 0.0, "high": 1.0}}},
-        objectives=[{"name": "nll", "metric": "nll", "direction": "minimize"},
-                    {"name": "spread", "metric": "logit_std"}],
+        llama,
+        budget=12,
+        optimizer={"name": "random"},
+        search_space={
+            "kind": "parameter",
+            "method": "task_arithmetic",
+            "parameters": {"weight": {"low": 0.0, "high": 1.0}},
+        },
+        objectives=[
+            {"name": "nll", "metric": "nll", "direction": "minimize"},
+            {"name": "spread", "metric": "logit_std"},
+        ],
     )
     run = tmp_path / "run"
     assert main(["run", str(write(tmp_path, config)), "--out", str(run), "--quiet"]) == 0

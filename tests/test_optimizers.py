@@ -139,7 +139,7 @@ def test_degenerate_archives_do_not_crash():
         assert np.all((opt.child() >= 0) & (opt.child() <= 1))
 
 
-# ----- MAP ------------------------------------------------------------------------------------------
+# ----- MAP ----------------------------------------------------------------------------------
 def two_tasks(c):
     """Accuracies that are sigmoids of quadratics in the merge coefficients (MAP's model)."""
     a = 1 / (1 + np.exp(-(3 * c[0] - 1.5 * c[1] ** 2 - 2 * c[0] ** 2 + 0.5)))
@@ -149,8 +149,9 @@ def two_tasks(c):
 
 @pytest.mark.parametrize("bayesian", [False, True])
 def test_map_recovers_the_surrogates_and_proposes_the_front(bayesian):
-    opt = make_optimizer("map", {"bayesian": bayesian}, np.zeros(2), np.ones(2),
-                         np.full(2, 0.5), 2, seed=0)
+    opt = make_optimizer(
+        "map", {"bayesian": bayesian}, np.zeros(2), np.ones(2), np.full(2, 0.5), 2, seed=0
+    )
     told = []
     while len(told) < 30:
         batch = opt.ask(4)
@@ -164,7 +165,7 @@ def test_map_recovers_the_surrogates_and_proposes_the_front(bayesian):
     models = opt.surrogates()
     predicted = np.column_stack([m(grid) for m in models])
     assert np.abs(predicted - truth).max() < 1e-3
-    proposed = np.array([f for x, f in told[opt.n_design + opt.n_adaptive:]])
+    proposed = np.array([f for x, f in told[opt.n_design + opt.n_adaptive :]])
     from evomerge.pareto import non_dominated
 
     true_front = truth[non_dominated(truth)]
