@@ -55,4 +55,21 @@ def make_optimizer(
                 f"field 'optimizer.options.{key}': {name} has no such option; "
                 f"it takes {', '.join(sorted(allowed)) or 'none'}"
             )
-    return OPTIMIZERS[name](lower, upper, x0, n_objectives, seed, **options)
+    for key, value in options.items():
+        if not _plain_number(value):
+            raise EvomergeError(
+                f"field 'optimizer.options.{key}': expected a number or true/false, got "
+                f"{type(value).__name__}"
+            )
+    try:
+        return OPTIMIZERS[name](lower, upper, x0, n_objectives, seed, **options)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise EvomergeError(f"field 'optimizer.options': {name} cannot use them ({exc})") from None
+
+
+def _plain_number(value: Any) -> bool:
+    import math
+
+    if isinstance(value, bool) or value is None:
+        return True
+    return isinstance(value, (int, float)) and math.isfinite(value) and abs(value) < 1e12

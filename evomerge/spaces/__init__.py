@@ -37,7 +37,7 @@ def read_space_spec(source: Union[str, Path, dict[str, Any]], where: str = "sear
     if not isinstance(data, dict):
         raise EvomergeError(f"field '{where}': expected a mapping with 'kind'")
     kind = data.get("kind", "parameter")
-    if kind not in KINDS:
+    if not isinstance(kind, str) or kind not in KINDS:
         raise EvomergeError(
             f"field '{where}.kind': unknown kind {kind!r}; use one of {', '.join(KINDS)}"
         )
