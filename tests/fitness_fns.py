@@ -50,3 +50,10 @@ def sleepy(model, tokenizer, seconds: float = 0.5):
     """A fixed-cost fitness, for dispatcher benchmarks: the score is the logit scale."""
     time.sleep(seconds)
     return {"nll": float(len(list(model.parameters()))), "logit_std": seconds}
+
+
+def logged(model, tokenizer, log: str, sleep: float = 0.0):
+    """`score`, appending one line per call to `log` (to count work repeated after kills)."""
+    with open(log, "a") as f:
+        f.write("call\n")
+    return score(model, tokenizer, sleep=sleep)

@@ -1,0 +1,143 @@
+"""Chaos: SIGKILL a run's driver at random moments many times, resume after each, and compare
+the result with an uninterrupted run of the same seed.
+
+Kills land during evaluations, store commits and optimizer checkpoints (the moment is random
+within a window after the run has made progress). Figures: kills survived, committed evaluations
+lost (must be 0), evaluations repeated (scored more than once: only those in flight at a kill),
+and whether the final store equals the uninterrupted run's.
+
+    python benchmarks/chaos.py [--kills 20] [--budget 60] [--out results/bench]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def records(folder: Path) -> list[tuple]:
+    from evomerge.store import RunStore
+
+    rows = sorted(RunStore.open(folder).records(), key=lambda r: r.index)
+    return [(r.index, tuple(r.genome), r.values) for r in rows]
+
+
+def calls(log: Path) -> int:
+    return len(log.read_text().splitlines()) if log.exists() else 0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--kills", type=int, default=20)
+    parser.add_argument("--budget", type=int, default=60)
+    parser.add_argument("--optimizer", default="cma")
+    parser.add_argument("--out", type=Path, default=ROOT / "results" / "bench")
+    args = parser.parse_args()
+    from evomerge.testing import make_family
+
+    rng = random.Random(0)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        models = make_family(tmp / "models", "llama", n_finetunes=2, seed=0)
+
+        def config(log: Path) -> Path:
+            data = {
+                "models": {
+                    "base": str(models["base"]),
+                    "a": str(models["ft0"]),
+                    "b": str(models["ft1"]),
+                },
+                "base_model": "base",
+                "search_space": str(ROOT / "search_spaces/ps_ties.yaml"),
+                "objectives": [{"name": "nll", "metric": "nll", "direction": "minimize"}],
+                "optimizer": {"name": args.optimizer, "options": {"population_size": 6}},
+                "budget": args.budget,
+                "seed": 1,
+                "pool": "local",
+                "device": "cpu",
+                "fitness": {
+                    "function": "tests.fitness_fns:logged",
+                    "options": {"log": str(log), "sleep": 0.05},
+                },
+            }
+            path = tmp / f"{log.stem}.yaml"
+            path.write_text(yaml.safe_dump(data))
+            return path
+
+        def cli(*command: str) -> subprocess.Popen:
+            return subprocess.Popen(
+                [sys.executable, "-m", "evomerge.cli", *command, "--quiet"],
+                cwd=ROOT,
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+            )
+
+        reference = tmp / "reference"
+        proc = cli("run", str(config(tmp / "reference_calls.log")), "--out", str(reference))
+        assert proc.wait() == 0, proc.stderr.read().decode()
+        chaos, log = tmp / "chaos", tmp / "chaos_calls.log"
+        command = ["run", str(config(log)), "--out", str(chaos)]
+        kills, lost, start = 0, 0, time.perf_counter()
+        committed_before = 0
+        while True:
+            proc = cli(*command)
+            command = ["resume", str(chaos)]
+            if kills < args.kills:
+                target = calls(log) + rng.randint(1, 4)
+                while proc.poll() is None and calls(log) < target:
+                    time.sleep(0.005)
+                time.sleep(rng.uniform(0, 0.1))
+                if proc.poll() is None:
+                    proc.send_signal(signal.SIGKILL)
+                    proc.wait()
+                    kills += 1
+                    now = len(records(chaos)) if (chaos / "run.json").exists() else 0
+                    lost += max(0, committed_before - now)
+                    committed_before = now
+                    continue
+            if proc.wait() != 0:
+                raise SystemExit(proc.stderr.read().decode()[-2000:])
+            break
+        got, want = records(chaos), records(reference)
+        result = {
+            "kills": kills,
+            "budget": args.budget,
+            "optimizer": args.optimizer,
+            "committed": len(got),
+            "lost": lost + max(0, args.budget - len(got)),
+            "repeated": calls(log) - len(got),
+            "equal_to_uninterrupted": got == want,
+            "seconds": time.perf_counter() - start,
+        }
+    lines = [
+        f"Chaos: {result['kills']} SIGKILLs of the driver during a {args.optimizer} run of "
+        f"{args.budget} evaluations, resumed after each",
+        "",
+        "| kills | committed | lost | repeated (in flight at a kill) | equal to uninterrupted |",
+        "|---|---|---|---|---|",
+        f"| {result['kills']} | {result['committed']} | {result['lost']} | "
+        f"{result['repeated']} | {'yes' if result['equal_to_uninterrupted'] else 'NO'} |",
+    ]
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "chaos.md").write_text("\n".join(lines) + "\n")
+    (args.out / "chaos.json").write_text(json.dumps(result, indent=2) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
