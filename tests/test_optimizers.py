@@ -176,3 +176,24 @@ def test_map_recovers_the_surrogates_and_proposes_the_front(bayesian):
 def test_map_refuses_genomes_it_cannot_model():
     with pytest.raises(EvomergeError, match="quadratic terms"):
         make_optimizer("map", {}, -np.ones(20), np.ones(20), np.zeros(20), 2, 0)
+
+
+def test_nested_map_merges_pairwise_towards_the_preference():
+    def three(c):  # task k is best near c_k = 1, and hurt by the other coefficients
+        return np.array(
+            [-(1 / (1 + np.exp(-(4 * c[k] - 2 * np.sum(c**2) + 2 * c[k] ** 2)))) for k in range(3)]
+        )
+
+    opt = make_optimizer(
+        "nested_map", {"stage_budget": 16}, np.zeros(3), np.ones(3), np.full(3, 0.5), 3, seed=0
+    )
+    seen = []
+    while len(seen) < 48:
+        batch = opt.ask(4)
+        assert batch, "nested MAP stalled"
+        for c in batch:
+            seen.append(c.genome)
+            opt.tell(Evaluation(c.index, c.genome, three(c.genome)))
+    assert opt.stage == 2
+    assert opt.anchor[0] > 0.1 and opt.anchor[1] > 0.1 and opt.anchor[2] == 0  # models 0 and 1
+    assert any(g[2] > 0 for g in seen[32:])  # the last stage brings in model 2

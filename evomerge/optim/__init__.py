@@ -12,12 +12,12 @@ from evomerge.errors import EvomergeError
 from evomerge.optim.base import Candidate, Evaluation, Optimizer
 from evomerge.optim.cma import CMAES, SepCMAES
 from evomerge.optim.m2n2 import M2N2
-from evomerge.optim.map import MAP
+from evomerge.optim.map import MAP, NestedMAP
 from evomerge.optim.optuna_samplers import NSGA2, TPE
 from evomerge.optim.random import RandomSearch
 
 OPTIMIZERS: dict[str, type[Optimizer]] = {
-    cls.name: cls for cls in (CMAES, SepCMAES, M2N2, NSGA2, TPE, RandomSearch, MAP)
+    cls.name: cls for cls in (CMAES, SepCMAES, M2N2, NSGA2, TPE, RandomSearch, MAP, NestedMAP)
 }
 OPTUNA_OPTIONS = {
     "nsga2": {"population_size", "mutation_prob", "crossover_prob"},

@@ -256,3 +256,111 @@ def _spread(f: np.ndarray, k: int, rng: np.random.Generator) -> list[int]:
         distance[chosen] = -1
         chosen.append(int(np.argmax(distance)))
     return chosen
+
+
+class NestedMAP(Optimizer):
+    """Nested MAP for many tasks: merge two at a time. Stage k runs MAP over (alpha, beta) with
+    genome = alpha * anchor + beta * e_k (the anchor starts as e_0), spends `stage_budget`
+    evaluations, then fixes the anchor at the stage's preferred point (the best
+    `preference`-weighted sum of surrogate predictions) and moves to the next model. The last
+    stage keeps proposing from its surrogate front."""
+
+    name = "nested_map"
+    multi_objective = True
+
+    def __init__(
+        self,
+        lower,
+        upper,
+        x0,
+        n_objectives: int,
+        seed: int,
+        *,
+        stage_budget: int = 24,
+        preference: Optional[list[float]] = None,
+        verify: int = 6,
+        generations: int = 60,
+    ) -> None:
+        super().__init__(lower, upper, x0, n_objectives, seed)
+        if self.dim < 2 or not np.all(np.isfinite(self.lower) & np.isfinite(self.upper)):
+            raise EvomergeError("optimizer nested_map: needs >= 2 genes, all bounded")
+        if stage_budget < 12:
+            raise EvomergeError("optimizer.options.stage_budget: needs at least 12")
+        weights = preference if preference is not None else [1.0] * n_objectives
+        if len(weights) != n_objectives:
+            raise EvomergeError("optimizer.options.preference: one weight per objective")
+        self.preference = np.asarray(weights, dtype=float)
+        self.stage_budget, self.verify, self.generations = stage_budget, verify, generations
+        self.stage = 1
+        self.anchor = np.eye(self.dim)[0] * self.upper[0]
+        self.stage_told = 0
+        self.routes: dict[int, int] = {}  # our ask index -> the stage optimizer's
+        self.sub = self._stage_optimizer()
+
+    def _stage_optimizer(self) -> MAP:
+        hi = float(np.max(self.upper))
+        return MAP(
+            np.zeros(2),
+            np.full(2, hi),
+            np.full(2, hi / 2),
+            self.n_objectives,
+            self.seed + self.stage,
+            verify=self.verify,
+            generations=self.generations,
+        )
+
+    def genome(self, ab: np.ndarray) -> np.ndarray:
+        full = ab[0] * self.anchor + ab[1] * np.eye(self.dim)[self.stage]
+        return np.clip(full, self.lower, self.upper)
+
+    def _propose(self, n: int) -> list[np.ndarray]:
+        if self.stage < self.dim - 1 and self.sub.asked >= self.stage_budget:
+            if self.stage_told < self.stage_budget:
+                return []  # finish the stage before choosing its point
+            self._next_stage()
+        room = n if self.stage == self.dim - 1 else min(n, self.stage_budget - self.sub.asked)
+        out = []
+        for k, c in enumerate(self.sub.ask(room)):
+            self.routes[self.asked + k] = c.index
+            out.append(self.genome(c.genome))
+        return out
+
+    def _next_stage(self) -> None:
+        grid = np.array(
+            [
+                [a, b]
+                for a in np.linspace(0, self.sub.upper[0], 41)
+                for b in np.linspace(0, self.sub.upper[1], 41)
+            ]
+        )
+        predicted = np.column_stack([m(grid) for m in self.sub.surrogates()])
+        best = grid[int(np.argmin(predicted @ self.preference))]
+        self.anchor = self.genome(best)
+        self.stage += 1
+        self.stage_told = 0
+        self.routes = {}
+        self.sub = self._stage_optimizer()
+
+    def _learn(self, evaluation: Evaluation) -> None:
+        index = self.routes.pop(evaluation.index, None)
+        if index is None:
+            return  # from a finished stage: the surrogates have moved on
+        genome = self.sub.outstanding[index]
+        self.sub.tell(Evaluation(index, genome, self.losses_of(evaluation)))
+        self.stage_told += 1
+
+    def _state(self) -> dict[str, Any]:
+        return {
+            "stage": self.stage,
+            "anchor": self.anchor,
+            "stage_told": self.stage_told,
+            "routes": {str(k): v for k, v in self.routes.items()},
+            "sub": self.sub.state_dict(),
+        }
+
+    def _load(self, state: dict[str, Any]) -> None:
+        self.stage, self.stage_told = int(state["stage"]), int(state["stage_told"])
+        self.anchor = np.asarray(state["anchor"], dtype=float)
+        self.routes = {int(k): int(v) for k, v in state["routes"].items()}
+        self.sub = self._stage_optimizer()
+        self.sub.load_state_dict(state["sub"])
