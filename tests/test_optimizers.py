@@ -13,6 +13,7 @@ from evomerge.optim.state import read_state, write_state
 DIM = 6
 SHIFT = np.linspace(-0.4, 0.5, DIM)
 LOWER, UPPER, X0 = -np.ones(DIM), np.ones(DIM), np.full(DIM, 0.9)
+FAST = {"map": {"generations": 20}, "nested_map": {"generations": 10, "stage_budget": 12}}
 
 
 def sphere(x):
@@ -36,7 +37,7 @@ def drive(opt, steps, batch=2, start=None):
 
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))
 def test_improves_on_shifted_sphere(name):
-    options = {"m2n2": {"mutation_sigma": 0.05}, "map": {"generations": 20}}.get(name, {})
+    options = {"m2n2": {"mutation_sigma": 0.05}, **FAST}.get(name, {})
     opt = make_optimizer(name, options, LOWER, UPPER, X0, 1, seed=3)
     asked = drive(opt, 400 if name in ("cma", "sep_cma") else 100)
     values = [sphere(x) for x in asked]
@@ -47,11 +48,11 @@ def test_improves_on_shifted_sphere(name):
 
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))
 def test_restored_optimizer_asks_the_same_points(name, tmp_path):
-    one = make_optimizer(name, {}, LOWER, UPPER, X0, 1, seed=5)
+    one = make_optimizer(name, FAST.get(name, {}), LOWER, UPPER, X0, 1, seed=5)
     drive(one, 7, batch=3)
     pending = one.ask(2)  # asked, not told: must survive the restart
     write_state(tmp_path / "s.npz", one.state_dict())
-    two = make_optimizer(name, {}, LOWER, UPPER, X0, 1, seed=5)
+    two = make_optimizer(name, FAST.get(name, {}), LOWER, UPPER, X0, 1, seed=5)
     two.load_state_dict(read_state(tmp_path / "s.npz"))
     assert [c.index for c in two.pending()] == [c.index for c in pending]
     for opt in (one, two):
