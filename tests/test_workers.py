@@ -21,6 +21,7 @@ def test_ray_pool_survives_a_killed_worker_and_a_hung_one(llama, tmp_path):
         candidate_timeout=20,
         budget=6,
         optimizer={"name": "random"},
+        score_sources=False,
         fitness={
             "function": "tests.fitness_fns:chaos_once",
             "options": {"folder": str(tmp_path), "hang": 120},
