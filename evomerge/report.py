@@ -157,7 +157,8 @@ def _png(name: str, frame: pd.DataFrame, config: RunConfig, sources: dict, folde
     else:
         plt.close(fig)
         return
-    ax.legend(loc="best", fontsize=8)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(loc="best", fontsize=8)
     fig.tight_layout()
     fig.savefig(folder / f"{name}.png")
     plt.close(fig)
