@@ -3,13 +3,15 @@
 Every candidate carries its ask index. Before dispatching one, the store is asked whether that
 index with that genome was already scored (a resumed run re-asks what it had asked before the
 crash): if so the stored result is told and nothing is re-scored. Results are committed to the
-store before the optimizer is told, and the optimizer is checkpointed after every ask and tell,
+store before the optimizer is told, and the optimizer is checkpointed after every tell (a restored
+optimizer re-asks exactly what it had asked since),
 so a SIGKILL at any moment loses nothing committed and repeats only what was in flight. With
 one worker the candidate sequence of a resumed run equals an uninterrupted one.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -279,8 +281,7 @@ def drive(run: Run, pool: Pool, progress: bool = True) -> None:
                     asked = optimizer.ask(pool.free())
                     if not asked:
                         break
-                    save()
-                    queue.extend(asked)
+                    queue.extend(asked)  # no checkpoint: restored, it asks these again
                 candidate = queue.popleft()
                 stored = known.pop((candidate.index, genome_key(candidate.genome)), None)
                 if stored is not None:  # scored before a restart: tell it, score nothing
@@ -373,6 +374,7 @@ def score_held_out(run: Run, pool: Pool, progress: bool = True) -> None:
     bar.close()
 
 
+@functools.lru_cache(maxsize=4096)
 def recipe_key(recipe_yaml: str) -> str:
     """Identity of a merge: the recipe without seeds when no method in it draws randomness."""
     recipe = Recipe.from_yaml_text(recipe_yaml)

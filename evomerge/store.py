@@ -2,10 +2,10 @@
 
 Evaluations are Optuna trials in an RDB study (SQLite under the run folder by default, so
 optuna-dashboard can read a live run; a PostgreSQL URL on a cluster). The genome, the recipe,
-per-task metrics, per-example scores, timing, worker and failure reason ride along as trial
-user attributes: JSON, never pickle. Optimizer checkpoints are separate files (optim/state.py)
-written after every ask and tell; the newest readable one wins, and a torn one is reported and
-skipped.
+per-task metrics, per-example scores, timing, worker and failure reason ride along as one trial
+user attribute (`evaluation`): JSON, never pickle. Optimizer checkpoints are separate files
+(optim/state.py) written after every tell; the newest readable one wins, and a torn one is
+reported and skipped.
 """
 
 from __future__ import annotations
@@ -145,7 +145,7 @@ class RunStore:
             values=None if record.failed else [record.values[o] for o in self.objectives],
             params=params,
             distributions=distributions,
-            user_attrs=attrs,
+            user_attrs={"evaluation": attrs},  # one row: each attribute is an insert
         )
         self.study.add_trial(trial)
 
@@ -155,7 +155,7 @@ class RunStore:
         for t in self.study.get_trials(
             deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL)
         ):
-            a = t.user_attrs
+            a = t.user_attrs["evaluation"]
             values = None if t.state == TrialState.FAIL else dict(zip(self.objectives, t.values))
             out.append(
                 Record(
