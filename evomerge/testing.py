@@ -10,13 +10,24 @@ import torch
 ARCHITECTURES = ("llama", "mistral", "qwen2")
 
 
+def _byte_chars() -> dict[int, str]:
+    """The byte-level pre-tokenizer's printable stand-in for each byte (GPT-2's mapping)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    chars = {b: chr(b) for b in printable}
+    extra = 0
+    for b in range(256):
+        if b not in chars:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return chars
+
+
 def byte_tokenizer(vocab_extra: int = 0):
     """A byte-level tokenizer (256 byte tokens + <s>, </s>, <pad>) built without any download."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
+    vocab = {ch: byte for byte, ch in _byte_chars().items()}  # token id == byte value
     for special in ("<s>", "</s>", "<pad>"):
         vocab[special] = len(vocab)
     for i in range(vocab_extra):

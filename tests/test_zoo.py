@@ -67,3 +67,12 @@ def test_scaled_down_demo_end_to_end(tmp_path, capsys):
     assert main(["export", str(run), "--pareto", "--to", str(run / "exports"), "--quiet"]) == 0
     assert main(["report", str(run)]) == 0
     assert (run / "report" / "index.html").exists() and list((run / "exports").iterdir())
+
+
+def test_tokenizer_ids_are_the_bytes_training_feeds():
+    from evomerge.testing import byte_tokenizer
+    from evomerge.zoo.train import encode_lines
+
+    line = "add ru+qi= ut"
+    ids, _ = encode_lines([line])
+    assert byte_tokenizer()(line)["input_ids"] == ids[0, :-1].tolist()  # the last is EOS

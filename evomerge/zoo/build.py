@@ -44,6 +44,7 @@ class ZooSettings:
     fitness_examples: int = 100
     heldout_examples: int = 200
     seed: int = 0
+    tokenizer: int = 2  # token id == byte value (what the training loop feeds)
 
     def key(self) -> str:
         return hashlib.blake2b(
