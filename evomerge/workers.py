@@ -1,8 +1,9 @@
 """Ray workers: one actor per device, kept busy, replaced when they die.
 
 Each actor is a `Worker` (worker.py): it loads the source tensors once onto its device and
-scores recipes in a live model. The pool keeps one candidate on every actor; the run asks the
-optimizer for more the moment an actor frees (a generational optimizer fills a whole
+scores recipes in a live model. The pool keeps two candidates on every actor (one running, one
+queued behind it, so an actor never idles while the driver commits and asks); the run asks the
+optimizer for more the moment a place frees (a generational optimizer fills a whole
 generation). An actor that dies mid-candidate (killed, OOM, node lost) is replaced and its
 candidate dispatched again; one past the per-candidate timeout is killed, replaced, and its
 candidate recorded as failed. `ray.util.ActorPool` is not used: it does not survive a dead
@@ -27,6 +28,7 @@ log = logging.getLogger("evomerge")
 MAX_ATTEMPTS = 3  # dispatches of one candidate whose worker died before it is recorded failed
 MAX_START_FAILURES = 3  # actors that die while loading their sources: give up
 POLL_SECONDS = 0.5
+DEPTH = 2  # candidates per actor: one running, one queued, so no actor waits on the driver
 
 
 @dataclass
@@ -34,9 +36,11 @@ class Job:
     actor: int
     candidate: Candidate
     recipe: str
-    started: float
+    started: Optional[float]  # None while queued behind another job on the same actor
     attempt: int
     held_out: bool = False
+    handle: Any = None  # the actor it was sent to (a replaced slot holds a new one)
+    order: int = 0
 
 
 def start_ray(address: Optional[str]) -> bool:
@@ -83,6 +87,7 @@ class RayPool:
         self.generation = 0
         self.start_failures = 0
         self.jobs: dict[Any, Job] = {}
+        self.submitted = 0
         self.actors = [self._spawn(slot) for slot in range(n_workers)]
         self._await_ready(list(range(n_workers)))
 
@@ -124,11 +129,11 @@ class RayPool:
         self._await_ready([slot])
 
     # ----- the Pool protocol -------------------------------------------------------------------
-    def _busy(self) -> set[int]:
-        return {job.actor for job in self.jobs.values()}
+    def _load(self, slot: int) -> int:
+        return sum(1 for job in self.jobs.values() if job.actor == slot)
 
     def free(self) -> int:
-        return len(self.actors) - len(self._busy())
+        return sum(max(0, DEPTH - self._load(slot)) for slot in range(len(self.actors)))
 
     def in_flight(self) -> int:
         return len(self.jobs)
@@ -136,9 +141,19 @@ class RayPool:
     def submit(
         self, candidate: Candidate, recipe_yaml: str, held_out: bool = False, attempt: int = 1
     ) -> None:
-        slot = next(i for i in range(len(self.actors)) if i not in self._busy())
-        ref = self.actors[slot].evaluate.remote(recipe_yaml, held_out)
-        self.jobs[ref] = Job(slot, candidate, recipe_yaml, time.monotonic(), attempt, held_out)
+        slot = min(range(len(self.actors)), key=self._load)
+        started = time.monotonic() if self._load(slot) == 0 else None
+        handle = self.actors[slot]
+        ref = handle.evaluate.remote(recipe_yaml, held_out)
+        self.submitted += 1
+        self.jobs[ref] = Job(slot, candidate, recipe_yaml, started, attempt, held_out, handle,
+                             self.submitted)
+
+    def _start_next(self, slot: int) -> None:
+        """The actor at `slot` finished a job: its queued one starts now (for its timeout)."""
+        queued = [j for j in self.jobs.values() if j.actor == slot and j.started is None]
+        if queued:
+            min(queued, key=lambda j: j.order).started = time.monotonic()
 
     def wait(self) -> list[tuple[Candidate, str, Outcome]]:
         """Block until at least one candidate is done (scored, failed or timed out)."""
@@ -149,6 +164,7 @@ class RayPool:
             done: list[tuple[Candidate, str, Outcome]] = []
             for ref in ready:
                 job = self.jobs.pop(ref)
+                self._start_next(job.actor)
                 try:
                     outcome = self.ray.get(ref, timeout=60)
                 except (RayActorError, GetTimeoutError) as exc:
@@ -164,6 +180,9 @@ class RayPool:
 
     def _worker_died(self, job: Job, exc: Exception, done: list) -> None:
         reason = str(exc).splitlines()[0][:300]
+        if job.handle is not self.actors[job.actor]:  # queued on an actor replaced since
+            self.submit(job.candidate, job.recipe, job.held_out, job.attempt)
+            return
         log.warning("worker %d died (%s); replacing it", job.actor, reason)
         self._replace(job.actor)
         if job.attempt >= MAX_ATTEMPTS:
@@ -182,7 +201,7 @@ class RayPool:
             return []
         now, expired = time.monotonic(), []
         for ref, job in list(self.jobs.items()):
-            if now - job.started > self.timeout:
+            if job.started is not None and now - job.started > self.timeout:
                 del self.jobs[ref]
                 self._replace(job.actor)
                 expired.append(
