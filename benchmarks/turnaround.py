@@ -10,7 +10,9 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -100,7 +102,9 @@ def main() -> None:
             "batch_size": 16,
         }
         worker = Worker([str(models[k]) for k in ("base", "ft0", "ft1")], fitness, device="cpu")
-        in_place, disk, evaluation = [], [], []
+        in_place, disk, evaluation, mergekit = [], [], [], []
+        mergekit_cli = Path(sys.executable).with_name("mergekit-yaml")
+        (tmp / "mergekit.yml").write_text(recipe.to_mergekit_yaml())
         for _ in range(args.repeats):
             start = time.perf_counter()
             model, tokenizer = worker.materialize(recipe)
@@ -114,10 +118,30 @@ def main() -> None:
             AutoModelForCausalLM.from_pretrained(out)
             AutoTokenizer.from_pretrained(out)
             disk.append(time.perf_counter() - start)
+            if mergekit_cli.exists():  # mergekit-evolve's path: mergekit writes, HF reloads
+                start = time.perf_counter()
+                subprocess.run(
+                    [
+                        str(mergekit_cli),
+                        str(tmp / "mergekit.yml"),
+                        str(tmp / "mk"),
+                        "--copy-tokenizer",
+                        "--allow-crimes",
+                    ],
+                    check=True,
+                    capture_output=True,
+                )
+                AutoModelForCausalLM.from_pretrained(tmp / "mk")
+                mergekit.append(time.perf_counter() - start)
+                shutil.rmtree(tmp / "mk")
     row = {
         k: statistics.median(v)
         for k, v in (("in_place_s", in_place), ("disk_s", disk), ("evaluation_s", evaluation))
     }
+    if mergekit:
+        row["mergekit_disk_s"] = statistics.median(mergekit)
+        row["mergekit_speedup"] = row["mergekit_disk_s"] / row["in_place_s"]
+        row["mergekit_fraction"] = row["mergekit_disk_s"] / row["evaluation_s"]
     row.update(
         params=params,
         docs=args.docs,
@@ -134,10 +158,15 @@ def main() -> None:
         "| path | seconds | vs in-place | fraction of one evaluation |",
         "|---|---|---|---|",
         f"| in place (worker) | {row['in_place_s']:.2f} | 1.0x | {row['in_place_fraction']:.1%} |",
-        f"| disk + reload | {row['disk_s']:.2f} | {row['speedup']:.1f}x | "
+        f"| evomerge merge to disk + reload | {row['disk_s']:.2f} | {row['speedup']:.1f}x | "
         f"{row['disk_fraction']:.1%} |",
-        f"| one evaluation | {row['evaluation_s']:.2f} | | |",
     ]
+    if mergekit:
+        lines.append(
+            f"| mergekit-yaml + reload (mergekit-evolve) | {row['mergekit_disk_s']:.2f} "
+            f"| {row['mergekit_speedup']:.1f}x | {row['mergekit_fraction']:.1%} |"
+        )
+    lines.append(f"| one evaluation | {row['evaluation_s']:.2f} | | |")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "turnaround.md").write_text("\n".join(lines) + "\n")
     (args.out / "turnaround.json").write_text(json.dumps(row, indent=2) + "\n")
