@@ -168,3 +168,19 @@ def test_store_opens_without_running_anything(llama, tmp_path):
         == 0
     )
     assert len(RunStore.open(run).records()) == 2
+
+
+def test_a_copied_run_folder_resumes_where_it_lands(llama, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    config = write(tmp_path, run_config(llama, budget=4))
+    assert main(["run", str(config), "--out", str(run), "--quiet"]) == 0
+    moved = tmp_path / "elsewhere" / "run"
+    shutil.copytree(run, moved)
+    shutil.rmtree(run)
+    raw = yaml.safe_load((moved / "run.yaml").read_text())
+    raw["budget"] = 6
+    (moved / "run.yaml").write_text(yaml.safe_dump(raw))
+    assert main(["resume", str(moved), "--quiet"]) == 0
+    assert len(RunStore.open(moved).records()) == 6
