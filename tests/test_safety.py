@@ -181,6 +181,6 @@ def test_a_copied_run_folder_resumes_where_it_lands(llama, tmp_path):
     shutil.rmtree(run)
     raw = yaml.safe_load((moved / "run.yaml").read_text())
     raw["budget"] = 6
-    (moved / "run.yaml").write_text(yaml.safe_dump(raw))
+    (moved / "run.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     assert main(["resume", str(moved), "--quiet"]) == 0
     assert len(RunStore.open(moved).records()) == 6
