@@ -68,6 +68,20 @@ def test_scaled_down_demo_end_to_end(tmp_path, capsys):
     assert main(["report", str(run)]) == 0
     assert (run / "report" / "index.html").exists() and list((run / "exports").iterdir())
 
+    # re-scoring an exported model from disk with lm-eval gives the recorded values
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from evomerge.scoring import LmEvalFitness
+
+    folder = sorted((run / "exports").iterdir())[0]
+    record = next(r for r in records if r.index == int(folder.name.split("-")[1]))
+    scorer = LmEvalFitness(config["fitness"]["tasks"], include_path=str(fitness),
+                            batch_size=config["fitness"]["batch_size"])
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    rescored = scorer(model, AutoTokenizer.from_pretrained(folder))
+    for objective in config["objectives"]:
+        assert rescored[objective["metric"]] == record.metrics[objective["metric"]]
+
 
 def test_tokenizer_ids_are_the_bytes_training_feeds():
     from evomerge.testing import byte_tokenizer
