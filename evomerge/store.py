@@ -23,6 +23,7 @@ import numpy as np
 import optuna
 from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState
+from sqlalchemy.exc import SQLAlchemyError
 
 from evomerge import __version__
 from evomerge.errors import EvomergeError
@@ -120,7 +121,20 @@ class RunStore:
         return cls(folder, study, study.user_attrs.get("gene_names", []))
 
     # ----- evaluations ------------------------------------------------------------------------
+    def _unwritable(self, exc: Exception) -> EvomergeError:
+        reason = str(getattr(exc, "orig", None) or exc).splitlines()[0][:200]
+        return EvomergeError(
+            f"{self.folder}: cannot write the run store ({reason}); free space or fix "
+            f"permissions, then run: evomerge resume {self.folder}"
+        )
+
     def commit(self, record: Record) -> None:
+        try:
+            self._commit(record)
+        except (OSError, SQLAlchemyError) as exc:
+            raise self._unwritable(exc) from None
+
+    def _commit(self, record: Record) -> None:
         attrs = {
             "index": record.index,
             "genome": [float(v) for v in record.genome],
@@ -193,7 +207,10 @@ class RunStore:
 
     # ----- optimizer checkpoints ------------------------------------------------------------
     def save_checkpoint(self, state: dict[str, Any], sequence: int) -> None:
-        write_state(self.checkpoints / f"optimizer-{sequence:08d}.npz", state)
+        try:
+            write_state(self.checkpoints / f"optimizer-{sequence:08d}.npz", state)
+        except OSError as exc:
+            raise self._unwritable(exc) from None
         for old in sorted(self.checkpoints.glob("optimizer-*.npz"))[:-KEEP_CHECKPOINTS]:
             old.unlink(missing_ok=True)
 

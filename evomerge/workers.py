@@ -146,8 +146,9 @@ class RayPool:
         handle = self.actors[slot]
         ref = handle.evaluate.remote(recipe_yaml, held_out)
         self.submitted += 1
-        self.jobs[ref] = Job(slot, candidate, recipe_yaml, started, attempt, held_out, handle,
-                             self.submitted)
+        self.jobs[ref] = Job(
+            slot, candidate, recipe_yaml, started, attempt, held_out, handle, self.submitted
+        )
 
     def _start_next(self, slot: int) -> None:
         """The actor at `slot` finished a job: its queued one starts now (for its timeout)."""

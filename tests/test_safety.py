@@ -184,3 +184,46 @@ def test_a_copied_run_folder_resumes_where_it_lands(llama, tmp_path):
     (moved / "run.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     assert main(["resume", str(moved), "--quiet"]) == 0
     assert len(RunStore.open(moved).records()) == 6
+
+
+@pytest.mark.parametrize("where", ["checkpoint", "commit"])
+def test_full_disk_stops_cleanly_and_resume_finishes(llama, tmp_path, capsys, monkeypatch, where):
+    import errno
+
+    import evomerge.store as store_module
+
+    run = tmp_path / "run"
+    config = write(tmp_path, run_config(llama, budget=6))
+    calls = {"n": 0}
+    if where == "checkpoint":
+        real = store_module.write_state
+
+        def flaky(path, state):
+            calls["n"] += 1
+            if calls["n"] == 3:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return real(path, state)
+
+        monkeypatch.setattr(store_module, "write_state", flaky)
+    else:
+        real = RunStore._commit
+
+        def flaky(self, record):
+            calls["n"] += 1
+            if calls["n"] == 3:
+                from sqlalchemy.exc import OperationalError
+
+                raise OperationalError("INSERT", {}, Exception("database or disk is full"))
+            return real(self, record)
+
+        monkeypatch.setattr(RunStore, "_commit", flaky)
+    code = main(["run", str(config), "--out", str(run), "--quiet"])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("evomerge: error:")]
+    assert code == 2 and len(lines) == 1 and "cannot write the run store" in lines[0], err
+    assert "evomerge resume" in lines[0]
+    committed = len(RunStore.open(run).records())
+    monkeypatch.undo()
+    assert main(["resume", str(run), "--quiet"]) == 0
+    records = RunStore.open(run).records()
+    assert len(records) == 6 and committed >= 2 and len({r.index for r in records}) == 6

@@ -75,8 +75,11 @@ def test_scaled_down_demo_end_to_end(tmp_path, capsys):
 
     folder = sorted((run / "exports").iterdir())[0]
     record = next(r for r in records if r.index == int(folder.name.split("-")[1]))
-    scorer = LmEvalFitness(config["fitness"]["tasks"], include_path=str(fitness),
-                            batch_size=config["fitness"]["batch_size"])
+    scorer = LmEvalFitness(
+        config["fitness"]["tasks"],
+        include_path=str(fitness),
+        batch_size=config["fitness"]["batch_size"],
+    )
     model = AutoModelForCausalLM.from_pretrained(folder).eval()
     rescored = scorer(model, AutoTokenizer.from_pretrained(folder))
     for objective in config["objectives"]:
