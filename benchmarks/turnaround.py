@@ -23,28 +23,16 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-TASK = """task: bench_mc
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: bench_mc.jsonl
-test_split: test
-output_type: multiple_choice
-doc_to_text: "{{question}}"
-doc_to_choice: "{{choices}}"
-doc_to_target: "{{answer}}"
-metric_list:
-  - metric: acc
-"""
-
 
 def write_task(folder: Path, docs: int) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "bench_mc.yaml").write_text(TASK)
+    from evomerge.zoo.build import TASK_YAML
+
+    (folder / "bench_mc.yaml").write_text(TASK_YAML.format(name="bench_mc"))
     with open(folder / "bench_mc.jsonl", "w") as f:
         for n in range(docs):
             doc = {
-                "question": f"What is {n} plus {n % 7}?",
+                "prompt": f"What is {n} plus {n % 7}?",
                 "choices": [f" {n + n % 7}", f" {n + n % 7 + 1}", f" {n - 1}"],
                 "answer": 0,
             }

@@ -8,6 +8,7 @@ import pytest
 
 from evomerge.cli import main
 from evomerge.store import RunStore
+from evomerge.zoo.build import TASK_YAML
 
 from .test_run import expect_error, run_config, write
 
@@ -37,28 +38,13 @@ def test_ray_pool_survives_a_killed_worker_and_a_hung_one(llama, tmp_path):
     assert (tmp_path / "died").exists()  # a worker was killed; its candidate was scored anyway
 
 
-TASK = """task: {name}
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {name}.jsonl
-test_split: test
-output_type: multiple_choice
-doc_to_text: "{{{{question}}}}"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: "{{{{answer}}}}"
-metric_list:
-  - metric: acc
-"""
-
-
 def make_tasks(folder, names=("parity_fit", "parity_held")):
     folder.mkdir(parents=True, exist_ok=True)
     for offset, name in enumerate(names):
-        (folder / f"{name}.yaml").write_text(TASK.format(name=name))
+        (folder / f"{name}.yaml").write_text(TASK_YAML.format(name=name))
         with open(folder / f"{name}.jsonl", "w") as f:
             for n in range(offset * 100, offset * 100 + 12):
-                doc = {"question": f"Is {n} even?", "choices": [" yes", " no"], "answer": n % 2}
+                doc = {"prompt": f"Is {n} even?", "choices": [" yes", " no"], "answer": n % 2}
                 f.write(json.dumps(doc) + "\n")
     return folder
 
