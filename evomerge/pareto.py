@@ -36,6 +36,17 @@ def non_dominated(losses: np.ndarray) -> np.ndarray:
     return np.sort(NonDominatedSorting().do(losses, only_non_dominated_front=True))
 
 
+def front_positions(
+    values: Sequence[Optional[dict[str, float]]], objectives: Sequence[Objective]
+) -> list[int]:
+    """Positions of the non-dominated entries of `values` (None: a failed evaluation)."""
+    ok = [i for i, v in enumerate(values) if v is not None]
+    if not ok:
+        return []
+    losses = losses_of([values[i] for i in ok], objectives)
+    return [ok[k] for k in non_dominated(losses)]
+
+
 def hypervolume(losses: np.ndarray, reference: np.ndarray) -> float:
     """Volume dominated by `losses` and bounded by `reference` (points beyond it add nothing)."""
     from pymoo.indicators.hv import HV

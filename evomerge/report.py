@@ -18,7 +18,7 @@ import pandas as pd
 from evomerge.config import RunConfig
 from evomerge.errors import EvomergeError
 from evomerge.pareto import hypervolume_curve, losses_of, reference_point
-from evomerge.status import records_frame
+from evomerge.status import frame_of
 from evomerge.store import RunStore
 
 
@@ -168,7 +168,7 @@ def write_report(run_folder: Path, exports: Optional[Path] = None) -> Path:
     run_folder = Path(run_folder)
     config = RunConfig.load(run_folder / "run.yaml")
     store = RunStore.open(run_folder)
-    frame = records_frame(run_folder)
+    frame = frame_of(store, config)
     sources = store.sources()
     out = run_folder / "report"
     out.mkdir(exist_ok=True)

@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 
 from evomerge.config import RunConfig
+from evomerge.pareto import front_positions
 from evomerge.store import Record, RunStore, read_run_meta
 
 MAX_GENE_COLUMNS = 100
@@ -15,10 +16,14 @@ MAX_GENE_COLUMNS = 100
 
 def records_frame(folder: Path) -> pd.DataFrame:
     """One row per committed evaluation: objectives, metrics, timing, failure, genes."""
-    store = RunStore.open(folder)
-    config = RunConfig.load(folder / "run.yaml")
+    return frame_of(RunStore.open(folder), RunConfig.load(folder / "run.yaml"))
+
+
+def frame_of(store: RunStore, config: RunConfig) -> pd.DataFrame:
+    records = store.records()
+    front = set(front_positions([r.values for r in records], config.objectives))
     rows = []
-    for r in store.records():
+    for position, r in enumerate(records):
         row = {
             "number": r.number,
             "index": r.index,
@@ -36,55 +41,22 @@ def records_frame(folder: Path) -> pd.DataFrame:
         for key, value in (r.held_out or {}).items():
             row[f"held_out:{key}"] = value
         row["recipe"] = r.recipe
+        row["pareto"] = position in front
         rows.append(row)
-    frame = pd.DataFrame(rows)
-    if not frame.empty:
-        frame["pareto"] = pareto_mask(frame, config)
-    return frame
-
-
-def pareto_mask(frame: pd.DataFrame, config: RunConfig) -> np.ndarray:
-    """True for the non-dominated successful evaluations over the run's objectives."""
-    from pymoo.util.nds.non_dominated_sorting import NonDominatedSorting
-
-    ok = ~frame["failed"].to_numpy(bool)
-    mask = np.zeros(len(frame), dtype=bool)
-    if not ok.any():
-        return mask
-    losses = np.stack(
-        [
-            (-1 if o.direction == "maximize" else 1) * frame[o.name].to_numpy(float)
-            for o in config.objectives
-        ],
-        axis=1,
-    )[ok]
-    front = NonDominatedSorting().do(losses, only_non_dominated_front=True)
-    mask[np.flatnonzero(ok)[front]] = True
-    return mask
+    return pd.DataFrame(rows)
 
 
 def pareto_records(store: RunStore, config: RunConfig) -> list[Record]:
     """The store's non-dominated successful evaluations."""
     records = store.records()
-    frame = pd.DataFrame(
-        [
-            {
-                "failed": r.failed,
-                **{o.name: np.nan if r.failed else r.values[o.name] for o in config.objectives},
-            }
-            for r in records
-        ]
-    )
-    if frame.empty:
-        return []
-    return [r for r, keep in zip(records, pareto_mask(frame, config)) if keep]
+    return [records[i] for i in front_positions([r.values for r in records], config.objectives)]
 
 
 def summary(folder: Path) -> str:
     meta = read_run_meta(folder)
     config = RunConfig.load(folder / "run.yaml")
-    frame = records_frame(folder)
     store = RunStore.open(folder)
+    frame = frame_of(store, config)
     lines = [f"run {folder} (evomerge {meta.get('evomerge')}, store {meta.get('store')})"]
     checkpoint = store.load_checkpoint()
     opt = config.optimizer.name
