@@ -17,6 +17,7 @@ import json
 import math
 import shutil
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional, Protocol
@@ -338,19 +339,18 @@ def score_sources(run: Run, pool: Pool, progress: bool = True) -> None:
     todo = [name for name in run.config.models if name not in done]
     if not todo:
         return
+    jobs = [
+        (Candidate(-1 - k, np.zeros(0)), source_recipe(run.config.models[name]), False)
+        for k, name in enumerate(todo)
+    ]
     bar = tqdm(total=len(todo), desc="source models", unit="model", disable=not progress)
-    queue = deque(enumerate(todo))
-    while queue or pool.in_flight():
-        while queue and pool.free() > 0:
-            k, name = queue.popleft()
-            pool.submit(Candidate(-1 - k, np.zeros(0)), source_recipe(run.config.models[name]))
-        for candidate, recipe, outcome in pool.wait():
-            name = todo[-1 - candidate.index]
-            record = to_record(run, candidate, recipe, outcome)
-            run.store.set_source(
-                name, {"values": record.values, "metrics": outcome.metrics, "error": record.error}
-            )
-            bar.update(1)
+    for candidate, recipe, outcome in score_all(pool, jobs):
+        record = to_record(run, candidate, recipe, outcome)
+        run.store.set_source(
+            todo[-1 - candidate.index],
+            {"values": record.values, "metrics": outcome.metrics, "error": record.error},
+        )
+        bar.update(1)
     bar.close()
 
 
@@ -359,19 +359,25 @@ def score_held_out(run: Run, pool: Pool, progress: bool = True) -> None:
     from evomerge.status import pareto_records
 
     todo = [r for r in pareto_records(run.store, run.config) if r.held_out is None]
+    jobs = [(Candidate(r.number, r.genome), r.recipe, True) for r in todo]
     bar = tqdm(total=len(todo), desc="held-out", unit="model", disable=not progress)
-    queue = deque(todo)
-    by_index: dict[int, Record] = {}
+    for candidate, _, outcome in score_all(pool, jobs):
+        metrics = outcome.metrics if outcome.error is None else {"error": outcome.error}
+        run.store.set_held_out(candidate.index, metrics)  # the index here is the store number
+        bar.update(1)
+    bar.close()
+
+
+def score_all(
+    pool: Pool, jobs: list[tuple[Candidate, str, bool]]
+) -> Iterator[tuple[Candidate, str, Outcome]]:
+    """Score (candidate, recipe, held_out) jobs outside the search loop, keeping every worker
+    busy; results come back as they finish."""
+    queue = deque(jobs)
     while queue or pool.in_flight():
         while queue and pool.free() > 0:
-            record = queue.popleft()
-            by_index[record.number] = record
-            pool.submit(Candidate(record.number, record.genome), record.recipe, held_out=True)
-        for candidate, _, outcome in pool.wait():
-            metrics = outcome.metrics if outcome.error is None else {"error": outcome.error}
-            run.store.set_held_out(by_index[candidate.index].number, metrics)
-            bar.update(1)
-    bar.close()
+            pool.submit(*queue.popleft())
+        yield from pool.wait()
 
 
 @functools.lru_cache(maxsize=4096)

@@ -11,7 +11,7 @@ import numpy as np
 from evomerge.errors import EvomergeError
 from evomerge.optim import Candidate
 from evomerge.optim.map import MAP
-from evomerge.run import make_pool, open_run, to_record
+from evomerge.run import make_pool, open_run, score_all, to_record
 
 
 def propose(run_folder: Path, points: int = 8, progress: bool = True) -> int:
@@ -33,20 +33,19 @@ def propose(run_folder: Path, points: int = 8, progress: bool = True) -> int:
     )
     fitter.x = np.stack([r.genome for r in records])
     fitter.y = np.stack([run.losses(r) for r in records])
-    genomes = fitter._verification_points()
-    pool = make_pool(run)
+    genomes = fitter.verification_points()
     start = -1 - sum(1 for r in run.store.records() if r.origin == "surrogate")
+    jobs = []
+    for k, genome in enumerate(genomes):
+        candidate = Candidate(start - k, genome)
+        seed = run.candidate_seed(abs(candidate.index) + 10**6)
+        jobs.append((candidate, run.space.decode(genome, seed).to_yaml(), False))
+    pool = make_pool(run)
     try:
-        queue = [Candidate(start - k, g) for k, g in enumerate(genomes)]
-        while queue or pool.in_flight():
-            while queue and pool.free() > 0:
-                c = queue.pop(0)
-                seed = run.candidate_seed(abs(c.index) + 10**6)
-                pool.submit(c, run.space.decode(c.genome, seed).to_yaml())
-            for candidate, recipe, outcome in pool.wait():
-                record = to_record(run, candidate, recipe, outcome)
-                record.origin = "surrogate"
-                run.store.commit(record)
+        for candidate, recipe, outcome in score_all(pool, jobs):
+            record = to_record(run, candidate, recipe, outcome)
+            record.origin = "surrogate"
+            run.store.commit(record)
     finally:
         pool.close()
     return len(genomes)

@@ -181,7 +181,7 @@ class MAP(Optimizer):
         x = np.atleast_2d(result.X)
         return x, np.column_stack([m(x) for m in models])
 
-    def _verification_points(self) -> list[np.ndarray]:
+    def verification_points(self) -> list[np.ndarray]:
         x, f = self.surrogate_front()
         chosen = _spread(f, min(self.verify, len(x)), self.rng)
         fresh = [x[i] for i in chosen if not np.any(np.all(np.isclose(self.x, x[i]), axis=1))]
@@ -203,7 +203,7 @@ class MAP(Optimizer):
                 if not self.queue:
                     if len(self.x) < self.proposed or out:
                         break  # propose from all results of the previous round
-                    self.queue = self._verification_points()
+                    self.queue = self.verification_points()
                     self.rounds += 1
                 out.append(self.queue.pop(0))
             self.proposed += 1
