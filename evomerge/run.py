@@ -96,16 +96,7 @@ class Run:
         )
 
     def new_optimizer(self) -> Optimizer:
-        lower, upper = self.space.bounds()
-        return make_optimizer(
-            self.config.optimizer.name,
-            self.config.optimizer.options,
-            lower,
-            upper,
-            self.space.initial(),
-            len(self.config.objectives),
-            self.config.seed,
-        )
+        return optimizer_for(self.config, self.space)
 
 
 # ----- building ------------------------------------------------------------------------------
@@ -140,7 +131,7 @@ def prepare(config: RunConfig) -> tuple[RunConfig, SearchSpace]:
     space = build_space(spec, models, config.base_model, depth_of)
     if space.size == 0:
         raise EvomergeError("field 'search_space': the space has no genes to search")
-    make_optimizer_check(resolved, space)
+    optimizer_for(resolved, space)  # bad optimizer names and options fail here
     check_fitness(resolved)
     return resolved, space
 
@@ -164,9 +155,10 @@ def check_fitness(config: RunConfig) -> None:
             raise EvomergeError(f"field '{field}': lm-eval knows no task {unknown[0]!r}")
 
 
-def make_optimizer_check(config: RunConfig, space: SearchSpace) -> None:
+def optimizer_for(config: RunConfig, space: SearchSpace) -> Optimizer:
+    """A fresh optimizer of the run's kind over the space's box (also how configs are checked)."""
     lower, upper = space.bounds()
-    make_optimizer(
+    return make_optimizer(
         config.optimizer.name,
         config.optimizer.options,
         lower,
