@@ -19,7 +19,7 @@ from evomerge.config import RunConfig
 from evomerge.errors import EvomergeError
 from evomerge.pareto import hypervolume_curve, losses_of, reference_point
 from evomerge.status import frame_of
-from evomerge.store import RunStore
+from evomerge.store import RunStore, read_run_meta
 
 
 def _figures(frame: pd.DataFrame, config: RunConfig, sources: dict) -> dict:
@@ -166,6 +166,7 @@ def _png(name: str, frame: pd.DataFrame, config: RunConfig, sources: dict, folde
 
 def write_report(run_folder: Path, exports: Optional[Path] = None) -> Path:
     run_folder = Path(run_folder)
+    read_run_meta(run_folder)  # a folder that is not a run is named as such
     config = RunConfig.load(run_folder / "run.yaml")
     store = RunStore.open(run_folder)
     frame = frame_of(store, config)
