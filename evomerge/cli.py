@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -39,8 +40,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
     name = config.name or Path(args.config).stem
     folder = Path(args.out) if args.out else Path("results") / name
     run = create_run(config, folder)
+    try:
+        pool = make_pool(run)  # workers read every source: bad weights surface here
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)  # nothing was evaluated: leave no husk behind
+        raise
     print(f"run folder: {folder}  (resume with: evomerge resume {folder})", file=sys.stderr)
-    drive(run, make_pool(run), progress=not args.quiet)
+    drive(run, pool, progress=not args.quiet)
     print(f"run finished: {folder}")
     return 0
 

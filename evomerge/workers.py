@@ -61,6 +61,18 @@ def start_ray(address: Optional[str]) -> bool:
     return True
 
 
+EVOMERGE_ERROR = f"{EvomergeError.__module__}.{EvomergeError.__name__}: "
+
+
+def start_failure_reason(exc: Exception) -> str:
+    """The line that says why an actor died in __init__: the raised exception's, not Ray's."""
+    lines = [line.strip() for line in str(getattr(exc, "error_msg", "") or exc).splitlines()]
+    lines = [line for line in lines if line]
+    if getattr(exc, "_actor_init_failed", False) and lines:
+        return lines[-1][:500]
+    return (lines[0] if lines else type(exc).__name__)[:300]
+
+
 class RayPool:
     def __init__(
         self,
@@ -114,7 +126,9 @@ class RayPool:
                 self.ray.get(self.actors[slot].ping.remote())
             except RayActorError as exc:
                 self.start_failures += 1
-                reason = str(exc).splitlines()[0][:300]
+                reason = start_failure_reason(exc)
+                if reason.startswith(EVOMERGE_ERROR):  # bad input: the same on every retry
+                    raise EvomergeError(reason[len(EVOMERGE_ERROR) :]) from None
                 if self.start_failures >= MAX_START_FAILURES:
                     raise EvomergeError(f"workers die while starting: {reason}") from None
                 log.warning("worker %d died while starting (%s); retrying", slot, reason)

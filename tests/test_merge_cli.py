@@ -152,10 +152,13 @@ def test_mismatched_shapes_and_architectures(families, llama, tmp_path, capsys):
     from evomerge.testing import make_family
 
     wide = make_family(tmp_path, "llama", n_finetunes=0, hidden=96, seed=5)["base"]
+    big_vocab = make_family(tmp_path / "vocab", "llama", n_finetunes=0, seed=6, vocab=300)["base"]
     other_arch = families["mistral"]["ft0"]
+    capsys.readouterr()  # the model builders' own progress output
     for intruder, expected in (
         (wide, "mismatched shapes"),
         (other_arch, "different architectures"),
+        (big_vocab, "different vocabularies"),
     ):
         recipe = write_recipe(
             tmp_path,
@@ -168,8 +171,46 @@ def test_mismatched_shapes_and_architectures(families, llama, tmp_path, capsys):
             },
         )
         code, err = run_cli(capsys, "merge", recipe, tmp_path / "out", "--quiet")
-        assert code == 2 and expected in err, err
+        assert code == 2 and expected in err and err.count("\n") == 1, err
         assert not (tmp_path / "out").exists()
+
+
+def poisoned_copy(model, dest):
+    """A copy of `model` with NaN and inf in one MLP weight, written as valid safetensors."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(model, dest)
+    files = sorted(dest.glob("*.safetensors"))
+    for file in files:
+        tensors = load_file(file)
+        name = next((n for n in tensors if "mlp.down_proj" in n), None)
+        if name is not None:
+            tensors[name][0, :3] = torch.tensor([float("nan"), float("inf"), float("nan")])
+            save_file(tensors, file, metadata={"format": "pt"})
+            return file, name
+    raise AssertionError("no MLP weight found")
+
+
+def test_nan_weights_are_refused_naming_the_file(llama, tmp_path, capsys):
+    bad_file, name = poisoned_copy(llama["ft1"], tmp_path / "poisoned")
+    half = {"weight": 0.5, "density": 0.5}
+    recipe = write_recipe(
+        tmp_path,
+        {
+            **ties_recipe(llama),
+            "models": [
+                {"model": str(llama["ft0"]), "parameters": half},
+                {"model": str(tmp_path / "poisoned"), "parameters": half},
+            ],
+        },
+    )
+    code, err = run_cli(capsys, "merge", recipe, tmp_path / "out", "--quiet")
+    assert code == 2 and err.count("\n") == 1, err
+    assert str(bad_file) in err and name in err and "3 NaN or infinite" in err
+    assert not (tmp_path / "out").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
 
 
 def test_not_yaml_and_not_a_file(tmp_path, capsys):

@@ -227,3 +227,18 @@ def test_full_disk_stops_cleanly_and_resume_finishes(llama, tmp_path, capsys, mo
     assert main(["resume", str(run), "--quiet"]) == 0
     records = RunStore.open(run).records()
     assert len(records) == 6 and committed >= 2 and len({r.index for r in records}) == 6
+
+
+@pytest.mark.parametrize("pool", ["local", "ray"])
+def test_nan_weights_stop_a_run_before_anything_is_written(llama, tmp_path, capsys, pool):
+    from .test_merge_cli import poisoned_copy
+
+    bad_file, name = poisoned_copy(llama["ft1"], tmp_path / "poisoned")
+    models = {**llama, "ft1": tmp_path / "poisoned"}
+    config = write(tmp_path, run_config(models, budget=4, pool=pool, workers=1))
+    run = tmp_path / "run"
+    capsys.readouterr()
+    assert main(["run", str(config), "--out", str(run), "--quiet"]) == 2
+    lines = [x for x in capsys.readouterr().err.splitlines() if x.startswith("evomerge: error:")]
+    assert len(lines) == 1 and str(bad_file) in lines[0] and name in lines[0], lines
+    assert not run.exists()  # no half-made run folder to trip over

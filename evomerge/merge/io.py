@@ -144,6 +144,19 @@ def resolve_model_path(ref: str, *, search_dirs: Iterable[Path] = ()) -> Path:
     return Path(folder)
 
 
+_CHECKED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_finite(tensor: torch.Tensor, name: str, file: Path) -> None:
+    """Refuse NaN/inf weights as they are read: merged into anything, they poison every score."""
+    if tensor.dtype in _CHECKED_DTYPES and not bool(torch.isfinite(tensor).all()):
+        bad = int((~torch.isfinite(tensor)).sum())
+        raise EvomergeError(
+            f"{file}: tensor {name!r} holds {bad} NaN or infinite values of {tensor.numel()}; "
+            "the checkpoint is damaged or the model diverged: re-export or drop it"
+        )
+
+
 class ModelSource:
     """One source model: its config, tensor index, and tensors read on demand."""
 
@@ -234,6 +247,11 @@ class ModelSource:
         return archs[0]
 
     @property
+    def vocab_size(self) -> Optional[int]:
+        value = self.config.get("text_config", self.config).get("vocab_size")
+        return int(value) if isinstance(value, int) else None
+
+    @property
     def num_layers(self) -> int:
         cfg = self.config.get("text_config", self.config)
         for key in ("num_hidden_layers", "n_layer", "num_layers"):
@@ -257,7 +275,9 @@ class ModelSource:
             got = os.preadv(handle.fileno(), [view], info.begin)
             if got != info.nbytes:
                 raise EvomergeError(f"{info.file}: short read for tensor {name!r}")
-        return buffer.view(info.dtype).reshape(info.shape)
+        tensor = buffer.view(info.dtype).reshape(info.shape)
+        check_finite(tensor, name, info.file)
+        return tensor
 
     def _handle(self, file: Path) -> Any:
         if self._open is None or self._open[0] != file:
@@ -269,7 +289,9 @@ class ModelSource:
         if self._open is None or self._open[0] != file:
             self.close()
             self._open = (file, self._load_pickle(file))
-        return self._open[1][name].clone()
+        tensor = self._open[1][name].clone()
+        check_finite(tensor, name, file)
+        return tensor
 
     def close(self) -> None:
         if self._open is not None and hasattr(self._open[1], "close"):

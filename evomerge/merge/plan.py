@@ -439,3 +439,10 @@ def _check_architectures(sources: dict[str, ModelSource]) -> None:
     if len(set(seen.values())) > 1:
         detail = ", ".join(f"{k}: {v}" for k, v in seen.items())
         raise EvomergeError(f"models have different architectures ({detail})")
+    vocab = {ref: s.vocab_size for ref, s in sources.items() if s.vocab_size is not None}
+    if len(set(vocab.values())) > 1:
+        detail = ", ".join(f"{k}: {v}" for k, v in vocab.items())
+        raise EvomergeError(
+            f"models have different vocabularies (vocab_size {detail}); parameter-space merges "
+            "need one tokenizer: merge only models that share it"
+        )
