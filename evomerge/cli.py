@@ -200,6 +200,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except EvomergeError as exc:
         print(f"evomerge: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # the machine said no (disk full, permission denied): one line
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"evomerge: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("evomerge: interrupted", file=sys.stderr)
         return 130

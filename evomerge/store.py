@@ -10,11 +10,13 @@ reported and skipped.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -59,6 +61,17 @@ class Record:
         return self.values is None
 
 
+WRITE_ERRORS = (OSError, SQLAlchemyError, optuna.exceptions.StorageInternalError)
+
+
+def root_cause(exc: BaseException) -> str:
+    """The innermost reason (sqlite's 'database or disk is full', not Optuna's wrapper)."""
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    exc = getattr(exc, "orig", None) or exc
+    return (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+
+
 def genome_key(genome: np.ndarray) -> str:
     return hashlib.blake2b(
         np.asarray(genome, dtype=np.float64).tobytes(), digest_size=12
@@ -82,30 +95,34 @@ class RunStore:
         objectives: list[tuple[str, str]],
         gene_names: list[str],
     ) -> RunStore:
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / "checkpoints").mkdir(exist_ok=True)
-        storage = _storage(url or _sqlite_url(folder))
         try:
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / "checkpoints").mkdir(exist_ok=True)
+            storage = _storage(url or _sqlite_url(folder))
             study = optuna.create_study(
                 storage=storage,
                 study_name=STUDY,
                 directions=[direction for _, direction in objectives],
             )
+            study.set_user_attr("objectives", [name for name, _ in objectives])
+            study.set_user_attr("gene_names", gene_names)
+            _write_json(
+                folder / "run.json",
+                {
+                    "format": FORMAT,
+                    "evomerge": __version__,
+                    "created": time.time(),
+                    "store": url or "sqlite:store.sqlite",
+                },
+            )
         except optuna.exceptions.DuplicatedStudyError:
             raise EvomergeError(
                 f"store {url or folder}: already holds a run; resume it or use a new --out"
             ) from None
-        study.set_user_attr("objectives", [name for name, _ in objectives])
-        study.set_user_attr("gene_names", gene_names)
-        _write_json(
-            folder / "run.json",
-            {
-                "format": FORMAT,
-                "evomerge": __version__,
-                "created": time.time(),
-                "store": url or "sqlite:store.sqlite",
-            },
-        )
+        except WRITE_ERRORS as exc:
+            raise EvomergeError(
+                f"--out {folder}: cannot create the run store there ({root_cause(exc)})"
+            ) from None
         return cls(folder, study, gene_names)
 
     @classmethod
@@ -121,18 +138,21 @@ class RunStore:
         return cls(folder, study, study.user_attrs.get("gene_names", []))
 
     # ----- evaluations ------------------------------------------------------------------------
-    def _unwritable(self, exc: Exception) -> EvomergeError:
-        reason = str(getattr(exc, "orig", None) or exc).splitlines()[0][:200]
-        return EvomergeError(
-            f"{self.folder}: cannot write the run store ({reason}); free space or fix "
-            f"permissions, then run: evomerge resume {self.folder}"
-        )
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[None]:
+        """A full disk or a folder turned read-only ends the run with one line saying how to
+        go on; what was committed before stays committed."""
+        try:
+            yield
+        except WRITE_ERRORS as exc:
+            raise EvomergeError(
+                f"{self.folder}: cannot write the run store ({root_cause(exc)}); free space or "
+                f"fix permissions, then run: evomerge resume {self.folder}"
+            ) from None
 
     def commit(self, record: Record) -> None:
-        try:
+        with self._writing():
             self._commit(record)
-        except (OSError, SQLAlchemyError) as exc:
-            raise self._unwritable(exc) from None
 
     def _commit(self, record: Record) -> None:
         attrs = {
@@ -192,11 +212,13 @@ class RunStore:
     def set_held_out(self, number: int, metrics: dict[str, float]) -> None:
         """Held-out scores of evaluation `number` (a finished trial is immutable in Optuna, so
         they live in the study's attributes)."""
-        self.study.set_user_attr(f"held_out:{number}", metrics)
+        with self._writing():
+            self.study.set_user_attr(f"held_out:{number}", metrics)
 
     def set_source(self, name: str, result: dict[str, Any]) -> None:
         """A source model's scores: {"values": {objective: v} or None, "metrics", "error"}."""
-        self.study.set_user_attr(f"source:{name}", result)
+        with self._writing():
+            self.study.set_user_attr(f"source:{name}", result)
 
     def sources(self) -> dict[str, dict[str, Any]]:
         return {
@@ -207,12 +229,10 @@ class RunStore:
 
     # ----- optimizer checkpoints ------------------------------------------------------------
     def save_checkpoint(self, state: dict[str, Any], sequence: int) -> None:
-        try:
+        with self._writing():
             write_state(self.checkpoints / f"optimizer-{sequence:08d}.npz", state)
-        except OSError as exc:
-            raise self._unwritable(exc) from None
-        for old in sorted(self.checkpoints.glob("optimizer-*.npz"))[:-KEEP_CHECKPOINTS]:
-            old.unlink(missing_ok=True)
+            for old in sorted(self.checkpoints.glob("optimizer-*.npz"))[:-KEEP_CHECKPOINTS]:
+                old.unlink(missing_ok=True)
 
     def load_checkpoint(self) -> Optional[tuple[dict[str, Any], int]]:
         """The newest readable checkpoint and its sequence number, or None."""

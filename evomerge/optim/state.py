@@ -56,11 +56,15 @@ def write_state(path: Path, state: dict[str, Any]) -> None:
     buffer = io.BytesIO()
     np.savez(buffer, __state__=np.frombuffer(doc.encode(), dtype=np.uint8), **arrays)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(buffer.getvalue())
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(buffer.getvalue())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a half-written file on a full disk only holds space
+        raise
     _fsync_dir(path.parent)
 
 
