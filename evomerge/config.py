@@ -20,6 +20,8 @@ from pydantic import (
 from evomerge.errors import EvomergeError
 from evomerge.recipe import describe_validation_error
 
+NonEmpty = Annotated[str, Field(min_length=1)]
+
 
 class Objective(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -92,7 +94,7 @@ def _fitness_kind(data: Any) -> str:
 class RunConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: Optional[str] = None
-    models: dict[str, str] = Field(min_length=1)  # name -> local folder or hub name
+    models: dict[str, NonEmpty] = Field(min_length=1)  # name -> local folder or hub name
     base_model: Optional[str] = None
     search_space: Union[str, dict[str, Any]]
     objectives: list[Objective] = Field(min_length=1)

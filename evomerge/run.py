@@ -17,10 +17,10 @@ import json
 import math
 import shutil
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Optional, Protocol
+from typing import Any, Optional, Protocol
 
 import numpy as np
 import yaml
@@ -28,11 +28,14 @@ from tqdm.auto import tqdm
 
 from evomerge.config import PythonFitness, RunConfig
 from evomerge.errors import EvomergeError
+from evomerge.merge.engine import plan_for
 from evomerge.merge.io import ModelSource
 from evomerge.merge.methods import get_method
 from evomerge.optim import Candidate, Evaluation, Optimizer, make_optimizer
 from evomerge.recipe import Recipe
 from evomerge.spaces import SearchSpace, build_space, read_space_spec
+from evomerge.spaces.dataflow_space import CombinedSpace
+from evomerge.spaces.parameter import ParameterSpace
 from evomerge.store import Record, RunStore, genome_key, read_run_meta
 from evomerge.worker import Outcome, Worker, load_callable
 
@@ -121,19 +124,39 @@ def prepare(config: RunConfig) -> tuple[RunConfig, SearchSpace]:
             "fitness": fitness,
         }
     )
-    depths: dict[str, int] = {}
+    opened: dict[str, ModelSource] = {}  # headers only: no weights are read here
 
-    def depth_of(name: str) -> int:
-        if name not in depths:
-            depths[name] = ModelSource(models[name], allow_pickle=config.allow_pickle).num_layers
-        return depths[name]
+    def source(ref: str) -> ModelSource:
+        if ref not in opened:
+            opened[ref] = ModelSource(ref, allow_pickle=config.allow_pickle)
+        return opened[ref]
 
-    space = build_space(spec, models, config.base_model, depth_of)
+    space = build_space(spec, models, config.base_model, lambda n: source(models[n]).num_layers)
     if space.size == 0:
         raise EvomergeError("field 'search_space': the space has no genes to search")
+    sources = {ref: source(ref) for ref in dict.fromkeys(models.values())}
+    check_space_recipes(space, lambda recipe: plan_for(recipe, sources))
     optimizer_for(resolved, space)  # bad optimizer names and options fail here
     check_fitness(resolved)
     return resolved, space
+
+
+def check_space_recipes(space: SearchSpace, plan: Callable[[Recipe], Any]) -> None:
+    """Every candidate must at least plan: the start, and (PS genes) both ends of every range,
+    so that a range a method cannot take (a density of 0, a negative t) fails before the run
+    rather than as a failed evaluation at every corner the optimizer visits."""
+    ps = space.ps if isinstance(space, CombinedSpace) else space
+    checks = [("the start genome", space, space.initial())]
+    if isinstance(ps, ParameterSpace):
+        low, high = ps.bounds()
+        checks += [("the low end of its ranges", ps, low), ("the high end of its ranges", ps, high)]
+    for label, part, genome in checks:
+        try:
+            plan(part.decode(genome))
+        except EvomergeError as exc:
+            raise EvomergeError(
+                f"field 'search_space': at {label} the recipe is invalid: {exc}"
+            ) from None
 
 
 def check_fitness(config: RunConfig) -> None:

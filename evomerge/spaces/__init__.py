@@ -51,7 +51,7 @@ def build_space(
     spec, models: dict[str, str], base: Optional[str], depth_of: Callable[[str], int]
 ) -> SearchSpace:
     if isinstance(spec, ParameterSpaceSpec):
-        return ParameterSpace(spec, models, base)
+        return ParameterSpace(spec, models, base, depth_of)
     if isinstance(spec, DataflowSpec):
         return DataflowSpace(spec, models, depth_of)
     return CombinedSpace(spec, models, base, depth_of)

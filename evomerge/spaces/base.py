@@ -8,6 +8,8 @@ import numpy as np
 
 from evomerge.recipe import Recipe
 
+MAX_GENES = 1_000_000  # far past what any optimizer here can search; stops typos like r: 1e9
+
 
 class SearchSpace(ABC):
     """Decodes a flat float genome into the one description of a merge."""

@@ -25,6 +25,7 @@ import numpy as np
 
 from evomerge.errors import EvomergeError
 from evomerge.recipe import PathStep
+from evomerge.spaces.base import MAX_GENES
 
 ScalingForm = Literal["full", "per_layer", "low_rank", "none"]
 
@@ -56,6 +57,12 @@ class DataflowGenome:
         ilo, ihi = self.indicator_bounds
         if not (ilo < 0 < ihi):
             raise EvomergeError("dataflow.indicator_bounds: must straddle 0, e.g. [-1, 1]")
+        size = self.slots + self.scaling_size  # arithmetic only: nothing is allocated yet
+        if size > MAX_GENES:
+            raise EvomergeError(
+                f"dataflow: {size:,} genes ({self.slots:,} slots, {self.scaling} scaling) is more "
+                f"than {MAX_GENES:,}; lower repetitions or rank, or use per_layer scaling"
+            )
 
     # ----- layout ----------------------------------------------------------------------------
     @property

@@ -108,7 +108,7 @@ class CombinedSpace(SearchSpace):
             raise EvomergeError(
                 f"field 'models': {MERGED!r} is reserved for the PS result in a ps_dfs space"
             )
-        self.ps = ParameterSpace(spec.parameter, models, base)
+        self.ps = ParameterSpace(spec.parameter, models, base, depth_of)
         donor = base or self.ps.models[0]
         names = {MERGED: MERGED, **models}
         self.dfs = DataflowSpace(

@@ -9,6 +9,7 @@ with a final catch-all for the rest. Method parameters shared by all inputs (sle
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Optional
 
 import numpy as np
@@ -17,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from evomerge.errors import EvomergeError
 from evomerge.merge.methods import get_method
 from evomerge.recipe import Recipe
-from evomerge.spaces.base import SearchSpace
+from evomerge.spaces.base import MAX_GENES, SearchSpace
 
 
 class GeneRange(BaseModel):
@@ -56,7 +57,13 @@ class ParameterSpaceSpec(BaseModel):
 class ParameterSpace(SearchSpace):
     kind = "parameter"
 
-    def __init__(self, spec: ParameterSpaceSpec, models: dict[str, str], base: Optional[str]):
+    def __init__(
+        self,
+        spec: ParameterSpaceSpec,
+        models: dict[str, str],
+        base: Optional[str],
+        depth_of: Optional[Callable[[str], int]] = None,
+    ):
         self.spec = spec
         method = get_method(spec.method)
         names = spec.models or [m for m in models if m != base]
@@ -87,6 +94,20 @@ class ParameterSpace(SearchSpace):
         self.per_model = [k for k in spec.parameters if known[k].scope != "shared"]
         self.method = method
         self.blocks = [*spec.filters, None]  # None: the rest
+        if depth_of is not None:
+            depth = depth_of(base if base is not None else names[0])
+            if spec.layer_groups > depth:
+                raise EvomergeError(
+                    f"field 'search_space.layer_groups': {spec.layer_groups} groups for models "
+                    f"of {depth} layers; use at most {depth}"
+                )
+        size = (len(self.shared) + len(self.per_model) * len(names)) * len(self.blocks)
+        size *= spec.layer_groups  # arithmetic only: nothing is allocated yet
+        if size > MAX_GENES:
+            raise EvomergeError(
+                f"field 'search_space': {size:,} genes is more than {MAX_GENES:,}; use fewer "
+                "layer_groups or filters"
+            )
 
     # ----- layout --------------------------------------------------------------------------
     def _genes(self) -> list[tuple[Optional[str], str, Optional[str], int]]:
