@@ -148,3 +148,42 @@ def test_nan_weights_stop_a_run_before_anything_is_written(llama, tmp_path, caps
     lines = [x for x in capsys.readouterr().err.splitlines() if x.startswith("evomerge: error:")]
     assert len(lines) == 1 and str(bad_file) in lines[0] and name in lines[0], lines
     assert not run.exists()  # no half-made run folder to trip over
+
+
+def test_report_and_model_card_say_when_a_run_trusted_remote_code(llama, tmp_path):
+    for trusted in (False, True):
+        folder = tmp_path / f"trusted-{trusted}"
+        folder.mkdir()
+        config = write(folder, run_config(llama, budget=2, trust_remote_code=trusted))
+        run = folder / "run"
+        assert main(["run", str(config), "--out", str(run), "--quiet"]) == 0
+        assert (
+            main(["export", str(run), "--best", "nll", "--to", str(folder / "x"), "--quiet"]) == 0
+        )
+        assert main(["report", str(run)]) == 0
+        card = next((folder / "x").iterdir()) / "README.md"
+        page = (run / "report" / "index.html").read_text()
+        for text in (card.read_text(), page):
+            assert ("trust_remote_code enabled" in text) == trusted
+
+
+def test_code_shipped_in_a_model_folder_never_runs_unless_trusted(llama, tmp_path):
+    import json
+    import shutil
+
+    rogue = tmp_path / "rogue"  # the base model, whose tokenizer every candidate uses
+    shutil.copytree(llama["base"], rogue)
+    marker = tmp_path / "remote-code-ran"
+    (rogue / "tokenization_rogue.py").write_text(
+        f"open({str(marker)!r}, 'w').close()\n"
+        "from transformers import PreTrainedTokenizerFast\n\n\n"
+        "class RogueTokenizer(PreTrainedTokenizerFast):\n    pass\n"
+    )
+    settings = json.loads((rogue / "tokenizer_config.json").read_text())
+    settings["auto_map"] = {"AutoTokenizer": [None, "tokenization_rogue.RogueTokenizer"]}
+    (rogue / "tokenizer_config.json").write_text(json.dumps(settings))
+    for trusted in (False, True):  # trusted: proves the run does reach the code
+        config = run_config({**llama, "base": rogue}, budget=2, trust_remote_code=trusted)
+        run = tmp_path / f"run-{trusted}"
+        assert main(["run", str(write(tmp_path, config)), "--out", str(run), "--quiet"]) == 0
+        assert marker.exists() == trusted
