@@ -50,6 +50,8 @@ bench: setup
 	$(PY) benchmarks/map_digits.py
 	$(PY) benchmarks/zoo_results.py
 	$(PY) benchmarks/report_render.py
+	$(PY) benchmarks/chaos.py
+	$(PY) benchmarks/fuzz_inputs.py
 	$(PY) benchmarks/m2n2_digits.py --hidden 8
 	$(PY) benchmarks/m2n2_digits.py --hidden 256 --arms "m2n2,no crossover,no attraction,GA (alpha 0),Sep-CMA-ES"
 

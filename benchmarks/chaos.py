@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -39,10 +40,46 @@ def calls(log: Path) -> int:
     return len(log.read_text().splitlines()) if log.exists() else 0
 
 
+def export_chaos(cli, run: Path, tmp: Path, kills: int, rng: random.Random) -> dict:
+    """SIGKILL `evomerge export` while it writes (a staging folder exists), `kills` times, then
+    let it finish: the folder must hold the uninterrupted export's bytes, nothing else."""
+    clean, target = tmp / "export_clean", tmp / "export_killed"
+    assert cli("export", str(run), "--best", "nll", "--to", str(clean)).wait() == 0
+    mid_write = 0
+    for _ in range(kills):
+        proc = cli("export", str(run), "--best", "nll", "--to", str(target))
+        while proc.poll() is None and not (
+            target.exists() and any(p.name.endswith(f"-{proc.pid}") for p in target.iterdir())
+        ):
+            time.sleep(0.0005)
+        time.sleep(rng.uniform(0, 0.01))
+        if proc.poll() is None:
+            writing = any(p.name.endswith(f"-{proc.pid}") for p in target.iterdir())
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            mid_write += writing
+            for done in target.glob("eval-*"):  # a finished one would be kept: start over
+                shutil.rmtree(done)
+    assert cli("export", str(run), "--best", "nll", "--to", str(target)).wait() == 0
+    names = sorted(p.name for p in clean.iterdir())
+    equal = names == sorted(p.name for p in target.glob("eval-*")) and all(
+        f.read_bytes() == (target / f.relative_to(clean)).read_bytes()
+        for f in clean.rglob("*.safetensors")
+    )
+    leftovers = len([p for p in target.iterdir() if p.name.startswith(".")])
+    return {
+        "export_kills": kills,
+        "export_kills_mid_write": mid_write,
+        "export_equal": bool(equal),
+        "export_leftovers": leftovers,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--kills", type=int, default=20)
     parser.add_argument("--budget", type=int, default=60)
+    parser.add_argument("--export-kills", type=int, default=10)
     parser.add_argument("--optimizer", default="cma")
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "bench")
     args = parser.parse_args()
@@ -114,6 +151,7 @@ def main() -> None:
                 raise SystemExit(proc.stderr.read().decode()[-2000:])
             break
         got, want = records(chaos), records(reference)
+        export = export_chaos(cli, chaos, tmp, args.export_kills, rng)
         result = {
             "kills": kills,
             "budget": args.budget,
@@ -123,6 +161,7 @@ def main() -> None:
             "repeated": calls(log) - len(got),
             "equal_to_uninterrupted": got == want,
             "seconds": time.perf_counter() - start,
+            **export,
         }
     lines = [
         f"Chaos: {result['kills']} SIGKILLs of the driver during a {args.optimizer} run of "
@@ -132,6 +171,14 @@ def main() -> None:
         "|---|---|---|---|---|",
         f"| {result['kills']} | {result['committed']} | {result['lost']} | "
         f"{result['repeated']} | {'yes' if result['equal_to_uninterrupted'] else 'NO'} |",
+    ]
+    lines += [
+        "",
+        f"Export: {result['export_kills']} SIGKILLs of `evomerge export --best`, "
+        f"{result['export_kills_mid_write']} of them while the model was half-written; the "
+        f"re-run exported weights equal to an uninterrupted export: "
+        f"{'yes' if result['export_equal'] else 'NO'}; leftover staging folders: "
+        f"{result['export_leftovers']}",
     ]
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "chaos.md").write_text("\n".join(lines) + "\n")

@@ -8,6 +8,7 @@ objective values and held-out scores.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Optional
 
@@ -19,6 +20,8 @@ from evomerge.merge.engine import merge_to_disk
 from evomerge.recipe import Recipe
 from evomerge.status import pareto_records
 from evomerge.store import Record, RunStore
+
+log = logging.getLogger("evomerge")
 
 
 def choose(
@@ -81,6 +84,15 @@ def model_card(record: Record, config: RunConfig, run_folder: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
+def already_exported(out: Path, recipe: Recipe) -> bool:
+    """A folder is published by one rename when complete, so one holding this very recipe is
+    done; anything else at `out` is left to merge_to_disk to refuse."""
+    try:
+        return (out / "evomerge_recipe.yaml").read_text() == recipe.to_yaml()
+    except OSError:
+        return False
+
+
 def export(
     run_folder: Path,
     to: Path,
@@ -98,8 +110,13 @@ def export(
     written = []
     for record in chosen:
         out = Path(to) / f"eval-{record.index:05d}"
+        recipe = Recipe.from_yaml_text(record.recipe)
+        if not force and already_exported(out, recipe):
+            log.info("%s: already exported, kept", out)  # a re-run after an interruption
+            written.append(out)
+            continue
         merge_to_disk(
-            Recipe.from_yaml_text(record.recipe),
+            recipe,
             out,
             device=device,
             force=force,

@@ -8,6 +8,7 @@ import logging
 
 import numpy as np
 import pytest
+import torch
 import yaml
 
 from evomerge.cli import main
@@ -187,3 +188,49 @@ def test_code_shipped_in_a_model_folder_never_runs_unless_trusted(llama, tmp_pat
         run = tmp_path / f"run-{trusted}"
         assert main(["run", str(write(tmp_path, config)), "--out", str(run), "--quiet"]) == 0
         assert marker.exists() == trusted
+
+
+def test_export_killed_mid_write_leaves_nothing_half_written_and_reruns(llama, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from .helpers import load_folder
+
+    config = run_config(
+        llama,
+        budget=8,
+        optimizer={"name": "nsga2", "options": {"population_size": 4}},
+        objectives=[
+            {"name": "nll", "metric": "nll", "direction": "minimize"},
+            {"name": "spread", "metric": "logit_std"},
+        ],
+    )
+    run = tmp_path / "run"
+    assert main(["run", str(write(tmp_path, config)), "--out", str(run), "--quiet"]) == 0
+    assert main(["export", str(run), "--pareto", "--to", str(tmp_path / "clean"), "--quiet"]) == 0
+    target = tmp_path / "killed"
+    command = [sys.executable, "-m", "evomerge.cli", "export", str(run), "--pareto"]
+    command += ["--to", str(target), "--quiet"]
+    killed = False
+    for _ in range(10):  # kill the moment a model is half-written (a staging folder exists)
+        proc = subprocess.Popen(command, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        while proc.poll() is None:
+            if target.exists() and any(p.name.endswith(f"-{proc.pid}") for p in target.iterdir()):
+                os.kill(proc.pid, signal.SIGKILL)
+                killed = True
+                break
+            time.sleep(0.0005)
+        proc.wait()
+        if killed:
+            break
+    assert killed, "the export always finished before a kill could land"
+    assert main(["export", str(run), "--pareto", "--to", str(target), "--quiet"]) == 0
+    assert sorted(p.name for p in target.iterdir()) == sorted(
+        p.name for p in (tmp_path / "clean").iterdir()
+    )  # every model there, no staging folder left
+    for folder in (tmp_path / "clean").iterdir():
+        clean, rerun = load_folder(folder), load_folder(target / folder.name)
+        assert all(torch.equal(clean[k], rerun[k]) for k in clean)

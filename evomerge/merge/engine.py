@@ -85,6 +85,7 @@ def merge_to_disk(
     )
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = out.parent / f".{out.name}.partial-{os.getpid()}"
+    remove_abandoned(out)
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
     writer: Optional[ShardedWriter] = None
@@ -109,6 +110,20 @@ def merge_to_disk(
     finally:
         plan.close()
     return out
+
+
+def remove_abandoned(out: Path) -> None:
+    """Staging and trash folders of merges into `out` whose process is gone (killed mid-write)."""
+    for leftover in out.parent.glob(f".{out.name}.*-*"):
+        kind, _, pid = leftover.name.rpartition("-")
+        if not kind.endswith((".partial", ".old")) or not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(leftover, ignore_errors=True)
+        except PermissionError:  # alive, someone else's
+            pass
 
 
 def _write_metadata(plan: MergePlan, folder: Path) -> None:
