@@ -4,7 +4,7 @@ Each must be accepted and work (a config prepares; a space's genomes all decode 
 build; a merge writes a complete folder) or be refused with one error line and nothing written.
 Anything else (a traceback, a second line, a leftover folder) is counted as a bug and shown.
 
-    python benchmarks/fuzz_inputs.py [--pairs 300] [--out results/bench]
+    python benchmarks/fuzz_inputs.py [--pairs 1000] [--out results/bench]
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ def tally(cases: Iterator[Any], check: Callable[[Any], str], bugs: list[str], la
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--pairs", type=int, default=300, help="random two-fault mutants per kind")
+    parser.add_argument("--pairs", type=int, default=1000, help="random two-fault mutants per kind")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="results/bench")
     args = parser.parse_args()
@@ -92,7 +92,7 @@ def main() -> None:
             spaces,
             lambda space: check_search_space(space, config, case_dir, sources),
         ),
-        "mergekit recipe (evomerge merge)": (recipes, lambda r: check_merge(r, case_dir)),
+        "merge recipe (evomerge merge)": (recipes, lambda r: check_merge(r, case_dir)),
     }
     rows, bugs = [], []
     for kind, (seeds, check) in targets.items():

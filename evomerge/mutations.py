@@ -90,8 +90,9 @@ def assert_one_line(exc: EvomergeError) -> None:
 
 # ----- valid files to start from ----------------------------------------------------------------
 def recipe_seeds(models: dict[str, Path]) -> dict[str, dict[str, Any]]:
-    """mergekit merge YAML over a base and two fine-tunes: per-model, per-layer and filtered
-    parameters, slices, an interpolation method and a stochastic one."""
+    """Merge recipes over a base and two fine-tunes: mergekit YAML (per-model, per-layer and
+    filtered parameters, slices, an interpolation method, a stochastic one) and evomerge's own
+    data-flow recipes, plain and with a PS recipe nested in them."""
     base, a, b = (str(models[k]) for k in ("base", "ft0", "ft1"))
     return {
         "ties": {
@@ -136,6 +137,33 @@ def recipe_seeds(models: dict[str, Path]) -> dict[str, dict[str, Any]]:
                 {"sources": [{"model": a, "layer_range": [0, 1]}]},
                 {"sources": [{"model": b, "layer_range": [1, 2]}]},
             ],
+        },
+        "dataflow": {  # evomerge's own format: a layer path with scales
+            "merge_method": "dataflow",
+            "embed_from": "a",
+            "models": {"a": a, "b": b},
+            "path": [
+                {"model": "a", "layer": 0},
+                {"model": "b", "layer": 1, "scale": 0.8},
+                {"model": "a", "layer": 1, "scale": 1.25},
+            ],
+        },
+        "ps_then_dfs": {  # a PS recipe nested as a data-flow source
+            "merge_method": "dataflow",
+            "embed_from": "merged",
+            "models": {
+                "merged": {
+                    "merge_method": "dare_ties",
+                    "base_model": base,
+                    "models": [
+                        {"model": a, "parameters": {"weight": 0.5, "density": 0.6}},
+                        {"model": b, "parameters": {"weight": 0.5, "density": 0.6}},
+                    ],
+                    "seed": 5,
+                },
+                "b": b,
+            },
+            "path": [{"model": "merged", "layer": 0}, {"model": "b", "layer": 1, "scale": 1.5}],
         },
     }
 
