@@ -13,11 +13,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -40,9 +38,11 @@ def calls(log: Path) -> int:
     return len(log.read_text().splitlines()) if log.exists() else 0
 
 
-def export_chaos(cli, run: Path, tmp: Path, kills: int, rng: random.Random) -> dict:
+def export_chaos(run: Path, tmp: Path, kills: int, rng: random.Random) -> dict:
     """SIGKILL `evomerge export` while it writes (a staging folder exists), `kills` times, then
     let it finish: the folder must hold the uninterrupted export's bytes, nothing else."""
+    from tests.test_run import cli
+
     clean, target = tmp / "export_clean", tmp / "export_killed"
     assert cli("export", str(run), "--best", "nll", "--to", str(clean)).wait() == 0
     mid_write = 0
@@ -84,9 +84,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "bench")
     args = parser.parse_args()
     from evomerge.testing import make_family
+    from tests.test_run import cli  # the CLI in a child process, output quiet
 
     rng = random.Random(0)
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         models = make_family(tmp / "models", "llama", n_finetunes=2, seed=0)
@@ -115,15 +115,6 @@ def main() -> None:
             path.write_text(yaml.safe_dump(data))
             return path
 
-        def cli(*command: str) -> subprocess.Popen:
-            return subprocess.Popen(
-                [sys.executable, "-m", "evomerge.cli", *command, "--quiet"],
-                cwd=ROOT,
-                env=env,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.PIPE,
-            )
-
         reference = tmp / "reference"
         proc = cli("run", str(config(tmp / "reference_calls.log")), "--out", str(reference))
         assert proc.wait() == 0, proc.stderr.read().decode()
@@ -151,7 +142,7 @@ def main() -> None:
                 raise SystemExit(proc.stderr.read().decode()[-2000:])
             break
         got, want = records(chaos), records(reference)
-        export = export_chaos(cli, chaos, tmp, args.export_kills, rng)
+        export = export_chaos(chaos, tmp, args.export_kills, rng)
         result = {
             "kills": kills,
             "budget": args.budget,

@@ -17,10 +17,10 @@ import json
 import math
 import shutil
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Optional, Protocol
+from typing import Optional, Protocol
 
 import numpy as np
 import yaml
@@ -34,8 +34,6 @@ from evomerge.merge.methods import get_method
 from evomerge.optim import Candidate, Evaluation, Optimizer, make_optimizer
 from evomerge.recipe import Recipe
 from evomerge.spaces import SearchSpace, build_space, read_space_spec
-from evomerge.spaces.dataflow_space import CombinedSpace
-from evomerge.spaces.parameter import ParameterSpace
 from evomerge.store import Record, RunStore, genome_key, read_run_meta
 from evomerge.worker import Outcome, Worker, load_callable
 
@@ -135,24 +133,19 @@ def prepare(config: RunConfig) -> tuple[RunConfig, SearchSpace]:
     if space.size == 0:
         raise EvomergeError("field 'search_space': the space has no genes to search")
     sources = {ref: source(ref) for ref in dict.fromkeys(models.values())}
-    check_space_recipes(space, lambda recipe: plan_for(recipe, sources))
+    check_space_recipes(space, sources)
     optimizer_for(resolved, space)  # bad optimizer names and options fail here
     check_fitness(resolved)
     return resolved, space
 
 
-def check_space_recipes(space: SearchSpace, plan: Callable[[Recipe], Any]) -> None:
-    """Every candidate must at least plan: the start, and (PS genes) both ends of every range,
-    so that a range a method cannot take (a density of 0, a negative t) fails before the run
-    rather than as a failed evaluation at every corner the optimizer visits."""
-    ps = space.ps if isinstance(space, CombinedSpace) else space
-    checks = [("the start genome", space, space.initial())]
-    if isinstance(ps, ParameterSpace):
-        low, high = ps.bounds()
-        checks += [("the low end of its ranges", ps, low), ("the high end of its ranges", ps, high)]
-    for label, part, genome in checks:
+def check_space_recipes(space: SearchSpace, sources: dict[str, ModelSource]) -> None:
+    """Every candidate must at least plan: a range a method cannot take (a density of 0, a
+    negative t) fails here, before the run, rather than as a failed evaluation at every corner
+    the optimizer visits."""
+    for label, part, genome in space.must_plan():
         try:
-            plan(part.decode(genome))
+            plan_for(part.decode(genome), sources)
         except EvomergeError as exc:
             raise EvomergeError(
                 f"field 'search_space': at {label} the recipe is invalid: {exc}"

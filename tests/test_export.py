@@ -13,7 +13,7 @@ from evomerge.store import RunStore
 from evomerge.worker import Worker
 
 from .helpers import load_folder
-from .test_run import REPO, expect_error, run_config, write
+from .test_run import REPO, TWO_OBJECTIVES, expect_error, pareto_config, run_config, write
 
 
 def test_non_dominated_and_hypervolume_by_hand():
@@ -31,15 +31,8 @@ def test_non_dominated_and_hypervolume_by_hand():
 
 
 def test_exported_models_equal_the_scored_ones(llama, tmp_path, capsys):
-    config = run_config(
-        llama,
-        search_space=str(REPO / "search_spaces" / "ps_dfs.yaml"),
-        budget=6,
-        optimizer={"name": "nsga2", "options": {"population_size": 4}},
-        objectives=[
-            {"name": "nll", "metric": "nll", "direction": "minimize"},
-            {"name": "spread", "metric": "logit_std"},
-        ],
+    config = pareto_config(
+        llama, search_space=str(REPO / "search_spaces" / "ps_dfs.yaml"), budget=6
     )
     run = tmp_path / "run"
     assert main(["run", str(write(tmp_path, config)), "--out", str(run), "--quiet"]) == 0
@@ -96,10 +89,7 @@ def test_surrogate_step_on_a_finished_run(llama, tmp_path):
             "method": "task_arithmetic",
             "parameters": {"weight": {"low": 0.0, "high": 1.0}},
         },
-        objectives=[
-            {"name": "nll", "metric": "nll", "direction": "minimize"},
-            {"name": "spread", "metric": "logit_std"},
-        ],
+        objectives=TWO_OBJECTIVES,
     )
     run = tmp_path / "run"
     assert main(["run", str(write(tmp_path, config)), "--out", str(run), "--quiet"]) == 0

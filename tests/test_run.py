@@ -44,6 +44,18 @@ def run_config(m, **changes) -> dict:
     return config
 
 
+TWO_OBJECTIVES = [
+    {"name": "nll", "metric": "nll", "direction": "minimize"},
+    {"name": "spread", "metric": "logit_std", "direction": "maximize"},
+]
+
+
+def pareto_config(m, **changes) -> dict:
+    """Two objectives under NSGA-II: a run whose Pareto set holds several models."""
+    nsga2 = {"name": "nsga2", "options": {"population_size": 4}}
+    return run_config(m, objectives=TWO_OBJECTIVES, optimizer=nsga2, **changes)
+
+
 def write(tmp_path, config, name="run.yaml") -> Path:
     path = tmp_path / name
     path.write_text(yaml.safe_dump(config, sort_keys=False))
@@ -56,14 +68,7 @@ def stored(folder: Path) -> list[tuple]:
 
 
 def test_run_status_and_exports(llama, tmp_path, capsys):
-    config = run_config(
-        llama,
-        objectives=[
-            {"name": "nll", "metric": "nll", "direction": "minimize"},
-            {"name": "spread", "metric": "logit_std", "direction": "maximize"},
-        ],
-        optimizer={"name": "nsga2", "options": {"population_size": 4}},
-    )
+    config = pareto_config(llama)
     out = tmp_path / "run"
     assert main(["run", str(write(tmp_path, config)), "--out", str(out), "--quiet"]) == 0
     records = RunStore.open(out).records()

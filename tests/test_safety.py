@@ -193,30 +193,19 @@ def test_code_shipped_in_a_model_folder_never_runs_unless_trusted(llama, tmp_pat
 def test_export_killed_mid_write_leaves_nothing_half_written_and_reruns(llama, tmp_path):
     import os
     import signal
-    import subprocess
-    import sys
     import time
 
     from .helpers import load_folder
+    from .test_run import cli, pareto_config
 
-    config = run_config(
-        llama,
-        budget=8,
-        optimizer={"name": "nsga2", "options": {"population_size": 4}},
-        objectives=[
-            {"name": "nll", "metric": "nll", "direction": "minimize"},
-            {"name": "spread", "metric": "logit_std"},
-        ],
-    )
     run = tmp_path / "run"
-    assert main(["run", str(write(tmp_path, config)), "--out", str(run), "--quiet"]) == 0
+    config = write(tmp_path, pareto_config(llama, budget=8))
+    assert main(["run", str(config), "--out", str(run), "--quiet"]) == 0
     assert main(["export", str(run), "--pareto", "--to", str(tmp_path / "clean"), "--quiet"]) == 0
     target = tmp_path / "killed"
-    command = [sys.executable, "-m", "evomerge.cli", "export", str(run), "--pareto"]
-    command += ["--to", str(target), "--quiet"]
     killed = False
     for _ in range(10):  # kill the moment a model is half-written (a staging folder exists)
-        proc = subprocess.Popen(command, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        proc = cli("export", str(run), "--pareto", "--to", str(target))
         while proc.poll() is None:
             if target.exists() and any(p.name.endswith(f"-{proc.pid}") for p in target.iterdir()):
                 os.kill(proc.pid, signal.SIGKILL)

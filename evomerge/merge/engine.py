@@ -84,7 +84,7 @@ def merge_to_disk(
         recipe, allow_pickle=allow_pickle, search_dirs=[recipe_dir] if recipe_dir else []
     )
     out.parent.mkdir(parents=True, exist_ok=True)
-    staging = out.parent / f".{out.name}.partial-{os.getpid()}"
+    staging = scratch(out, "partial")
     remove_abandoned(out)
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
@@ -112,11 +112,20 @@ def merge_to_disk(
     return out
 
 
+SCRATCH_KINDS = ("partial", "old")  # a merge being written; a replaced folder being removed
+
+
+def scratch(out: Path, kind: str, pid: Optional[int] = None) -> Path:
+    """The hidden staging ("partial") or trash ("old") folder beside `out` of process `pid`
+    (default: this one); remove_abandoned finds leftovers by the same name."""
+    return out.parent / f".{out.name}.{kind}-{os.getpid() if pid is None else pid}"
+
+
 def remove_abandoned(out: Path) -> None:
     """Staging and trash folders of merges into `out` whose process is gone (killed mid-write)."""
     for leftover in out.parent.glob(f".{out.name}.*-*"):
-        kind, _, pid = leftover.name.rpartition("-")
-        if not kind.endswith((".partial", ".old")) or not pid.isdigit():
+        pid = leftover.name.rpartition("-")[2]
+        if not pid.isdigit() or leftover not in {scratch(out, k, int(pid)) for k in SCRATCH_KINDS}:
             continue
         try:
             os.kill(int(pid), 0)
@@ -141,7 +150,7 @@ def _write_metadata(plan: MergePlan, folder: Path) -> None:
 def _publish(staging: Path, out: Path) -> None:
     """Swap the finished folder into place; an old folder (with --force) is removed only after."""
     if out.exists():
-        trash = out.parent / f".{out.name}.old-{os.getpid()}"
+        trash = scratch(out, "old")
         os.replace(out, trash)
         os.replace(staging, out)
         shutil.rmtree(trash, ignore_errors=True)

@@ -271,7 +271,7 @@ def build_plan(
     method = get_method(recipe.merge_method)
     _check_parameter_settings(recipe, method)
     _open_sources(recipe, sources, allow_pickle, search_dirs)
-    _check_architectures(sources)
+    _check_compatible(sources)
 
     slices = _normalize_slices(recipe, sources)
     first_models = [s.model for s in slices[0].sources]
@@ -432,7 +432,8 @@ def _open_sources(
             sources[ref] = ModelSource(ref, allow_pickle=allow_pickle, search_dirs=search_dirs)
 
 
-def _check_architectures(sources: dict[str, ModelSource]) -> None:
+def _check_compatible(sources: dict[str, ModelSource]) -> None:
+    """One architecture and one vocabulary: parameter-space merges add tensors element-wise."""
     seen: dict[str, str] = {}
     for ref, source in sources.items():
         seen[ref] = source.architecture

@@ -29,6 +29,11 @@ class SearchSpace(ABC):
     def decode(self, genome: np.ndarray, seed: int = 0) -> Recipe:
         """The recipe a genome stands for; `seed` fixes stochastic methods' random state."""
 
+    def must_plan(self) -> list[tuple[str, SearchSpace, np.ndarray]]:
+        """(label, space that decodes it, genome) for each recipe that must plan before a run
+        may start: the start, and wherever a space can reach values a merge method refuses."""
+        return [("the start genome", self, self.initial())]
+
     @property
     def size(self) -> int:
         return len(self.gene_names())

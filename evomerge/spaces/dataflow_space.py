@@ -128,6 +128,9 @@ class CombinedSpace(SearchSpace):
     def initial(self) -> np.ndarray:
         return np.concatenate([self.ps.initial(), self.dfs.initial()])
 
+    def must_plan(self) -> list[tuple[str, SearchSpace, np.ndarray]]:
+        return [*super().must_plan(), *self.ps.must_plan()[1:]]  # the PS ranges' ends
+
     def decode(self, genome: np.ndarray, seed: int = 0) -> Recipe:
         x = np.asarray(genome, dtype=float)
         ps = self.ps.decode(x[: self.split], seed)

@@ -62,7 +62,7 @@ class ParameterSpace(SearchSpace):
         spec: ParameterSpaceSpec,
         models: dict[str, str],
         base: Optional[str],
-        depth_of: Optional[Callable[[str], int]] = None,
+        depth_of: Callable[[str], int],
     ):
         self.spec = spec
         method = get_method(spec.method)
@@ -94,13 +94,12 @@ class ParameterSpace(SearchSpace):
         self.per_model = [k for k in spec.parameters if known[k].scope != "shared"]
         self.method = method
         self.blocks = [*spec.filters, None]  # None: the rest
-        if depth_of is not None:
-            depth = depth_of(base if base is not None else names[0])
-            if spec.layer_groups > depth:
-                raise EvomergeError(
-                    f"field 'search_space.layer_groups': {spec.layer_groups} groups for models "
-                    f"of {depth} layers; use at most {depth}"
-                )
+        depth = depth_of(base if base is not None else names[0])
+        if spec.layer_groups > depth:
+            raise EvomergeError(
+                f"field 'search_space.layer_groups': {spec.layer_groups} groups for models "
+                f"of {depth} layers; use at most {depth}"
+            )
         size = (len(self.shared) + len(self.per_model) * len(names)) * len(self.blocks)
         size *= spec.layer_groups  # arithmetic only: nothing is allocated yet
         if size > MAX_GENES:
@@ -141,6 +140,14 @@ class ParameterSpace(SearchSpace):
 
     def initial(self) -> np.ndarray:
         return np.array([self.spec.parameters[p].start for _, p, _, _ in self._genes()])
+
+    def must_plan(self) -> list[tuple[str, SearchSpace, np.ndarray]]:
+        low, high = self.bounds()
+        return [
+            *super().must_plan(),
+            ("the low end of its ranges", self, low),
+            ("the high end of its ranges", self, high),
+        ]
 
     # ----- decode -----------------------------------------------------------------------------
     def settings(self, genome: np.ndarray) -> dict[Optional[str], dict[str, Any]]:
