@@ -83,7 +83,7 @@ def main() -> None:
     parser.add_argument("--optimizer", default="cma")
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "bench")
     args = parser.parse_args()
-    from evomerge.testing import make_family
+    from tests.family import make_family
     from tests.test_run import cli  # the CLI in a child process, output quiet
 
     rng = random.Random(0)

@@ -27,9 +27,10 @@ sys.path.insert(0, str(ROOT))
 os.chdir(ROOT)  # the workers import the sleeping fitness from tests/
 
 from evomerge.config import RunConfig  # noqa: E402
-from evomerge.run import create_run, drive, make_pool  # noqa: E402
+from evomerge.evaluator import Outcome  # noqa: E402
+from evomerge.pool import make_pool  # noqa: E402
+from evomerge.run import create_run, drive  # noqa: E402
 from evomerge.store import RunStore  # noqa: E402
-from evomerge.worker import Outcome  # noqa: E402
 
 
 def config(models: dict, **changes) -> RunConfig:
@@ -84,7 +85,7 @@ def scaling(models, tmp: Path, sleep: float, evals: int) -> list[dict]:
             fitness={"function": "tests.fitness_fns:sleepy", "options": {"seconds": sleep}},
         )
         run = create_run(cfg, tmp / f"scaling{workers}")
-        pool = make_pool(run)  # workers started and loaded before the clock starts
+        pool = make_pool(run.config)  # workers started and loaded before the clock starts
         start = time.perf_counter()
         drive(run, pool, progress=False)
         wall = time.perf_counter() - start
@@ -135,7 +136,7 @@ def main() -> None:
     parser.add_argument("--overhead-evals", type=int, default=200)
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "bench")
     args = parser.parse_args()
-    from evomerge.testing import make_family
+    from tests.family import make_family
 
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)

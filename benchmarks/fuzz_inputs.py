@@ -1,5 +1,5 @@
 """Fuzz evomerge's front door: every one-fault mutant of valid run configs, search-space files and
-mergekit recipes (each path x each mutation in evomerge.mutations), plus random two-fault mutants.
+mergekit recipes (each path x each mutation in tests/mutations.py), plus random two-fault mutants.
 Each must be accepted and work (a config prepares; a space's genomes all decode to plans that
 build; a merge writes a complete folder) or be refused with one error line and nothing written.
 Anything else (a traceback, a second line, a leftover folder) is counted as a bug and shown.
@@ -29,7 +29,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 
 def double_mutations(seeds: dict[str, Any], count: int, rng: random.Random) -> Iterator[Any]:
-    from evomerge.mutations import MUTATIONS, mutate, paths
+    from tests.mutations import MUTATIONS, mutate, paths
 
     names = sorted(seeds)
     for _ in range(count):
@@ -64,7 +64,8 @@ def main() -> None:
     args = parser.parse_args()
 
     from evomerge.merge.io import ModelSource
-    from evomerge.mutations import (
+    from tests.family import make_family
+    from tests.mutations import (
         check_merge,
         check_run_config,
         check_search_space,
@@ -72,7 +73,6 @@ def main() -> None:
         single_mutations,
         space_seeds,
     )
-    from evomerge.testing import make_family
     from tests.test_run import run_config
 
     # a mutant that asks for absurd memory must show up as a counted bug, not an OOM-killed run

@@ -26,6 +26,7 @@ import torch
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # tests/family.py makes the models
 CONFIGS = {
     "ties": {"merge_method": "ties", "parameters": {"density": 0.5}},
     "dare_ties": {"merge_method": "dare_ties", "parameters": {"density": 0.5}},
@@ -34,7 +35,7 @@ CONFIGS = {
 
 
 def build_models(folder: Path) -> dict[str, Path]:
-    from evomerge.testing import make_family
+    from tests.family import make_family
 
     if (folder / "llama_ft1" / "config.json").exists():
         return {k: folder / f"llama_{k}" for k in ("base", "ft0", "ft1")}

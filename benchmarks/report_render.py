@@ -23,7 +23,7 @@ os.chdir(ROOT)
 
 def small_run(tmp: Path) -> Path:
     from evomerge.cli import main
-    from evomerge.testing import make_family
+    from tests.family import make_family
 
     models = make_family(tmp / "models", "llama", n_finetunes=2, seed=0)
     config = {

@@ -49,10 +49,10 @@ def main() -> None:
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from evomerge.evaluator import Evaluator
     from evomerge.merge.engine import merge_to_disk
     from evomerge.recipe import Recipe
-    from evomerge.testing import make_family
-    from evomerge.worker import Worker
+    from tests.family import make_family
 
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
@@ -89,7 +89,7 @@ def main() -> None:
             "include_path": str(tasks),
             "batch_size": 16,
         }
-        worker = Worker([str(models[k]) for k in ("base", "ft0", "ft1")], fitness, device="cpu")
+        worker = Evaluator([str(models[k]) for k in ("base", "ft0", "ft1")], fitness, device="cpu")
         in_place, disk, evaluation, mergekit = [], [], [], []
         mergekit_cli = Path(sys.executable).with_name("mergekit-yaml")
         (tmp / "mergekit.yml").write_text(recipe.to_mergekit_yaml())

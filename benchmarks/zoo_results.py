@@ -27,7 +27,8 @@ TASKS = ("add", "cipher", "reverse", "cipher_add")
 
 def run_search(config: dict, folder: Path, budget: int, workers: int) -> Path:
     from evomerge.config import RunConfig
-    from evomerge.run import create_run, drive, make_pool, open_run
+    from evomerge.pool import make_pool
+    from evomerge.run import create_run, drive, open_run
 
     config = {**config, "budget": budget, "workers": workers}
     if (folder / "run.json").exists():
@@ -37,7 +38,7 @@ def run_search(config: dict, folder: Path, budget: int, workers: int) -> Path:
         folder.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(yaml.safe_dump(config, sort_keys=False))
         run = create_run(RunConfig.load(path), folder)
-    drive(run, make_pool(run))
+    drive(run, make_pool(run.config))
     return folder
 
 
@@ -50,11 +51,11 @@ def main() -> None:
     args = parser.parse_args()
 
     from evomerge.config import RunConfig
+    from evomerge.evaluator import Evaluator
+    from evomerge.pareto import pareto_records
     from evomerge.recipe import Recipe
     from evomerge.run import source_recipe
-    from evomerge.status import pareto_records
     from evomerge.store import RunStore
-    from evomerge.worker import Worker
     from evomerge.zoo.build import build
 
     paths = build(ROOT / "results" / "zoo", ROOT / "fitness" / "zoo")
@@ -89,7 +90,7 @@ def main() -> None:
     for label, config in (("evolved PS", ps), ("evolved PS+DFS", ps_dfs)):
         folder = run_search(config, args.runs / config["name"], args.budget, args.workers)
         store = RunStore.open(folder)
-        front = pareto_records(store, RunConfig.load(folder / "run.yaml"))
+        front = pareto_records(store.records(), RunConfig.load(folder / "run.yaml").objectives)
         best = max(front, key=lambda r: sum(r.values.values()) / len(r.values))
         rows.append((f"{label} (#{best.index}, best mean on fitness split)", best.recipe))
         if label == "evolved PS+DFS":
@@ -103,7 +104,7 @@ def main() -> None:
         "batch_size": 32,
         "tasks": [f"zoo_{t}_heldout" for t in TASKS],
     }
-    worker = Worker(list(refs.values()), held, device="cpu")
+    worker = Evaluator(list(refs.values()), held, device="cpu")
     table = []
     for label, recipe in rows:
         outcome = worker.evaluate(recipe)

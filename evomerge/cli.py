@@ -34,14 +34,15 @@ def _cmd_merge(args: argparse.Namespace) -> int:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from evomerge.config import RunConfig
-    from evomerge.run import create_run, drive, make_pool
+    from evomerge.pool import make_pool
+    from evomerge.run import create_run, drive
 
     config = RunConfig.load(args.config)
     name = config.name or Path(args.config).stem
     folder = Path(args.out) if args.out else Path("results") / name
     run = create_run(config, folder)
     try:
-        pool = make_pool(run)  # workers read every source: bad weights surface here
+        pool = make_pool(run.config)  # workers read every source: bad weights surface here
     except BaseException:
         shutil.rmtree(folder, ignore_errors=True)  # nothing was evaluated: leave no husk behind
         raise
@@ -52,10 +53,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_resume(args: argparse.Namespace) -> int:
-    from evomerge.run import drive, make_pool, open_run
+    from evomerge.pool import make_pool
+    from evomerge.run import drive, open_run
 
     run = open_run(Path(args.folder))
-    drive(run, make_pool(run), progress=not args.quiet)
+    drive(run, make_pool(run.config), progress=not args.quiet)
     print(f"run finished: {args.folder}")
     return 0
 

@@ -108,8 +108,9 @@ class RunConfig(BaseModel):
         Discriminator(_fitness_kind),
     ]
     pool: Literal["ray", "local"] = "ray"  # local: score in this process, one at a time
-    workers: int = Field(default=1, gt=0)  # Ray actors: one per GPU, else CPU workers
-    threads_per_worker: Optional[int] = Field(default=None, gt=0)
+    # Ray actors; default: one per GPU of the cluster, else one per threads_per_worker CPUs
+    workers: Optional[int] = Field(default=None, gt=0)
+    threads_per_worker: Optional[int] = Field(default=None, gt=0)  # CPU actors; default 2
     candidate_timeout: Optional[float] = Field(default=None, gt=0)  # seconds per candidate
     ray_address: Optional[str] = None  # or RAY_ADDRESS; default: a local Ray started by the run
     device: str = "auto"
@@ -118,6 +119,9 @@ class RunConfig(BaseModel):
     reference: Optional[list[float]] = None  # hypervolume reference, one value per objective
     allow_pickle: bool = False
     trust_remote_code: bool = False
+    # Hugging Face offline mode for the run's processes: true (local models and tasks only),
+    # false (hub downloads allowed), or unset: as HF_HUB_OFFLINE / HF_DATASETS_OFFLINE say
+    offline: Optional[bool] = None
 
     @model_validator(mode="after")
     def _names(self) -> RunConfig:
@@ -132,6 +136,14 @@ class RunConfig(BaseModel):
                 f"({len(self.objectives)})"
             )
         return self
+
+    def offline_env(self) -> dict[str, str]:
+        """The offline switches to set in every process that loads models, tokenizers or
+        datasets (both libraries read them at import); empty: leave the environment alone."""
+        if self.offline is None:
+            return {}
+        value = "1" if self.offline else "0"
+        return {"HF_HUB_OFFLINE": value, "HF_DATASETS_OFFLINE": value}
 
     @classmethod
     def load(cls, path: Union[str, Path]) -> RunConfig:

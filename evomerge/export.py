@@ -17,8 +17,8 @@ import yaml
 from evomerge.config import RunConfig
 from evomerge.errors import EvomergeError
 from evomerge.merge.engine import merge_to_disk
+from evomerge.pareto import pareto_records
 from evomerge.recipe import Recipe
-from evomerge.status import pareto_records
 from evomerge.store import Record, RunStore
 
 log = logging.getLogger("evomerge")
@@ -46,7 +46,7 @@ def choose(
             raise EvomergeError(f"--best {best}: not an objective of this run ({names})")
         sign = 1 if objective.direction == "maximize" else -1
         return [max(records, key=lambda r: sign * r.values[best])]
-    return pareto_records(store, config)
+    return pareto_records(store.records(), config.objectives)
 
 
 def model_card(record: Record, config: RunConfig, run_folder: Path) -> str:

@@ -10,7 +10,7 @@ reference.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Optional
+from typing import Optional, Protocol, TypeVar
 
 import numpy as np
 
@@ -45,6 +45,18 @@ def front_positions(
         return []
     losses = losses_of([values[i] for i in ok], objectives)
     return [ok[k] for k in non_dominated(losses)]
+
+
+class Scored(Protocol):
+    values: Optional[dict[str, float]]  # objective values; None for a failed evaluation
+
+
+S = TypeVar("S", bound=Scored)
+
+
+def pareto_records(records: Sequence[S], objectives: Sequence[Objective]) -> list[S]:
+    """The non-dominated successful evaluations among `records`, in their order."""
+    return [records[i] for i in front_positions([r.values for r in records], objectives)]
 
 
 def hypervolume(losses: np.ndarray, reference: np.ndarray) -> float:

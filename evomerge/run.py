@@ -15,12 +15,13 @@ import functools
 import hashlib
 import json
 import math
+import os
 import shutil
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Optional, Protocol
+from typing import Optional
 
 import numpy as np
 import yaml
@@ -28,51 +29,19 @@ from tqdm.auto import tqdm
 
 from evomerge.config import PythonFitness, RunConfig
 from evomerge.errors import EvomergeError
+from evomerge.evaluator import Outcome, load_callable
 from evomerge.merge.engine import plan_for
 from evomerge.merge.io import ModelSource
 from evomerge.merge.methods import get_method
 from evomerge.optim import Candidate, Evaluation, Optimizer, make_optimizer
+from evomerge.pareto import pareto_records
+from evomerge.pool import Pool
 from evomerge.recipe import Recipe
 from evomerge.spaces import SearchSpace, build_space, read_space_spec
 from evomerge.store import Record, RunStore, genome_key, read_run_meta
-from evomerge.worker import Outcome, Worker, load_callable
 
 RUN_CONFIG = "run.yaml"
 MISSING_METRIC = "the fitness gives no metric"
-
-
-class Pool(Protocol):
-    """Where candidates are scored: in this process, or on Ray workers."""
-
-    def free(self) -> int: ...
-    def submit(self, candidate: Candidate, recipe_yaml: str, held_out: bool = False) -> None: ...
-    def in_flight(self) -> int: ...
-    def wait(self) -> list[tuple[Candidate, str, Outcome]]: ...
-    def close(self) -> None: ...
-
-
-class LocalPool:
-    """One in-process worker, one candidate at a time."""
-
-    def __init__(self, worker: Worker) -> None:
-        self.worker = worker
-        self.queue: deque[tuple[Candidate, str, bool]] = deque()
-
-    def free(self) -> int:
-        return 0 if self.queue else 1
-
-    def submit(self, candidate: Candidate, recipe_yaml: str, held_out: bool = False) -> None:
-        self.queue.append((candidate, recipe_yaml, held_out))
-
-    def in_flight(self) -> int:
-        return len(self.queue)
-
-    def wait(self) -> list[tuple[Candidate, str, Outcome]]:
-        candidate, recipe, held_out = self.queue.popleft()
-        return [(candidate, recipe, self.worker.evaluate(recipe, held_out))]
-
-    def close(self) -> None:
-        pass
 
 
 @dataclass
@@ -103,7 +72,9 @@ class Run:
 # ----- building ------------------------------------------------------------------------------
 def prepare(config: RunConfig) -> tuple[RunConfig, SearchSpace]:
     """Resolve the config into a self-contained one (space inlined, local paths absolute) and
-    build its search space; every error surfaces here, before anything is written."""
+    build its search space; every error surfaces here, before anything is written. The
+    config's `offline` switch is applied to this process here, before any hub library loads."""
+    os.environ.update(config.offline_env())
     models = {
         name: str(Path(ref).resolve()) if Path(ref).exists() else ref
         for name, ref in config.models.items()
@@ -217,120 +188,146 @@ def open_run(folder: Path) -> Run:
     return Run(folder, resolved, space, store)
 
 
-def make_pool(run: Run) -> Pool:
-    """Ray actors (embedded Ray, or the cluster at ray_address / RAY_ADDRESS), or one
-    in-process worker with `pool: local`."""
-    config = run.config
-    kwargs = {
-        "refs": list(dict.fromkeys(config.models.values())),
-        "fitness": config.fitness.model_dump(mode="json"),
-        "device": config.device,
-        "allow_pickle": config.allow_pickle,
-        "trust_remote_code": config.trust_remote_code,
-    }
-    if config.pool == "local":
-        return LocalPool(Worker(**kwargs, threads=config.threads_per_worker))
-    from evomerge.workers import RayPool
-
-    return RayPool(
-        config.workers,
-        kwargs,
-        address=config.ray_address,
-        threads=config.threads_per_worker,
-        timeout=config.candidate_timeout,
-    )
-
-
 # ----- the loop ------------------------------------------------------------------------------
 def drive(run: Run, pool: Pool, progress: bool = True) -> None:
     """Run until the budget is spent; safe to kill at any moment and call again."""
-    store, budget = run.store, run.config.budget
-    records = store.records()
-    known = {(r.index, genome_key(r.genome)): r for r in records if r.origin == "optimizer"}
-    scored = {recipe_key(r.recipe): r for r in records if not r.failed}
-    done = len(known)
-    optimizer = run.new_optimizer()
-    checkpoint = store.load_checkpoint()
-    sequence = 0
-    if checkpoint is not None:
-        optimizer.load_state_dict(checkpoint[0])
-        sequence = checkpoint[1]
-    queue: deque[Candidate] = deque(optimizer.pending())
-
-    def save() -> None:
-        nonlocal sequence
-        sequence += 1
-        store.save_checkpoint(optimizer.state_dict(), sequence)
-
-    def tell(candidate: Candidate, record: Record) -> None:
-        optimizer.tell(
-            Evaluation(
-                candidate.index,
-                candidate.genome,
-                run.losses(record),
-                None if record.per_example is None else np.asarray(record.per_example),
-            )
-        )
-        save()
-
-    if run.config.score_sources:
-        score_sources(run, pool, progress)
-    bar = tqdm(
-        total=budget,
-        initial=min(done, budget),
-        desc="evaluations",
-        unit="eval",
-        disable=not progress,
-        dynamic_ncols=True,
-    )
     try:
-        while True:
-            while pool.free() > 0 and done + pool.in_flight() < budget:
-                if not queue:
-                    asked = optimizer.ask(pool.free())
-                    if not asked:
-                        break
-                    queue.extend(asked)  # no checkpoint: restored, it asks these again
-                candidate = queue.popleft()
-                stored = known.pop((candidate.index, genome_key(candidate.genome)), None)
-                if stored is not None:  # scored before a restart: tell it, score nothing
-                    tell(candidate, stored)
-                    continue
-                recipe = run.space.decode(candidate.genome, run.candidate_seed(candidate.index))
-                twin = scored.get(recipe_key(recipe.to_yaml()))
-                if twin is not None:  # the same merge was scored already: reuse, don't re-score
-                    record = replace(
-                        twin,
-                        index=candidate.index,
-                        genome=candidate.genome,
-                        seconds=0.0,
-                        worker=f"cache of #{twin.index}",
-                    )
-                    store.commit(record)
-                    done += 1
-                    bar.update(1)
-                    tell(candidate, record)
-                    continue
-                pool.submit(candidate, recipe.to_yaml())
-            if pool.in_flight() == 0:
-                break
-            for candidate, recipe, outcome in pool.wait():
-                record = to_record(run, candidate, recipe, outcome)
-                store.commit(record)
-                if not record.failed:
-                    scored.setdefault(recipe_key(recipe), record)
-                done += 1
-                bar.update(1)
-                bar.set_postfix_str(_postfix(record), refresh=False)
-                if record.error and record.error.startswith(MISSING_METRIC):
-                    raise EvomergeError(f"field 'objectives': {record.error}")
-                tell(candidate, record)
-        bar.close()
+        if run.config.score_sources:
+            score_sources(run, pool, progress)
+        SearchLoop(run, pool, progress).run_to_budget()
         if getattr(run.config.fitness, "held_out", None) is not None:
             score_held_out(run, pool, progress)
     finally:
-        bar.close()
         pool.close()
+
+
+class SearchLoop:
+    """The manager loop as named steps: restore the optimizer, then until the budget is spent
+    dispatch candidates (replaying ones the store already holds, reusing identical merges) and
+    record each result (commit, then tell, then checkpoint)."""
+
+    def __init__(self, run: Run, pool: Pool, progress: bool = True) -> None:
+        self.run, self.pool, self.store = run, pool, run.store
+        records = self.store.records()
+        # scored before a restart, keyed by (ask index, genome): told again, never re-scored
+        self.replayable = {
+            (r.index, genome_key(r.genome)): r for r in records if r.origin == "optimizer"
+        }
+        self.scored = {recipe_key(r.recipe): r for r in records if not r.failed}
+        self.done = len(self.replayable)
+        self.optimizer, self.sequence = self.restore()
+        self.queue: deque[Candidate] = deque(self.optimizer.pending())
+        self.bar = tqdm(
+            total=run.config.budget,
+            initial=min(self.done, run.config.budget),
+            desc="evaluations",
+            unit="eval",
+            disable=not progress,
+            dynamic_ncols=True,
+        )
+
+    def restore(self) -> tuple[Optimizer, int]:
+        """The optimizer as last checkpointed (a fresh one before the first tell), and the
+        checkpoint's sequence number."""
+        optimizer = self.run.new_optimizer()
+        checkpoint = self.store.load_checkpoint()
+        if checkpoint is None:
+            return optimizer, 0
+        optimizer.load_state_dict(checkpoint[0])
+        return optimizer, checkpoint[1]
+
+    def run_to_budget(self) -> None:
+        try:
+            while True:
+                self.dispatch()
+                if self.pool.in_flight() == 0:
+                    break
+                for candidate, recipe, outcome in self.pool.wait():
+                    self.record(candidate, recipe, outcome)
+        finally:
+            self.bar.close()
+
+    # ----- dispatch ----------------------------------------------------------------------------
+    def room(self) -> int:
+        """How many more candidates to hand to the pool now: a generational optimizer's whole
+        generation (the pool queues what its workers cannot start yet, so none idles while the
+        generation has work), a steady-state one's as many as workers are free (each new
+        candidate then learns from the newest results); never past the budget."""
+        left = self.run.config.budget - self.done - self.pool.in_flight()
+        return left if self.optimizer.generational else min(left, self.pool.free())
+
+    def dispatch(self) -> None:
+        while (room := self.room()) > 0:
+            if not self.queue:
+                asked = self.optimizer.ask(room)  # no checkpoint: restored, it asks these again
+                if not asked:
+                    return  # a generation waits for its results
+                self.queue.extend(asked)
+            candidate = self.queue.popleft()
+            if self.replay(candidate):
+                continue
+            seed = self.run.candidate_seed(candidate.index)
+            recipe_yaml = self.run.space.decode(candidate.genome, seed).to_yaml()
+            if self.reuse(candidate, recipe_yaml):
+                continue
+            self.pool.submit(candidate, recipe_yaml)
+
+    def replay(self, candidate: Candidate) -> bool:
+        """A re-asked candidate the store already holds is told from the store."""
+        stored = self.replayable.pop((candidate.index, genome_key(candidate.genome)), None)
+        if stored is None:
+            return False
+        self.tell(candidate, stored)
+        return True
+
+    def reuse(self, candidate: Candidate, recipe_yaml: str) -> bool:
+        """A merge identical to one already scored is committed with that score, not re-scored."""
+        twin = self.scored.get(recipe_key(recipe_yaml))
+        if twin is None:
+            return False
+        record = replace(
+            twin,
+            index=candidate.index,
+            genome=candidate.genome,
+            seconds=0.0,
+            worker=f"cache of #{twin.index}",
+        )
+        self.commit(record)
+        self.tell(candidate, record)
+        return True
+
+    # ----- results -----------------------------------------------------------------------------
+    def record(self, candidate: Candidate, recipe: str, outcome: Outcome) -> None:
+        """Commit a scored candidate, then tell the optimizer (never the other way round)."""
+        record = to_record(self.run, candidate, recipe, outcome)
+        self.commit(record)
+        if not record.failed:
+            self.scored.setdefault(recipe_key(recipe), record)
+        self.bar.set_postfix_str(_postfix(record), refresh=False)
+        if record.error and record.error.startswith(MISSING_METRIC):
+            raise EvomergeError(f"field 'objectives': {record.error}")
+        self.tell(candidate, record)
+
+    def commit(self, record: Record) -> None:
+        self.store.commit(record)
+        self.done += 1
+        self.bar.update(1)
+
+    def tell(self, candidate: Candidate, record: Record) -> None:
+        self.optimizer.tell(
+            Evaluation(
+                candidate.index,
+                candidate.genome,
+                self.run.losses(record),
+                None if record.per_example is None else np.asarray(record.per_example),
+            )
+        )
+        self.checkpoint()
+
+    def checkpoint(self) -> None:
+        """After every tell: a restored optimizer re-asks exactly what it asked since."""
+        self.sequence += 1
+        self.store.save_checkpoint(self.optimizer.state_dict(), self.sequence)
 
 
 def source_recipe(ref: str) -> str:
@@ -364,9 +361,8 @@ def score_sources(run: Run, pool: Pool, progress: bool = True) -> None:
 
 def score_held_out(run: Run, pool: Pool, progress: bool = True) -> None:
     """Score the Pareto set on the held-out tasks (once per evaluation, stored with it)."""
-    from evomerge.status import pareto_records
-
-    todo = [r for r in pareto_records(run.store, run.config) if r.held_out is None]
+    front = pareto_records(run.store.records(), run.config.objectives)
+    todo = [r for r in front if r.held_out is None]
     jobs = [(Candidate(r.number, r.genome), r.recipe, True) for r in todo]
     bar = tqdm(total=len(todo), desc="held-out", unit="model", disable=not progress)
     for candidate, _, outcome in score_all(pool, jobs):

@@ -5,7 +5,8 @@ Tasks are built once per worker and reused for every candidate through
 live model; it is re-wrapped only when the worker rebuilds the model (a DFS depth change).
 Results are flattened to "task: metric,filter" keys (e.g. "arith: acc,none"); the per-document
 values of each task's first metric, in document order, are the per-example scores M2N2 uses.
-Relative `data_files` in a task folder's YAML resolve against that folder.
+Relative `data_files` in a task folder's YAML resolve against that folder. Whether tasks may be
+downloaded from the hub is the user's choice (the run config's `offline`, or the environment).
 """
 
 from __future__ import annotations
@@ -14,9 +15,6 @@ import contextlib
 import os
 from pathlib import Path
 from typing import Any, Optional
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 SKIP_KEYS = {"alias", "name", "sample_len", "samples"}
 

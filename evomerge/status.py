@@ -9,7 +9,7 @@ import pandas as pd
 
 from evomerge.config import RunConfig
 from evomerge.pareto import front_positions
-from evomerge.store import Record, RunStore, read_run_meta
+from evomerge.store import RunStore, read_run_meta
 
 MAX_GENE_COLUMNS = 100
 
@@ -44,12 +44,6 @@ def frame_of(store: RunStore, config: RunConfig) -> pd.DataFrame:
         row["pareto"] = position in front
         rows.append(row)
     return pd.DataFrame(rows)
-
-
-def pareto_records(store: RunStore, config: RunConfig) -> list[Record]:
-    """The store's non-dominated successful evaluations."""
-    records = store.records()
-    return [records[i] for i in front_positions([r.values for r in records], config.objectives)]
 
 
 def summary(folder: Path) -> str:

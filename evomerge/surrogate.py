@@ -11,7 +11,8 @@ import numpy as np
 from evomerge.errors import EvomergeError
 from evomerge.optim import Candidate
 from evomerge.optim.map import MAP
-from evomerge.run import make_pool, open_run, score_all, to_record
+from evomerge.pool import make_pool
+from evomerge.run import open_run, score_all, to_record
 
 
 def propose(run_folder: Path, points: int = 8, progress: bool = True) -> int:
@@ -40,7 +41,7 @@ def propose(run_folder: Path, points: int = 8, progress: bool = True) -> int:
         candidate = Candidate(start - k, genome)
         seed = run.candidate_seed(abs(candidate.index) + 10**6)
         jobs.append((candidate, run.space.decode(genome, seed).to_yaml(), False))
-    pool = make_pool(run)
+    pool = make_pool(run.config)
     try:
         for candidate, recipe, outcome in score_all(pool, jobs):
             record = to_record(run, candidate, recipe, outcome)

@@ -15,7 +15,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 @pytest.fixture(scope="session")
 def families(tmp_path_factory) -> dict[str, dict[str, Path]]:
     """Per architecture: base + three fine-tunes. Llama is sharded, Qwen2 has tied embeddings."""
-    from evomerge.testing import make_family
+    from .family import make_family
 
     root = tmp_path_factory.mktemp("models")
     return {

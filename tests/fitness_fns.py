@@ -57,3 +57,12 @@ def logged(model, tokenizer, log: str, sleep: float = 0.0):
     with open(log, "a") as f:
         f.write("call\n")
     return score(model, tokenizer, sleep=sleep)
+
+
+def counted(model, tokenizer, folder: str):
+    """`score`, leaving one line in folder/calls per call: how often a run really scored."""
+    from pathlib import Path
+
+    with open(Path(folder) / "calls", "a") as f:
+        f.write("1\n")
+    return score(model, tokenizer)

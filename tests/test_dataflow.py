@@ -116,7 +116,7 @@ def test_bad_dataflow_input(llama, tmp_path, capsys):
 
 
 def test_bad_dataflow_models_mismatch(llama, tmp_path, capsys):
-    from evomerge.testing import make_family
+    from .family import make_family
 
     wide = make_family(tmp_path / "wide", "llama", n_finetunes=0, seed=5, hidden=96, heads=4)
     big_vocab = make_family(tmp_path / "vocab", "llama", n_finetunes=0, seed=6, vocab=300)
@@ -165,26 +165,31 @@ def test_ps_then_dfs_in_one_recipe_equals_two_steps(llama, tmp_path):
     assert saved.models["b"].merge_method == "dare_ties" and saved.models["b"].seed == 7
 
 
-def test_nested_recipe_in_memory_equals_disk(llama, tmp_path):
+def merged_in_memory(recipe: Recipe, shape_from) -> dict[str, torch.Tensor]:
+    """`recipe` written into a live model (of the folder `shape_from`'s shape, zeroed first)."""
     from transformers import AutoModelForCausalLM
 
     from evomerge.merge.engine import load_source_tensors, merge_into_model, plan_for
     from evomerge.merge.io import ModelSource
 
+    sources = {ref: ModelSource(ref) for ref in recipe.referenced_models()}
+    tensors = load_source_tensors(sources, "cpu")
+    live = AutoModelForCausalLM.from_pretrained(shape_from)
+    with torch.no_grad():
+        for p in live.parameters():
+            p.zero_()
+    merge_into_model(plan_for(recipe, sources), tensors, live)
+    return live.state_dict()
+
+
+def test_nested_recipe_in_memory_equals_disk(llama, tmp_path):
     from .helpers import load_folder
 
     data = dataflow(llama)
     data["models"]["c"] = nested_ps(llama)
     recipe = Recipe.from_dict(data)
     disk = load_folder(merge_to_disk(recipe, tmp_path / "out", progress=False))
-    sources = {ref: ModelSource(ref) for ref in recipe.referenced_models()}
-    tensors = load_source_tensors(sources, "cpu")
-    live = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
-    with torch.no_grad():
-        for p in live.parameters():
-            p.zero_()
-    merge_into_model(plan_for(recipe, sources), tensors, live)
-    state = live.state_dict()
+    state = merged_in_memory(recipe, tmp_path / "out")
     assert all(torch.equal(state[k], v) for k, v in disk.items())
 
 
@@ -195,3 +200,47 @@ def test_bad_nested_recipe_names_its_model(llama, tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and "models.b" in err and "tiez" in err and err.count("\n") == 1, err
     assert not (tmp_path / "out").exists()
+
+
+def second_nested_ps(m) -> dict:
+    """Another stochastic merge of the same family, with its own seed."""
+    return {
+        "merge_method": "della",
+        "base_model": str(m["base"]),
+        "models": [
+            {"model": str(m["ft1"]), "parameters": {"weight": 0.7, "density": 0.6}},
+            {"model": str(m["ft2"]), "parameters": {"weight": 0.5, "density": 0.4}},
+        ],
+        "parameters": {"epsilon": 0.1},
+        "seed": 11,
+    }
+
+
+def test_two_nested_recipes_equal_merging_each_to_a_folder_first(llama, tmp_path):
+    """A path over two PS merges: the same bytes on disk and in a live model as merging each PS
+    recipe to its own folder and pointing the path at those folders."""
+    from .helpers import load_folder
+
+    path = [("m1", 0, 1.0), ("m2", 1, 0.8), ("a", 2, 1.0), ("m1", 3, 1.2), ("m2", 3, 1.0)]
+    one_file = dataflow(llama, path)
+    one_file["models"] = {
+        "a": str(llama["base"]),
+        "m1": nested_ps(llama),
+        "m2": second_nested_ps(llama),
+    }
+    one_file["embed_from"] = "m2"
+    recipe = Recipe.from_dict(one_file)
+    got = load_folder(merge_to_disk(recipe, tmp_path / "one", progress=False))
+
+    first = merge_to_disk(Recipe.from_dict(nested_ps(llama)), tmp_path / "m1", progress=False)
+    second = merge_to_disk(
+        Recipe.from_dict(second_nested_ps(llama)), tmp_path / "m2", progress=False
+    )
+    folders = {"a": str(llama["base"]), "m1": str(first), "m2": str(second)}
+    two_steps = {**one_file, "models": folders}
+    want = load_folder(merge_to_disk(Recipe.from_dict(two_steps), tmp_path / "two", progress=False))
+    assert got.keys() == want.keys()
+    assert all(torch.equal(got[k], want[k]) for k in want)
+
+    state = merged_in_memory(recipe, tmp_path / "one")
+    assert all(torch.equal(state[k], v) for k, v in want.items())

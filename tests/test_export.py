@@ -7,10 +7,10 @@ import torch
 
 from evomerge.cli import main
 from evomerge.config import Objective
+from evomerge.evaluator import Evaluator
 from evomerge.pareto import hypervolume, hypervolume_curve, losses_of, non_dominated
 from evomerge.recipe import Recipe
 from evomerge.store import RunStore
-from evomerge.worker import Worker
 
 from .helpers import load_folder
 from .test_run import REPO, TWO_OBJECTIVES, expect_error, pareto_config, run_config, write
@@ -40,7 +40,7 @@ def test_exported_models_equal_the_scored_ones(llama, tmp_path, capsys):
     exported = sorted((tmp_path / "pareto").iterdir())
     records = {r.index: r for r in RunStore.open(run).records()}
     assert exported and len(records) == 6
-    worker = Worker(
+    worker = Evaluator(
         [str(llama[k]) for k in ("base", "ft0", "ft1")],
         {"function": "tests.fitness_fns:score"},
         device="cpu",

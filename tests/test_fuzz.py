@@ -1,6 +1,6 @@
 """Fuzzed input files: every one-fault mutant (each path x each mutation) of a run config, of the
 ready search-space files and of mergekit recipes, then random two-fault mutants with hypothesis.
-Each is accepted and works, or is refused in one line with nothing written (evomerge.mutations
+Each is accepted and works, or is refused in one line with nothing written (tests/mutations.py
 holds the checks; benchmarks/fuzz_inputs.py runs more of them and reports the counts)."""
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from evomerge.merge.io import ModelSource
-from evomerge.mutations import (
+
+from .mutations import (
     MUTATIONS,
     check_merge,
     check_run_config,
@@ -24,7 +25,6 @@ from evomerge.mutations import (
     single_mutations,
     space_seeds,
 )
-
 from .test_run import run_config
 
 SPACES = Path(__file__).resolve().parents[1] / "search_spaces"

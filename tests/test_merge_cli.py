@@ -149,7 +149,7 @@ def test_bad_recipe_is_one_line_exit_2_nothing_written(llama, tmp_path, capsys, 
 
 
 def test_mismatched_shapes_and_architectures(families, llama, tmp_path, capsys):
-    from evomerge.testing import make_family
+    from .family import make_family
 
     wide = make_family(tmp_path, "llama", n_finetunes=0, hidden=96, seed=5)["base"]
     big_vocab = make_family(tmp_path / "vocab", "llama", n_finetunes=0, seed=6, vocab=300)["base"]

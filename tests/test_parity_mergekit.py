@@ -80,6 +80,12 @@ def configs(m: dict) -> dict[str, dict]:
             "models": three,
             "parameters": {"normalize": False, "rescale": True},
         },
+        "ties_int8_mask": {  # int8_mask changes mergekit's memory use, not its result
+            "merge_method": "ties",
+            "base_model": base,
+            "models": three,
+            "parameters": {"int8_mask": True},
+        },
         "dare_ties_dense": {
             "merge_method": "dare_ties",
             "base_model": base,

@@ -87,7 +87,7 @@ def test_scaled_down_demo_end_to_end(tmp_path, capsys):
 
 
 def test_tokenizer_ids_are_the_bytes_training_feeds():
-    from evomerge.testing import byte_tokenizer
+    from evomerge.zoo.models import byte_tokenizer
     from evomerge.zoo.train import encode_lines
 
     line = "add ru+qi= ut"

@@ -2,7 +2,8 @@
 
 from evomerge.merge.engine import load_source_tensors, merge_into_model, merge_to_disk, plan_for
 from evomerge.merge.methods import METHODS, get_method
-from evomerge.merge.plan import MergePlan, build_plan
+from evomerge.merge.ops import MergePlan
+from evomerge.merge.plan import build_plan
 
 __all__ = [
     "METHODS",

@@ -18,7 +18,7 @@ import torch
 from evomerge.errors import EvomergeError
 from evomerge.merge.io import ModelSource
 from evomerge.merge.methods import get_method
-from evomerge.merge.plan import POST_NAME, MergePlan, TensorOp, split_layer_name
+from evomerge.merge.ops import POST_NAME, MergePlan, TensorOp, split_layer_name
 from evomerge.recipe import Recipe
 
 # Architectures whose blocks are pre-norm residual (x + f(norm(x))) and the tensors that write

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Optional
 
@@ -15,12 +15,9 @@ from tqdm.auto import tqdm
 from evomerge.errors import EvomergeError
 from evomerge.merge.io import ModelSource, ShardedWriter, copy_tokenizer
 from evomerge.merge.memory import keep_freed_memory
-from evomerge.merge.methods import MergeInputs, Method
-from evomerge.merge.plan import MergePlan, TensorOp, build_plan
-from evomerge.merge.rng import TensorRng
+from evomerge.merge.ops import MergePlan, merge_tensor
+from evomerge.merge.plan import build_plan
 from evomerge.recipe import Recipe
-
-Fetch = Callable[[str, str], torch.Tensor]
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -36,28 +33,6 @@ def pick_device(name: str = "auto") -> torch.device:
         raise EvomergeError(
             f"--device: unknown device {name!r}; use cpu, cuda, cuda:N or auto"
         ) from None
-
-
-def merge_tensor(
-    op: TensorOp,
-    method: Method,
-    fetch: Fetch,
-    device: torch.device,
-    seed: int,
-    inputs_are_private: bool,
-) -> torch.Tensor:
-    """One output tensor, in its output dtype, on `device`."""
-    raw = [fetch(model, name) for model, name in op.inputs]
-    if op.copy_only:
-        return raw[op.base_index or 0].to(device)
-    work = [r.to(device=device, dtype=torch.float32) for r in raw]
-    scratch = inputs_are_private or all(w is not r for w, r in zip(work, raw))
-    del raw
-    base = work[op.base_index] if op.base_index is not None else None
-    others = [w for i, w in enumerate(work) if i != op.base_index]
-    rng = TensorRng(seed, op.name) if method.stochastic else None
-    merged = method.fn(MergeInputs(base, others, op.shared, op.per_input, rng, scratch))
-    return merged.to(op.out_dtype)
 
 
 def merge_to_disk(

@@ -16,6 +16,7 @@ from typing import Any, Literal, Optional
 
 import torch
 
+from evomerge.errors import EvomergeError
 from evomerge.merge.rng import TensorRng
 from evomerge.merge.select import keep_largest_, largest_mask, rank_window_mask
 
@@ -86,8 +87,6 @@ def register(method: Method) -> Method:
 
 
 def get_method(name: str) -> Method:
-    from evomerge.errors import EvomergeError
-
     try:
         return METHODS[name]
     except KeyError:
@@ -171,8 +170,6 @@ def della_prune(
     from density-epsilon (smallest) to density+epsilon (largest)."""
     if density >= 1:
         return delta
-    from evomerge.errors import EvomergeError
-
     if density + epsilon >= 1 or density - epsilon <= 0:
         raise EvomergeError(
             f"parameter 'epsilon': density +/- epsilon must lie in (0, 1); got density={density},"
@@ -426,6 +423,8 @@ def passthrough(m: MergeInputs) -> torch.Tensor:
 # ----- the registry ---
 def _gta_params(normalize: bool, rescale: bool, extra: tuple[Param, ...] = ()) -> tuple[Param, ...]:
     return (
+        # mergekit stores sign masks as int8 with it to save memory; results are the same, so it
+        # is accepted and has nothing to change here (tests/test_parity_mergekit.py proves it)
         Param("int8_mask", bool, "shared", False),
         Param("normalize", bool, "shared", normalize),
         Param("rescale", bool, "shared", rescale),

@@ -7,17 +7,14 @@ shapes, dtypes) from the nested plan, and makes a tensor only when one is fetche
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
 from evomerge.errors import EvomergeError
 from evomerge.merge.io import OutputTensor
-from evomerge.merge.plan import MergePlan, TensorOp
-
-Fetch = Callable[[str, str], torch.Tensor]
+from evomerge.merge.ops import Fetch, MergePlan, TensorOp, merge_tensor
 
 
 class MergedSource:
@@ -42,6 +39,10 @@ class MergedSource:
         return self.plan.sources[self.plan.donor].architecture
 
     @property
+    def vocab_size(self) -> Optional[int]:
+        return self.config.get("vocab_size")
+
+    @property
     def num_layers(self) -> int:
         return int(self.config["num_hidden_layers"])
 
@@ -50,8 +51,6 @@ class MergedSource:
     ) -> torch.Tensor:
         """Merge one tensor of the nested recipe from inputs that `fetch` supplies (`private`:
         the fetched tensors are the caller's to overwrite)."""
-        from evomerge.merge.engine import merge_tensor
-
         op = self._ops.get(name)
         if op is None:
             raise EvomergeError(f"nested recipe {self.ref!r}: has no tensor {name!r}")

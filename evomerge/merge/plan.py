@@ -9,16 +9,15 @@ outside the layers (embeddings, final norm, lm_head) read it at t = 0.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 from typing import Any, Optional
 
-import torch
-
 from evomerge.errors import EvomergeError
-from evomerge.merge.io import ModelSource, OutputTensor, parse_dtype
+from evomerge.merge.dataflow import build_dataflow_plan
+from evomerge.merge.io import ModelSource, parse_dtype
 from evomerge.merge.methods import Method, Param, get_method
+from evomerge.merge.nested import MergedSource
+from evomerge.merge.ops import POST_NAME, MergePlan, TensorOp, split_layer_name
 from evomerge.recipe import (
     FilteredValue,
     OutputSlice,
@@ -30,74 +29,7 @@ from evomerge.recipe import (
     resolve_setting,
 )
 
-LAYER_NAME = re.compile(r"^(?P<prefix>(?:.*\.)?(?:layers|h|blocks)\.)(?P<index>\d+)\.(?P<rest>.+)$")
 NESTED_REF = "<nested recipe {name}>"  # a source key no path or hub name can spell
-POST_NAME = re.compile(r"(^|\.)(lm_head|norm|ln_f|final_layernorm|final_layer_norm|final_norm)\.")
-
-
-def split_layer_name(name: str) -> Optional[tuple[str, int, str]]:
-    match = LAYER_NAME.match(name)
-    if match is None:
-        return None
-    return match["prefix"], int(match["index"]), match["rest"]
-
-
-@dataclass
-class TensorOp:
-    """How one output tensor is made."""
-
-    name: str
-    inputs: list[tuple[str, str]]  # (model ref, tensor name in that model), recipe order
-    base_index: Optional[int]
-    shared: dict[str, Any]
-    per_input: list[dict[str, Any]]  # aligned with the method's non-base (or all) inputs
-    out_dtype: torch.dtype
-    shape: tuple[int, ...]
-    copy_only: bool = False  # non-float buffers are copied from the first input
-
-
-@dataclass
-class MergePlan:
-    recipe: Recipe
-    method: Method
-    ops: list[TensorOp]
-    donor: str  # model whose config the output starts from
-    tokenizer_source: Optional[str]
-    layer_sources: Optional[list[tuple[str, int]]] = None  # output layer -> (model, layer)
-    sources: dict[str, ModelSource] = field(default_factory=dict, repr=False)
-    config_overrides: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def out_layers(self) -> Optional[int]:
-        return None if self.layer_sources is None else len(self.layer_sources)
-
-    def output_tensors(self) -> list[OutputTensor]:
-        return [OutputTensor(op.name, op.out_dtype, op.shape) for op in self.ops]
-
-    def output_config(self) -> dict[str, Any]:
-        """The donor's config with depth, per-layer lists and dtype made true for the output."""
-        config = dict(self.sources[self.donor].config)
-        if self.layer_sources is not None:
-            depth = self.sources[self.donor].num_layers
-            for key, value in list(config.items()):
-                if isinstance(value, list) and len(value) == depth and key != "architectures":
-                    config[key] = [
-                        self.sources[model].config[key][layer]
-                        if isinstance(self.sources[model].config.get(key), list)
-                        else value[min(layer, depth - 1)]
-                        for model, layer in self.layer_sources
-                    ]
-            config["num_hidden_layers"] = len(self.layer_sources)
-        config.update(self.config_overrides)
-        dtypes = {op.out_dtype for op in self.ops if op.out_dtype.is_floating_point}
-        if len(dtypes) == 1:
-            name = str(dtypes.pop()).removeprefix("torch.")
-            config["torch_dtype" if "torch_dtype" in config else "dtype"] = name
-        return config
-
-    def close(self) -> None:
-        for source in self.sources.values():
-            source.close()
 
 
 class _Scope:
@@ -252,9 +184,6 @@ def build_plan(
         else None
     )
     if recipe.merge_method == "dataflow":
-        from evomerge.merge.dataflow import build_dataflow_plan
-        from evomerge.merge.nested import MergedSource
-
         _open_sources(recipe, sources, allow_pickle, search_dirs)
         refs: dict[str, str] = {}
         for name, model in (recipe.models or {}).items():
@@ -271,7 +200,7 @@ def build_plan(
     method = get_method(recipe.merge_method)
     _check_parameter_settings(recipe, method)
     _open_sources(recipe, sources, allow_pickle, search_dirs)
-    _check_compatible(sources)
+    _check_compatible({ref: sources[ref] for ref in recipe.referenced_models()})
 
     slices = _normalize_slices(recipe, sources)
     first_models = [s.model for s in slices[0].sources]

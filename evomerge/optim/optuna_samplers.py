@@ -137,8 +137,37 @@ def _random_states(obj: Any, prefix: str = "", depth: int = 0) -> list[tuple[str
 
 
 class NSGA2(OptunaOptimizer):
+    """Optuna puts a new trial in the current generation until `population_size` of that
+    generation have completed, so asking ahead of the results would grow generation 0 into a
+    random search. The barrier here keeps generations whole: a generation is asked in full, and
+    the next only once all of it was told."""
+
     name = "nsga2"
     generational = True
+
+    def __init__(self, lower, upper, x0, n_objectives: int, seed: int, **options: Any) -> None:
+        super().__init__(lower, upper, x0, n_objectives, seed, **options)
+        self.population_size = int(self.sampler.population_size)
+        self.generation_asked = 0
+
+    def _propose(self, n: int) -> list[np.ndarray]:
+        if not self.running and self.generation_asked >= self.population_size:
+            self.generation_asked = 0  # the previous generation is complete
+        room = max(0, min(n, self.population_size - self.generation_asked))
+        self.generation_asked += room
+        genomes = super()._propose(room)
+        storage = self.study._storage
+        for k in range(room):  # the enqueued start point gets none itself: it belongs to gen 0
+            trial = self.running[self.asked + k]
+            self.sampler.get_trial_generation(self.study, storage.get_trial(trial._trial_id))
+        return genomes
+
+    def _state(self) -> dict[str, Any]:
+        return {**super()._state(), "generation_asked": self.generation_asked}
+
+    def _load(self, state: dict[str, Any]) -> None:
+        super()._load(state)
+        self.generation_asked = int(state.get("generation_asked", 0))
 
     def _make_sampler(self, seed: int, options: dict[str, Any]) -> optuna.samplers.BaseSampler:
         size: Optional[int] = options.get("population_size", 16)

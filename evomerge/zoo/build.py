@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from evomerge.zoo import tasks
+from evomerge.zoo.models import byte_tokenizer, save_model, tiny_config
 from evomerge.zoo.train import train
 
 TASK_YAML = """task: {name}
@@ -97,8 +98,6 @@ def build(
     out: Path, fitness: Path, settings: ZooSettings = ZooSettings(), progress: bool = True
 ) -> dict[str, Path]:
     from transformers import AutoModelForCausalLM
-
-    from evomerge.testing import byte_tokenizer, save_model, tiny_config
 
     out, fitness = Path(out), Path(fitness)
     data = write_tasks(fitness, settings)

@@ -1,6 +1,6 @@
 """Mutations of valid input files, and the checks every mutant must pass: evomerge's front door
 (run configs, search-space files, merge recipes) either accepts a file and works, or answers with
-one clear error line and writes nothing. Shared by the fuzz tests and benchmarks/fuzz_inputs.py.
+one clear error line and writes nothing. Shared by tests/test_fuzz.py and benchmarks/fuzz_inputs.py.
 """
 
 from __future__ import annotations
@@ -83,9 +83,22 @@ def single_mutations(data: Any) -> Iterator[tuple[str, Any]]:
             yield f"{'.'.join(map(str, path))}:{how}", mutate(data, path, how)
 
 
-def assert_one_line(exc: EvomergeError) -> None:
+class FuzzBug(Exception):
+    """A mutant that evomerge neither accepted cleanly nor refused in one line."""
+
+
+def require(condition: bool, problem: str) -> None:
+    """An explicit check (not `assert`, which `python -O` removes)."""
+    if not condition:
+        raise FuzzBug(problem)
+
+
+def require_one_line(exc: EvomergeError) -> None:
     message = str(exc)
-    assert message and "\n" not in message and "Traceback" not in message, repr(message)
+    require(
+        bool(message) and "\n" not in message and "Traceback" not in message,
+        f"error is not one line: {message!r}",
+    )
 
 
 # ----- valid files to start from ----------------------------------------------------------------
@@ -205,7 +218,7 @@ def check_run_config(config: dict[str, Any]) -> str:
     try:
         prepare(RunConfig.from_dict(config))
     except EvomergeError as exc:
-        assert_one_line(exc)
+        require_one_line(exc)
         return "error"
     return "valid"
 
@@ -224,7 +237,7 @@ def check_search_space(
     try:
         _, built = prepare(RunConfig.from_dict({**config, "search_space": str(file)}))
     except EvomergeError as exc:
-        assert_one_line(exc)
+        require_one_line(exc)
         return "error"
     low, high = built.bounds()
     rng = np.random.default_rng(seed)
@@ -253,15 +266,15 @@ def check_merge(recipe: Any, folder: Path) -> str:
         code = main(["merge", str(file), str(out), "--quiet"])
     lines = [line for line in err.getvalue().splitlines() if line.startswith("evomerge: error:")]
     leftovers = [p.name for p in folder.iterdir() if p.name.startswith(".out")]
-    assert not leftovers, f"staging left behind: {leftovers}"
+    require(not leftovers, f"staging left behind: {leftovers}")
     if code == 2:
-        assert len(lines) == 1 and not out.exists(), err.getvalue()
+        require(len(lines) == 1 and not out.exists(), f"refusal is not one line: {err.getvalue()}")
         return "error"
-    assert code == 0 and not lines, err.getvalue()
-    assert (out / "config.json").is_file(), "output has no config.json"
+    require(code == 0 and not lines, f"exit {code}: {err.getvalue()}")
+    require((out / "config.json").is_file(), "output has no config.json")
     for shard in out.glob("*.safetensors"):
         read_safetensors_header(shard)  # evomerge's own checks of the header
         for name, tensor in load_file(shard).items():
             if tensor.is_floating_point():
-                assert bool(tensor.isfinite().all()), f"{name}: merged weights are not finite"
+                require(bool(tensor.isfinite().all()), f"{name}: merged weights are not finite")
     return "valid"

@@ -1,5 +1,6 @@
-"""A worker: source tensors loaded once onto its device, one live model, recipes written into
-it in place and scored. Ray actors (and the in-process pool) wrap this class."""
+"""The evaluator: one device's worth of work. It loads the source tensors once onto its device,
+keeps one live model, writes each recipe into it in place and scores it. The in-process pool
+(pool.py) holds one; the Ray pool (ray_pool.py) runs one inside each actor."""
 
 from __future__ import annotations
 
@@ -62,7 +63,7 @@ def make_fitness(spec: dict[str, Any]) -> Callable[..., Any]:
     return lambda model, tokenizer: fn(model, tokenizer, **options)
 
 
-class Worker:
+class Evaluator:
     def __init__(
         self,
         refs: list[str],

@@ -1,13 +1,14 @@
-"""Ray workers: one actor per device, kept busy, replaced when they die.
+"""The Ray pool: evaluators placed on a cluster, one actor per device, kept busy, replaced when
+they die.
 
-Each actor is a `Worker` (worker.py): it loads the source tensors once onto its device and
-scores recipes in a live model. The pool keeps two candidates on every actor (one running, one
-queued behind it, so an actor never idles while the driver commits and asks); the run asks the
-optimizer for more the moment a place frees (a generational optimizer fills a whole
-generation). An actor that dies mid-candidate (killed, OOM, node lost) is replaced and its
-candidate dispatched again; one past the per-candidate timeout is killed, replaced, and its
-candidate recorded as failed. `ray.util.ActorPool` is not used: it does not survive a dead
-actor.
+Each actor runs an `Evaluator` (evaluator.py): it loads the source tensors once onto its device
+and scores recipes in a live model. The pool takes any number of candidates: they wait in a
+backlog on the driver and go to actors as places free, two per actor (one running, one queued
+behind it, so an actor never idles while the driver commits and asks). A generational optimizer
+hands over its whole generation at once; every actor works until the generation runs dry. An
+actor that dies mid-candidate (killed, OOM, node lost) is replaced and its candidate dispatched
+again; one past the per-candidate timeout is killed, replaced, and its candidate recorded as
+failed. `ray.util.ActorPool` is not used: it does not survive a dead actor.
 """
 
 from __future__ import annotations
@@ -16,19 +17,21 @@ import contextlib
 import logging
 import os
 import time
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 from evomerge.errors import EvomergeError
+from evomerge.evaluator import Evaluator, Outcome
 from evomerge.optim import Candidate
-from evomerge.worker import Outcome, Worker
 
 log = logging.getLogger("evomerge")
 MAX_ATTEMPTS = 3  # dispatches of one candidate whose worker died before it is recorded failed
 MAX_START_FAILURES = 3  # actors that die while loading their sources: give up
 POLL_SECONDS = 0.5
 DEPTH = 2  # candidates per actor: one running, one queued, so no actor waits on the driver
+CPU_THREADS = 2  # threads per CPU actor unless threads_per_worker says otherwise
 
 
 @dataclass
@@ -73,32 +76,49 @@ def start_failure_reason(exc: Exception) -> str:
     return (lines[0] if lines else type(exc).__name__)[:300]
 
 
+def default_workers(nodes: list[dict[str, float]], use_gpu: bool, threads: int) -> int:
+    """One actor per GPU of the cluster, else one per `threads` CPUs of each node (at least
+    one): what fits, node by node, since an actor cannot span nodes."""
+    if use_gpu:
+        return max(1, sum(int(node.get("GPU", 0)) for node in nodes))
+    return max(1, sum(int(node.get("CPU", 0) // threads) for node in nodes))
+
+
 class RayPool:
     def __init__(
         self,
-        n_workers: int,
+        n_workers: Optional[int],
         worker_kwargs: dict[str, Any],
         address: Optional[str] = None,
         threads: Optional[int] = None,
         timeout: Optional[float] = None,
+        env: Optional[dict[str, str]] = None,
     ) -> None:
         import ray
 
         self.ray = ray
         self.started_ray = start_ray(address)
-        gpus = ray.cluster_resources().get("GPU", 0)
-        cpus = ray.cluster_resources().get("CPU", 1)
+        nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
+        gpus = sum(node.get("GPU", 0) for node in nodes)
         self.use_gpu = gpus >= 1 and worker_kwargs.get("device", "auto") in ("auto", "cuda")
-        self.threads = threads or max(1, int(cpus // max(n_workers, 1)))
+        cpus = int(sum(node.get("CPU", 0) for node in nodes)) or 1
+        largest = max((int(node.get("CPU", 1)) for node in nodes), default=1)
+        if n_workers is None:
+            self.threads = threads or min(CPU_THREADS, largest)
+            n_workers = default_workers(nodes, self.use_gpu, self.threads)
+        else:  # a given number of workers shares the cluster's CPUs unless told otherwise
+            self.threads = threads or max(1, cpus // n_workers)
         self.worker_kwargs = dict(worker_kwargs)
         if self.use_gpu:
             self.worker_kwargs["device"] = "cuda"
+        self.env = dict(env or {})
         self.timeout = timeout
         self.actors: list[Any] = []
         self.served = [0] * n_workers
         self.generation = 0
         self.start_failures = 0
         self.jobs: dict[Any, Job] = {}
+        self.backlog: deque[tuple[Candidate, str, bool, int]] = deque()
         self.submitted = 0
         self.actors = [self._spawn(slot) for slot in range(n_workers)]
         self._await_ready(list(range(n_workers)))
@@ -106,11 +126,13 @@ class RayPool:
     def _spawn(self, slot: int) -> Any:
         self.generation += 1
         options: dict[str, Any] = {"max_restarts": 0, "max_concurrency": 1}
+        if self.env:
+            options["runtime_env"] = {"env_vars": self.env}
         if self.use_gpu:
             options["num_gpus"] = 1
         else:
             options["num_cpus"] = self.threads
-        remote = self.ray.remote(Worker).options(**options)
+        remote = self.ray.remote(Evaluator).options(**options)
         name = f"worker-{slot}.{self.generation}"
         return remote.remote(**self.worker_kwargs, name=name, threads=self.threads)
 
@@ -146,15 +168,28 @@ class RayPool:
     def _load(self, slot: int) -> int:
         return sum(1 for job in self.jobs.values() if job.actor == slot)
 
-    def free(self) -> int:
+    def _places(self) -> int:
         return sum(max(0, DEPTH - self._load(slot)) for slot in range(len(self.actors)))
 
+    def free(self) -> int:
+        return max(0, self._places() - len(self.backlog))
+
     def in_flight(self) -> int:
-        return len(self.jobs)
+        return len(self.jobs) + len(self.backlog)
 
     def submit(
         self, candidate: Candidate, recipe_yaml: str, held_out: bool = False, attempt: int = 1
     ) -> None:
+        """Take a candidate: it goes to an actor now if one has a place, else to the backlog."""
+        self.backlog.append((candidate, recipe_yaml, held_out, attempt))
+        self._feed()
+
+    def _feed(self) -> None:
+        """Move backlog candidates onto actors with a free place, least loaded first."""
+        while self.backlog and self._places() > 0:
+            self._send(*self.backlog.popleft())
+
+    def _send(self, candidate: Candidate, recipe_yaml: str, held_out: bool, attempt: int) -> None:
         slot = min(range(len(self.actors)), key=self._load)
         started = time.monotonic() if self._load(slot) == 0 else None
         handle = self.actors[slot]
@@ -175,6 +210,7 @@ class RayPool:
         from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
         while True:
+            self._feed()  # candidates requeued after a worker died, onto replaced actors
             ready, _ = self.ray.wait(list(self.jobs), num_returns=1, timeout=POLL_SECONDS)
             done: list[tuple[Candidate, str, Outcome]] = []
             for ref in ready:
@@ -191,12 +227,13 @@ class RayPool:
                 done.append((job.candidate, job.recipe, outcome))
             done += self._expire()
             if done:
+                self._feed()
                 return done
 
     def _worker_died(self, job: Job, exc: Exception, done: list) -> None:
         reason = str(exc).splitlines()[0][:300]
         if job.handle is not self.actors[job.actor]:  # queued on an actor replaced since
-            self.submit(job.candidate, job.recipe, job.held_out, job.attempt)
+            self.backlog.appendleft((job.candidate, job.recipe, job.held_out, job.attempt))
             return
         log.warning("worker %d died (%s); replacing it", job.actor, reason)
         self._replace(job.actor)
@@ -209,7 +246,7 @@ class RayPool:
                 )
             )
         else:
-            self.submit(job.candidate, job.recipe, job.held_out, job.attempt + 1)
+            self.backlog.appendleft((job.candidate, job.recipe, job.held_out, job.attempt + 1))
 
     def _expire(self) -> list[tuple[Candidate, str, Outcome]]:
         if self.timeout is None:

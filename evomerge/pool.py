@@ -1,0 +1,77 @@
+"""Where candidates are scored: the pool protocol the manager loop talks to, the in-process pool
+(one evaluator, one candidate at a time) and the choice between it and the Ray pool."""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Protocol
+
+from evomerge.config import RunConfig
+from evomerge.evaluator import Evaluator, Outcome
+from evomerge.optim import Candidate
+
+
+class Pool(Protocol):
+    """Takes any number of candidates; scores them as evaluators free up."""
+
+    def free(self) -> int:
+        """Candidates the pool could start now without any evaluator waiting for work."""
+        ...
+
+    def submit(self, candidate: Candidate, recipe_yaml: str, held_out: bool = False) -> None: ...
+
+    def in_flight(self) -> int:
+        """Submitted and not yet returned by wait() (running or waiting for an evaluator)."""
+        ...
+
+    def wait(self) -> list[tuple[Candidate, str, Outcome]]: ...
+
+    def close(self) -> None: ...
+
+
+class LocalPool:
+    """One in-process evaluator, one candidate at a time (what the resume tests use)."""
+
+    def __init__(self, evaluator: Evaluator) -> None:
+        self.evaluator = evaluator
+        self.queue: deque[tuple[Candidate, str, bool]] = deque()
+
+    def free(self) -> int:
+        return 0 if self.queue else 1
+
+    def submit(self, candidate: Candidate, recipe_yaml: str, held_out: bool = False) -> None:
+        self.queue.append((candidate, recipe_yaml, held_out))
+
+    def in_flight(self) -> int:
+        return len(self.queue)
+
+    def wait(self) -> list[tuple[Candidate, str, Outcome]]:
+        candidate, recipe, held_out = self.queue.popleft()
+        return [(candidate, recipe, self.evaluator.evaluate(recipe, held_out))]
+
+    def close(self) -> None:
+        pass
+
+
+def make_pool(config: RunConfig) -> Pool:
+    """Ray actors (embedded Ray, or the cluster at ray_address / RAY_ADDRESS), or one
+    in-process evaluator with `pool: local`."""
+    kwargs = {
+        "refs": list(dict.fromkeys(config.models.values())),
+        "fitness": config.fitness.model_dump(mode="json"),
+        "device": config.device,
+        "allow_pickle": config.allow_pickle,
+        "trust_remote_code": config.trust_remote_code,
+    }
+    if config.pool == "local":
+        return LocalPool(Evaluator(**kwargs, threads=config.threads_per_worker))
+    from evomerge.ray_pool import RayPool
+
+    return RayPool(
+        config.workers,
+        kwargs,
+        address=config.ray_address,
+        threads=config.threads_per_worker,
+        timeout=config.candidate_timeout,
+        env=config.offline_env(),
+    )

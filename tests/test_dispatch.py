@@ -1,0 +1,109 @@
+"""The manager loop's dispatch: whole generations in flight, identical merges scored once, and
+how many workers a cluster gets by default."""
+
+from __future__ import annotations
+
+from collections import Counter, deque
+
+import pytest
+
+from evomerge.cli import main
+from evomerge.config import RunConfig
+from evomerge.evaluator import Outcome
+from evomerge.ray_pool import default_workers
+from evomerge.run import SearchLoop, create_run, recipe_key
+from evomerge.store import RunStore
+
+from .test_run import run_config, write
+
+
+class FourWorkers:
+    """A pool of four evaluators that scores instantly and remembers how much it held at once."""
+
+    def __init__(self, workers: int = 4) -> None:
+        self.workers = workers
+        self.queue: deque = deque()
+        self.most_in_flight = 0
+
+    def free(self) -> int:
+        return max(0, self.workers - len(self.queue))
+
+    def submit(self, candidate, recipe_yaml, held_out=False) -> None:
+        self.queue.append((candidate, recipe_yaml))
+        self.most_in_flight = max(self.most_in_flight, len(self.queue))
+
+    def in_flight(self) -> int:
+        return len(self.queue)
+
+    def wait(self):
+        candidate, recipe = self.queue.popleft()
+        return [(candidate, recipe, Outcome(metrics={"nll": float(candidate.genome.sum())}))]
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize(
+    "optimizer, most",
+    [
+        ({"name": "cma", "options": {"population_size": 8}}, 8),
+        ({"name": "nsga2", "options": {"population_size": 8}}, 8),
+        ({"name": "random"}, 4),  # steady state: one new candidate per free worker
+    ],
+)
+def test_generation_is_dispatched_whole(llama, tmp_path, optimizer, most):
+    """4 workers, population 8: all 8 go out at once, so no worker idles while the generation
+    still has candidates; a steady-state optimizer asks only for free workers."""
+    config = RunConfig.from_dict(run_config(llama, optimizer=optimizer, budget=24))
+    run = create_run(config, tmp_path / "run")
+    pool = FourWorkers()
+    SearchLoop(run, pool, progress=False).run_to_budget()
+    assert pool.most_in_flight == most
+    assert len(RunStore.open(tmp_path / "run").records()) == 24
+
+
+def test_nsga2_generations_are_whole(llama, tmp_path):
+    """Asked ahead, Optuna's NSGA-II would put every trial in generation 0; the barrier keeps
+    each generation at population_size."""
+    config = RunConfig.from_dict(
+        run_config(llama, optimizer={"name": "nsga2", "options": {"population_size": 4}}, budget=12)
+    )
+    run = create_run(config, tmp_path / "run")
+    loop = SearchLoop(run, FourWorkers(workers=16), progress=False)
+    loop.run_to_budget()
+    study = loop.optimizer.study
+    key = next(k for k in study.trials[0].system_attrs if k.endswith(":generation"))
+    assert Counter(t.system_attrs[key] for t in study.trials) == {0: 4, 1: 4, 2: 4}
+
+
+def test_identical_merges_are_scored_once(llama, tmp_path):
+    """A data-flow space over one 4-layer model without scales has 16 paths; 30 evaluations
+    must repeat some. Each repeat is committed with its twin's values and never re-scored."""
+    space = {"kind": "dataflow", "models": ["a"], "repetitions": 1, "scaling": "none"}
+    fitness = {"function": "tests.fitness_fns:counted", "options": {"folder": str(tmp_path)}}
+    config = run_config(
+        llama, search_space=space, optimizer={"name": "random"}, budget=30, fitness=fitness
+    )
+    config["score_sources"] = False
+    out = tmp_path / "run"
+    assert main(["run", str(write(tmp_path, config)), "--out", str(out), "--quiet"]) == 0
+    records = RunStore.open(out).records()
+    assert len(records) == 30
+    distinct = {recipe_key(r.recipe) for r in records}
+    calls = len((tmp_path / "calls").read_text().splitlines())
+    assert calls == len(distinct) < 30
+    by_index = {r.index: r for r in records}
+    reused = [r for r in records if r.worker.startswith("cache of #")]
+    assert len(reused) == 30 - calls
+    for r in reused:
+        twin = by_index[int(r.worker.removeprefix("cache of #"))]
+        assert recipe_key(twin.recipe) == recipe_key(r.recipe) and twin.values == r.values
+        assert not twin.worker.startswith("cache")
+
+
+def test_default_workers_one_per_gpu_else_per_threads():
+    gpu_nodes = [{"CPU": 16, "GPU": 2}, {"CPU": 8, "GPU": 1}]
+    assert default_workers(gpu_nodes, use_gpu=True, threads=2) == 3
+    cpu_nodes = [{"CPU": 5}, {"CPU": 2}, {"CPU": 1}]
+    assert default_workers(cpu_nodes, use_gpu=False, threads=2) == 3  # 2 + 1 + 0
+    assert default_workers([{"CPU": 1}], use_gpu=False, threads=2) == 1
