@@ -47,6 +47,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         shutil.rmtree(folder, ignore_errors=True)  # nothing was evaluated: leave no husk behind
         raise
     print(f"run folder: {folder}  (resume with: evomerge resume {folder})", file=sys.stderr)
+    print(run.seeding_line(), file=sys.stderr)
     drive(run, pool, progress=not args.quiet)
     print(f"run finished: {folder}")
     return 0

@@ -116,6 +116,9 @@ class RunConfig(BaseModel):
     device: str = "auto"
     store: Optional[str] = None  # None: SQLite under the run folder; or postgresql://...
     score_sources: bool = True  # score each source model first (report, hypervolume reference)
+    # start the search from the source models the space can express (their scores reused), so a
+    # run never ends below a model the user already had; false for ablations
+    seed_with_sources: bool = True
     reference: Optional[list[float]] = None  # hypervolume reference, one value per objective
     allow_pickle: bool = False
     trust_remote_code: bool = False

@@ -65,8 +65,29 @@ class Run:
             ]
         )
 
+    @functools.cached_property
+    def seeds(self) -> list[tuple[str, np.ndarray]]:
+        """(source model name, genome) the optimizer asks first; none when seeding is off."""
+        return self.space.source_genomes() if self.config.seed_with_sources else []
+
+    def seed_source(self, index: int) -> Optional[str]:
+        """The source model that ask index `index` stands for, if it is a seed."""
+        return self.seeds[index][0] if index < len(self.seeds) else None
+
+    def seeding_line(self) -> str:
+        if not self.config.seed_with_sources:
+            return "seeding: off (seed_with_sources: false)"
+        if not self.seeds:
+            return (
+                "seeding: the search space expresses none of the source models exactly; "
+                "the run starts unseeded"
+            )
+        return "seeding: the search starts from " + ", ".join(name for name, _ in self.seeds)
+
     def new_optimizer(self) -> Optimizer:
-        return optimizer_for(self.config, self.space)
+        optimizer = optimizer_for(self.config, self.space)
+        optimizer.seed_with([genome for _, genome in self.seeds])
+        return optimizer
 
 
 # ----- building ------------------------------------------------------------------------------
@@ -211,8 +232,11 @@ class SearchLoop:
         records = self.store.records()
         # scored before a restart, keyed by (ask index, genome): told again, never re-scored
         self.replayable = {
-            (r.index, genome_key(r.genome)): r for r in records if r.origin == "optimizer"
+            (r.index, genome_key(r.genome)): r
+            for r in records
+            if r.origin in ("optimizer", "source")
         }
+        self.sources = self.store.sources()
         self.scored = {recipe_key(r.recipe): r for r in records if not r.failed}
         self.done = len(self.replayable)
         self.optimizer, self.sequence = self.restore()
@@ -264,7 +288,7 @@ class SearchLoop:
                     return  # a generation waits for its results
                 self.queue.extend(asked)
             candidate = self.queue.popleft()
-            if self.replay(candidate):
+            if self.replay(candidate) or self.reuse_source(candidate):
                 continue
             seed = self.run.candidate_seed(candidate.index)
             recipe_yaml = self.run.space.decode(candidate.genome, seed).to_yaml()
@@ -278,6 +302,27 @@ class SearchLoop:
         if stored is None:
             return False
         self.tell(candidate, stored)
+        return True
+
+    def reuse_source(self, candidate: Candidate) -> bool:
+        """A seed is a source model the run scored before the search: its score is committed
+        again, with the source's own recipe (what was scored), not re-made."""
+        name = self.run.seed_source(candidate.index)
+        scored = self.sources.get(name or "", {})
+        if not scored.get("values") or "per_example" not in scored:
+            return False
+        record = Record(
+            index=candidate.index,
+            genome=candidate.genome,
+            recipe=source_recipe(self.run.config.models[name]),
+            values=scored["values"],
+            metrics=scored.get("metrics") or {},
+            per_example=scored["per_example"],
+            worker=f"source {name}",
+            origin="source",
+        )
+        self.commit(record)
+        self.tell(candidate, record)
         return True
 
     def reuse(self, candidate: Candidate, recipe_yaml: str) -> bool:
@@ -300,6 +345,8 @@ class SearchLoop:
     def record(self, candidate: Candidate, recipe: str, outcome: Outcome) -> None:
         """Commit a scored candidate, then tell the optimizer (never the other way round)."""
         record = to_record(self.run, candidate, recipe, outcome)
+        if self.run.seed_source(candidate.index) is not None:
+            record.origin = "source"
         self.commit(record)
         if not record.failed:
             self.scored.setdefault(recipe_key(recipe), record)
@@ -353,7 +400,12 @@ def score_sources(run: Run, pool: Pool, progress: bool = True) -> None:
         record = to_record(run, candidate, recipe, outcome)
         run.store.set_source(
             todo[-1 - candidate.index],
-            {"values": record.values, "metrics": outcome.metrics, "error": record.error},
+            {
+                "values": record.values,
+                "metrics": outcome.metrics,
+                "per_example": outcome.per_example,
+                "error": record.error,
+            },
         )
         bar.update(1)
     bar.close()

@@ -31,6 +31,7 @@ def frame_of(store: RunStore, config: RunConfig) -> pd.DataFrame:
             "error": r.error,
             "seconds": r.seconds,
             "worker": r.worker,
+            "origin": r.origin,
         }
         for o in config.objectives:
             row[o.name] = np.nan if r.values is None else r.values[o.name]

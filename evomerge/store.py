@@ -54,7 +54,9 @@ class Record:
     error: Optional[str] = None
     number: int = -1  # position in the store
     held_out: Optional[dict[str, float]] = None  # scores on the held-out tasks (Pareto set)
-    origin: str = "optimizer"  # or "surrogate": proposed by a surrogate-assisted step
+    # "optimizer"; "source": a source model the search was seeded with (asked by the optimizer,
+    # in its budget); "surrogate": proposed by a surrogate-assisted step (outside the budget)
+    origin: str = "optimizer"
 
     @property
     def failed(self) -> bool:

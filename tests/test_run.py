@@ -244,11 +244,13 @@ def test_ps_dfs_search_runs_end_to_end(llama, tmp_path):
         llama,
         search_space=str(REPO / "search_spaces" / "ps_dfs.yaml"),
         optimizer={"name": "random"},
-        budget=5,
+        budget=8,
     )
     out = tmp_path / "run"
     assert main(["run", str(write(tmp_path, config)), "--out", str(out), "--quiet"]) == 0
     records = RunStore.open(out).records()
-    assert len(records) == 5 and not any(r.failed for r in records), [r.error for r in records]
-    depths = {len(yaml.safe_load(r.recipe)["path"]) for r in records}
+    assert len(records) == 8 and not any(r.failed for r in records), [r.error for r in records]
+    searched = [r for r in records if r.origin == "optimizer"]  # the first 3 are the sources
+    assert [r.origin for r in records[:3]] == ["source"] * 3 and len(searched) == 5
+    depths = {len(yaml.safe_load(r.recipe)["path"]) for r in searched}
     assert len(depths) > 1  # the live model was rebuilt for other depths

@@ -62,6 +62,18 @@ class Optimizer(ABC):
         self.told = 0
         self.outstanding: dict[int, np.ndarray] = {}
         self.worst = np.full(n_objectives, -np.inf)
+        self.seeds: list[np.ndarray] = []
+
+    def seed_with(self, genomes: list[np.ndarray]) -> None:
+        """Genomes to ask before any of the algorithm's own (the run's source models): they are
+        the first asks, told like any other, and each algorithm learns from them its own way
+        (`_ask_seed`, `_learn_seed`). Call before the first ask."""
+        if self.asked:
+            raise EvomergeError("seeds must be given before the first ask")
+        self.seeds = [np.clip(np.asarray(g, dtype=float), self.lower, self.upper) for g in genomes]
+
+    def is_seed(self, index: int) -> bool:
+        return index < len(self.seeds)
 
     @property
     def dim(self) -> int:
@@ -69,13 +81,20 @@ class Optimizer(ABC):
 
     # ----- the contract -------------------------------------------------------------------------
     def ask(self, n: int) -> list[Candidate]:
-        """Up to `n` new candidates (fewer, or none, while a generation waits for its results)."""
-        out = []
-        for genome in self._propose(n):
-            out.append(Candidate(self.asked, np.asarray(genome, dtype=float)))
-            self.outstanding[self.asked] = out[-1].genome
-            self.asked += 1
+        """Up to `n` new candidates (fewer, or none, while a generation waits for its results):
+        the seeds first, then the algorithm's own."""
+        out: list[Candidate] = []
+        while len(out) < n and self.is_seed(self.asked):
+            out.append(self._asked(self._ask_seed(self.seeds[self.asked])))
+        if len(out) < n:
+            out += [self._asked(genome) for genome in self._propose(n - len(out))]
         return out
+
+    def _asked(self, genome: np.ndarray) -> Candidate:
+        candidate = Candidate(self.asked, np.asarray(genome, dtype=float))
+        self.outstanding[self.asked] = candidate.genome
+        self.asked += 1
+        return candidate
 
     def tell(self, evaluation: Evaluation) -> None:
         if evaluation.index not in self.outstanding:
@@ -85,7 +104,10 @@ class Optimizer(ABC):
             losses = np.asarray(evaluation.losses, dtype=float)
             self.worst = np.maximum(self.worst, losses)
         self.told += 1
-        self._learn(evaluation)
+        if self.is_seed(evaluation.index):
+            self._learn_seed(evaluation)
+        else:
+            self._learn(evaluation)
 
     def pending(self) -> list[Candidate]:
         """Asked and not yet told, in ask order: what a resumed run must dispatch again."""
@@ -105,6 +127,7 @@ class Optimizer(ABC):
             "told": self.told,
             "outstanding": {str(i): g for i, g in self.outstanding.items()},
             "worst": self.worst,
+            "seeds": list(self.seeds),
             "algorithm": self._state(),
         }
 
@@ -117,9 +140,18 @@ class Optimizer(ABC):
         self.told = int(state["told"])
         self.outstanding = {int(i): np.asarray(g) for i, g in state["outstanding"].items()}
         self.worst = np.asarray(state["worst"], dtype=float)
+        self.seeds = [np.asarray(g, dtype=float) for g in state.get("seeds", [])]
         self._load(state["algorithm"])
 
     # ----- what each algorithm supplies -------------------------------------------------------
+    def _ask_seed(self, genome: np.ndarray) -> np.ndarray:
+        """A seed is being asked (as ask index `self.asked`); by default it is asked as it is."""
+        return genome
+
+    def _learn_seed(self, evaluation: Evaluation) -> None:
+        """A seed's result; by default learnt like any other."""
+        self._learn(evaluation)
+
     @abstractmethod
     def _propose(self, n: int) -> list[np.ndarray]: ...
 

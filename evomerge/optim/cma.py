@@ -43,22 +43,44 @@ class CMAES(Optimizer):
             raise EvomergeError("optimizer.options.population_size: must be >= 2")
         if n_max_resampling is None:
             n_max_resampling = 1 if self.dim > 100 else 100
-        self.es = self.strategy(
-            mean=self.x0.copy(),
-            sigma=sigma,
-            bounds=np.stack([self.lower, self.upper], axis=1),
-            seed=seed,
-            population_size=population_size,
-            n_max_resampling=n_max_resampling,
-        )
+        self.settings = {
+            "sigma": sigma,
+            "seed": seed,
+            "population_size": population_size,
+            "n_max_resampling": n_max_resampling,
+        }
+        self.es = self._strategy_at(self.x0)
         self.generation_asked = 0
         self.results: list[tuple[np.ndarray, float]] = []
+        self.seed_results: list[tuple[np.ndarray, float]] = []
+
+    def _strategy_at(self, mean: np.ndarray) -> Any:
+        bounds = np.stack([self.lower, self.upper], axis=1)
+        return self.strategy(mean=np.array(mean, dtype=float), bounds=bounds, **self.settings)
+
+    # ----- seeds: scored first, the mean starts at the best of them ------------------------------
+    def seed_with(self, genomes: list[np.ndarray]) -> None:
+        """The configured start is scored beside the seeds, so the search starts at whichever of
+        them is best."""
+        genomes = list(genomes)
+        if genomes and not any(np.allclose(g, self.x0) for g in genomes):
+            genomes.append(self.x0)
+        super().seed_with(genomes)
+
+    def _learn_seed(self, evaluation: Evaluation) -> None:
+        loss = float(self.losses_of(evaluation)[0])
+        self.seed_results.append((np.asarray(evaluation.genome, dtype=float), loss))
+        if len(self.seed_results) == len(self.seeds):
+            best = min(self.seed_results, key=lambda pair: pair[1])[0]
+            self.es = self._strategy_at(np.clip(best, self.lower, self.upper))
 
     @property
     def population_size(self) -> int:
         return self.es.population_size
 
     def _propose(self, n: int) -> list[np.ndarray]:
+        if len(self.seed_results) < len(self.seeds):
+            return []  # the first generation is sampled around the best seed: wait for them
         room = min(n, self.population_size - self.generation_asked)
         self.generation_asked += max(room, 0)
         return [self.es.ask() for _ in range(max(room, 0))]
@@ -81,6 +103,7 @@ class CMAES(Optimizer):
             "rng": rng_state(self.es._rng),
             "generation_asked": self.generation_asked,
             "results": [[x, f] for x, f in self.results],
+            "seed_results": [[x, f] for x, f in self.seed_results],
         }
 
     def _load(self, state: dict[str, Any]) -> None:
@@ -96,6 +119,7 @@ class CMAES(Optimizer):
         self.es = es
         self.generation_asked = int(state["generation_asked"])
         self.results = [(np.asarray(x), float(f)) for x, f in state["results"]]
+        self.seed_results = [(np.asarray(x), float(f)) for x, f in state.get("seed_results", [])]
 
 
 class SepCMAES(CMAES):

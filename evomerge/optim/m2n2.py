@@ -108,7 +108,7 @@ class M2N2(Optimizer):
     def _propose(self, n: int) -> list[np.ndarray]:
         out = []
         for _ in range(n):
-            started = self.asked + len(out)
+            started = self.asked - len(self.seeds) + len(out)  # own asks; seeds came first
             if started == 0:
                 out.append(self.x0.copy())
             elif started < self.initial or len(self.members) < 2:

@@ -193,8 +193,8 @@ class MAP(Optimizer):
         while len(out) < n:
             if self.proposed < self.n_design:
                 out.append(self.design_points[self.proposed])
-            elif len(self.x) < self.n_design:
-                break  # the surrogates need the whole design first
+            elif len(self.x) < self.n_design + len(self.seeds):
+                break  # the surrogates need the whole design (and the seeds) first
             elif self.proposed < self.n_design + self.n_adaptive:
                 if len(self.x) < self.proposed or out:
                     break  # adaptive samples are one at a time: each uses the last result

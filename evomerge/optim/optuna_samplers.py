@@ -55,6 +55,13 @@ class OptunaOptimizer(Optimizer):
             out.append(np.array([trial.params[name] for name in self.distributions]))
         return out
 
+    def _ask_seed(self, genome: np.ndarray) -> np.ndarray:
+        """Seeds are enqueued trials: the sampler sees them as its own first trials."""
+        self.study.enqueue_trial({name: float(v) for name, v in zip(self.distributions, genome)})
+        trial = self.study.ask(self.distributions)
+        self.running[self.asked] = trial
+        return np.array([trial.params[name] for name in self.distributions])
+
     def _learn(self, evaluation: Evaluation) -> None:
         trial = self.running.pop(evaluation.index)
         self.study.tell(trial, [float(v) for v in self.losses_of(evaluation)])
@@ -156,11 +163,20 @@ class NSGA2(OptunaOptimizer):
         room = max(0, min(n, self.population_size - self.generation_asked))
         self.generation_asked += room
         genomes = super()._propose(room)
-        storage = self.study._storage
         for k in range(room):  # the enqueued start point gets none itself: it belongs to gen 0
-            trial = self.running[self.asked + k]
-            self.sampler.get_trial_generation(self.study, storage.get_trial(trial._trial_id))
+            self._join_generation(self.running[self.asked + k])
         return genomes
+
+    def _ask_seed(self, genome: np.ndarray) -> np.ndarray:
+        """Seeds are members of generation 0 (or the next, when they outnumber it)."""
+        genome = super()._ask_seed(genome)
+        self.generation_asked += 1
+        self._join_generation(self.running[self.asked])
+        return genome
+
+    def _join_generation(self, trial: optuna.Trial) -> None:
+        frozen = self.study._storage.get_trial(trial._trial_id)
+        self.sampler.get_trial_generation(self.study, frozen)
 
     def _state(self) -> dict[str, Any]:
         return {**super()._state(), "generation_asked": self.generation_asked}

@@ -34,6 +34,11 @@ class SearchSpace(ABC):
         may start: the start, and wherever a space can reach values a merge method refuses."""
         return [("the start genome", self, self.initial())]
 
+    def source_genomes(self) -> list[tuple[str, np.ndarray]]:
+        """(run model name, genome) for each source model this space expresses exactly: the
+        genome's merge is that model, unchanged. The run starts its search from them."""
+        return []
+
     @property
     def size(self) -> int:
         return len(self.gene_names())

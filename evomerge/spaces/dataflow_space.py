@@ -9,7 +9,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from evomerge.errors import EvomergeError
-from evomerge.recipe import Recipe
+from evomerge.recipe import PathStep, Recipe
 from evomerge.spaces.base import SearchSpace
 from evomerge.spaces.dataflow import DataflowGenome, ScalingForm
 from evomerge.spaces.parameter import ParameterSpace, ParameterSpaceSpec
@@ -74,6 +74,26 @@ class DataflowSpace(SearchSpace):
     def initial(self) -> np.ndarray:
         return self.genome.initial()
 
+    @property
+    def embed_from(self) -> str:
+        return self.spec.embed_from or self.spec.models[0]
+
+    def own_path(self, name: str) -> np.ndarray:
+        """The genome of model `name`'s own layers in order, every scale 1."""
+        depth = dict(self.genome.models)[name]
+        return self.genome.encode([PathStep(model=name, layer=k) for k in range(depth)])
+
+    def source_genomes(self) -> list[tuple[str, np.ndarray]]:
+        """A path keeps the embeddings, final norm and head of `embed_from`, so only that model
+        is a source here: its own layers, in order, unscaled."""
+        name = self.embed_from
+        if name == MERGED or name not in self.spec.models:
+            return []
+        try:
+            return [(name, self.own_path(name))]
+        except EvomergeError:  # a scaling form that cannot hold all-ones scales
+            return []
+
     def decode(self, genome: np.ndarray, seed: int = 0) -> Recipe:
         path = self.genome.decode(genome)
         used = dict.fromkeys(
@@ -130,6 +150,19 @@ class CombinedSpace(SearchSpace):
 
     def must_plan(self) -> list[tuple[str, SearchSpace, np.ndarray]]:
         return [*super().must_plan(), *self.ps.must_plan()[1:]]  # the PS ranges' ends
+
+    def source_genomes(self) -> list[tuple[str, np.ndarray]]:
+        """A path over the PS result's own layers is that merge: each source the PS part
+        expresses is one here too. A path embedded from a run model is that model whatever the
+        PS part holds (the start's is used)."""
+        if self.dfs.embed_from == MERGED and MERGED in self.dfs.spec.models:
+            try:
+                path = self.dfs.own_path(MERGED)
+            except EvomergeError:
+                return []
+            return [(name, np.concatenate([g, path])) for name, g in self.ps.source_genomes()]
+        start = self.ps.initial()
+        return [(name, np.concatenate([start, g])) for name, g in self.dfs.source_genomes()]
 
     def decode(self, genome: np.ndarray, seed: int = 0) -> Recipe:
         x = np.asarray(genome, dtype=float)

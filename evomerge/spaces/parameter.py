@@ -20,6 +20,20 @@ from evomerge.merge.methods import get_method
 from evomerge.recipe import Recipe
 from evomerge.spaces.base import MAX_GENES, SearchSpace
 
+# What a task-vector or interpolation merge needs to give back one of its inputs unchanged: the
+# other inputs weighted 0 (the base: every weight 0) or slerp's t at that end, nothing pruned and
+# nothing scaled. `None`: any value does (epsilon prunes nothing once density is 1).
+AT_A_SOURCE: dict[str, Optional[float]] = {
+    "density": 1.0,
+    "lambda": 1.0,
+    "gamma": 0.0,
+    "epsilon": None,
+}
+WEIGHTED = {
+    "linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs",
+    "breadcrumbs_ties", "della", "della_linear", "nuslerp",
+}  # fmt: skip
+
 
 class GeneRange(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -148,6 +162,49 @@ class ParameterSpace(SearchSpace):
             ("the low end of its ranges", self, low),
             ("the high end of its ranges", self, high),
         ]
+
+    # ----- the sources as genomes ---------------------------------------------------------------
+    def source_genomes(self) -> list[tuple[str, np.ndarray]]:
+        """A weighted merge is a source when that source's weight is 1 and every other one 0
+        (the base: all 0, for methods that add task vectors to it); slerp is its base at t = 0
+        and its expert at t = 1. A source whose values lie outside the genes' bounds, or that a
+        fixed parameter rules out, is not expressible."""
+        if self.method.name in WEIGHTED:
+            names = list(self.models)
+            if self.base is not None and self.method.base == "required":
+                names.append(self.base)
+        elif self.method.name == "slerp" and self.base is not None:
+            names = [self.base, *self.models]
+        else:
+            return []
+        found = []
+        for name in names:
+            genome = self._genome_at(name)
+            if genome is not None:
+                found.append((name, genome))
+        return found
+
+    def _genome_at(self, source: str) -> Optional[np.ndarray]:
+        for param, value in self.spec.fixed.items():
+            if param in ("weight", "t") or AT_A_SOURCE.get(param, value) not in (None, value):
+                return None
+        start = self.initial()
+        low, high = self.bounds()
+        genome = np.empty_like(start)
+        for k, (owner, param, _block, _group) in enumerate(self._genes()):
+            if param == "weight":
+                value: Optional[float] = 1.0 if owner == source else 0.0
+            elif param == "t":
+                value = 0.0 if source == self.base else 1.0
+            elif param in AT_A_SOURCE:
+                value = AT_A_SOURCE[param]
+            else:
+                return None  # a parameter with no known neutral value
+            value = start[k] if value is None else value
+            if not low[k] <= value <= high[k]:
+                return None
+            genome[k] = value
+        return genome
 
     # ----- decode -----------------------------------------------------------------------------
     def settings(self, genome: np.ndarray) -> dict[Optional[str], dict[str, Any]]:

@@ -1,0 +1,154 @@
+"""Runs start from their sources: each space says which genomes are the source models, every
+optimizer asks them first (their scores reused), so no run ends below a model the user had."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from evomerge.cli import main
+from evomerge.merge.engine import merge_to_disk
+from evomerge.spaces import build_space, read_space_spec
+from evomerge.store import RunStore
+
+from .helpers import load_folder
+from .test_run import run_config, write
+
+TASK_ARITHMETIC = {
+    "kind": "parameter",
+    "method": "task_arithmetic",
+    "parameters": {"weight": {"low": 0.0, "high": 1.0, "init": 0.5}},
+}
+
+
+def space_of(llama, spec: dict):
+    models = {"base": str(llama["base"]), "a": str(llama["ft0"]), "b": str(llama["ft1"])}
+    return build_space(read_space_spec(spec), models, "base", lambda name: 4), models
+
+
+@pytest.mark.parametrize(
+    "spec, expected",
+    [
+        (TASK_ARITHMETIC, ["a", "b", "base"]),
+        (
+            {
+                "kind": "parameter",
+                "method": "dare_ties",
+                "parameters": {
+                    "weight": {"low": 0.0, "high": 1.2},
+                    "density": {"low": 0.2, "high": 1.0},
+                },
+                "layer_groups": 2,
+                "filters": ["mlp"],
+            },
+            ["a", "b", "base"],
+        ),
+        (
+            {
+                "kind": "parameter",
+                "method": "slerp",
+                "models": ["a"],
+                "parameters": {"t": {"low": 0.0, "high": 1.0}},
+            },
+            ["base", "a"],
+        ),
+        ({"kind": "dataflow", "models": ["b", "a"], "repetitions": 2}, ["b"]),
+    ],
+)
+def test_source_genomes_merge_to_the_sources(llama, tmp_path, spec, expected):
+    """Each source genome's recipe, merged, gives back that model's weights."""
+    space, models = space_of(llama, spec)
+    found = space.source_genomes()
+    assert [name for name, _ in found] == expected
+    for name, genome in found:
+        merged = load_folder(
+            merge_to_disk(space.decode(genome, seed=5), tmp_path / name, progress=False)
+        )
+        source = load_folder(models[name])
+        for key, want in source.items():
+            assert torch.allclose(merged[key], want, atol=1e-6, rtol=0), (name, key)
+
+
+def test_ps_dfs_sources_are_the_ps_sources_on_their_own_path(llama):
+    spec = {
+        "kind": "ps_dfs",
+        "parameter": TASK_ARITHMETIC,
+        "dataflow": {"models": ["merged", "a"], "repetitions": 1, "scaling": "per_layer"},
+    }
+    space, models = space_of(llama, spec)
+    found = dict(space.source_genomes())
+    assert sorted(found) == ["a", "b", "base"]
+    recipe = space.decode(found["a"])
+    assert [(s.model, s.layer, s.scale) for s in recipe.path] == [
+        ("merged", k, 1.0) for k in range(4)
+    ]
+    weights = {m.model: m.parameters["weight"] for m in recipe.models["merged"].models}
+    assert weights == {models["a"]: 1.0, models["b"]: 0.0}
+
+
+def test_a_space_that_cannot_express_a_source_says_so(llama, tmp_path, capsys):
+    narrow = {**TASK_ARITHMETIC, "parameters": {"weight": {"low": 0.2, "high": 1.0}}}
+    space, _ = space_of(llama, narrow)
+    assert space.source_genomes() == []
+    config = run_config(llama, search_space=narrow, budget=2)
+    out = tmp_path / "run"
+    assert main(["run", str(write(tmp_path, config)), "--out", str(out), "--quiet"]) == 0
+    assert "expresses none of the source models" in capsys.readouterr().err
+    assert all(r.origin == "optimizer" for r in RunStore.open(out).records())
+
+
+OPTIMIZERS = [
+    {"name": "cma", "options": {"population_size": 4}},
+    {"name": "sep_cma", "options": {"population_size": 4}},
+    {"name": "m2n2"},
+    {"name": "nsga2", "options": {"population_size": 4}},
+    {"name": "tpe"},
+    {"name": "random"},
+    {"name": "map"},
+]
+
+
+@pytest.mark.parametrize("optimizer", OPTIMIZERS, ids=[o["name"] for o in OPTIMIZERS])
+def test_every_optimizer_starts_from_the_sources(llama, tmp_path, optimizer):
+    """The sources are the first asks, told from their stored scores (not re-scored), and the
+    run's best is at least the best source's."""
+    config = run_config(llama, search_space=TASK_ARITHMETIC, optimizer=optimizer, budget=8)
+    out = tmp_path / "run"
+    assert main(["run", str(write(tmp_path, config)), "--out", str(out), "--quiet"]) == 0
+    store = RunStore.open(out)
+    records = store.records()
+    assert len(records) == 8
+    sources = store.sources()
+    seeded = records[:3]
+    assert [r.origin for r in seeded] == ["source"] * 3
+    assert [r.worker for r in seeded] == ["source a", "source b", "source base"]
+    for record in seeded:
+        name = record.worker.removeprefix("source ")
+        assert record.values == sources[name]["values"] and record.seconds == 0.0
+    best_source = min(v["values"]["nll"] for v in sources.values())
+    assert min(r.values["nll"] for r in records if not r.failed) <= best_source
+
+
+def test_cma_starts_its_mean_at_the_best_seed(llama, tmp_path):
+    from evomerge.optim.cma import CMAES
+
+    lower, upper = np.zeros(2), np.ones(2)
+    cma = CMAES(lower, upper, np.full(2, 0.5), 1, seed=0, population_size=4)
+    cma.seed_with([np.array([1.0, 0.0]), np.array([0.0, 1.0])])
+    from evomerge.optim import Evaluation
+
+    asked = cma.ask(10)
+    assert len(asked) == 3  # two seeds and the configured start; then it waits for them
+    for candidate, loss in zip(asked, [0.7, 0.2, 0.5]):
+        cma.tell(Evaluation(candidate.index, candidate.genome, np.array([loss])))
+    assert np.allclose(cma.es.mean, [0.0, 1.0])
+    assert len(cma.ask(10)) == 4  # then a whole generation
+
+
+def test_seeding_can_be_turned_off(llama, tmp_path):
+    config = run_config(llama, search_space=TASK_ARITHMETIC, budget=3)
+    config["seed_with_sources"] = False
+    out = tmp_path / "run"
+    assert main(["run", str(write(tmp_path, config)), "--out", str(out), "--quiet"]) == 0
+    assert all(r.origin == "optimizer" for r in RunStore.open(out).records())
