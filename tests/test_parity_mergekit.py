@@ -227,8 +227,13 @@ def test_matches_mergekit(families, tmp_path, arch, name):
     run_mergekit(config, tmp_path / "mergekit")
     mine, reference = load_folder(ours), load_folder(tmp_path / "mergekit")
     assert set(mine) == set(reference)
+    inputs = [load_folder(path) for path in families[arch].values()]
     for key, ref in reference.items():
-        scale = max(float(ref.abs().max()), 1e-12)
+        # the scale of the tensors merged, not only of the result: a merge that nearly cancels
+        # (model_stock at t ~ 0 on a zero-initialised bias) must not shrink the tolerance below
+        # fp32 rounding of its coefficients (evomerge takes cosines in float64, mergekit in fp32)
+        merged = [float(t[key].abs().max()) for t in inputs if key in t]
+        scale = max(float(ref.abs().max()), *merged, 1e-12)
         diff = float((mine[key].to(torch.float64) - ref.to(torch.float64)).abs().max())
         assert mine[key].shape == ref.shape, key
         assert diff <= 1e-6 * scale, f"{key}: max abs diff {diff:.3g} vs scale {scale:.3g}"

@@ -17,6 +17,7 @@ from typing import Any, Literal, Optional
 import torch
 
 from evomerge.errors import EvomergeError
+from evomerge.merge import reduce
 from evomerge.merge.rng import TensorRng
 from evomerge.merge.select import keep_largest_, largest_mask, rank_window_mask
 
@@ -112,9 +113,9 @@ def _fraction(value: float) -> Optional[str]:
 
 
 # ----- sparsification ---
-def _rescale_l1(original_l1: torch.Tensor, masked: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+def _rescale_l1(original_l1: float, masked: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
     """Scale the kept entries so the L1 norm is preserved (mergekit's `rescale`)."""
-    after = masked.abs().sum()
+    after = reduce.abs_total(masked)
     if original_l1 >= eps and after >= eps:
         masked.mul_(original_l1 / after)
     return masked
@@ -127,7 +128,7 @@ def magnitude_prune(delta: torch.Tensor, density: float, rescale: bool) -> torch
     flat = delta.reshape(-1)
     k = max(1, int(density * flat.numel()))
     keep = flat.abs()
-    l1 = keep.sum() if rescale else None
+    l1 = reduce.total(keep) if rescale else None
     delta.mul_(keep_largest_(keep, k).reshape(delta.shape))
     del keep
     return _rescale_l1(l1, delta) if rescale else delta
@@ -145,7 +146,7 @@ def breadcrumbs_prune(
     top_n = int(gamma * n)
     bottom_n = max(0, n - keep_n - top_n)
     magnitudes = flat.abs()
-    l1 = magnitudes.sum() if rescale else None
+    l1 = reduce.total(magnitudes) if rescale else None
     keep = rank_window_mask(magnitudes, bottom_n, bottom_n + keep_n).reshape(delta.shape)
     del magnitudes
     delta = delta.masked_fill_(~keep, 0.0)
@@ -158,7 +159,7 @@ def random_prune(
     """DARE: keep each entry with probability `density`."""
     if density >= 1:
         return delta
-    l1 = delta.abs().sum() if rescale else None
+    l1 = reduce.abs_total(delta) if rescale else None
     delta.mul_(rng.keep_mask(delta.shape, density, delta.device))
     return _rescale_l1(l1, delta) if rescale else delta
 
@@ -177,17 +178,19 @@ def della_prune(
         )
     rows = delta.reshape(1, -1) if delta.dim() < 2 else delta.reshape(delta.shape[0], -1)
     width = rows.shape[1]
-    order = rows.abs().argsort(dim=1)
-    ranks = torch.empty_like(rows)
-    positions = torch.arange(width, dtype=rows.dtype, device=rows.device).expand_as(rows)
-    ranks.scatter_(1, order, positions)
+    # tied magnitudes rank by position (a stable sort), as TIES gives ties to the earlier entry
+    order = rows.abs().argsort(dim=1, stable=True)
+    ranks = torch.empty_like(order)
+    ranks.scatter_(1, order, torch.arange(width, device=rows.device).expand_as(order))
     del order
-    rank_norm = ranks.div_(max(width - 1, 1))
-    keep_prob = rank_norm.mul_(2 * epsilon).add_(density - epsilon)
-    l1 = delta.abs().sum() if rescale else None
-    drop = rng.uniform(rows.shape, rows.device) >= keep_prob
-    del keep_prob
-    delta = delta.masked_fill_(drop.reshape(delta.shape), 0.0)
+    # keep probability per rank, in float64; the draw against it is an integer comparison, so
+    # the kept entries are the same on every device and in every dtype
+    probability = torch.arange(width, dtype=torch.float64) * (2 * epsilon / max(width - 1, 1))
+    probability += density - epsilon
+    l1 = reduce.abs_total(delta) if rescale else None
+    keep = rng.keep_where(probability, ranks, rows.device)
+    del ranks
+    delta = delta.masked_fill_(~keep.reshape(delta.shape), 0.0)
     return _rescale_l1(l1, delta) if rescale else delta
 
 
@@ -297,12 +300,12 @@ def linear(m: MergeInputs) -> torch.Tensor:
 def slerp_tensors(
     t: float, v0: torch.Tensor, v1: torch.Tensor, dot_threshold: float = 0.9995, eps: float = 1e-8
 ) -> torch.Tensor:
-    """Spherical interpolation of two whole tensors; linear when they are nearly collinear."""
-    norm0 = torch.linalg.vector_norm(v0)
-    norm1 = torch.linalg.vector_norm(v1)
-    norm0 = norm0 if norm0 > eps else torch.ones_like(norm0)
-    norm1 = norm1 if norm1 > eps else torch.ones_like(norm1)
-    dot = float(((v0 / norm0) * (v1 / norm1)).sum().clamp(-1, 1))
+    """Spherical interpolation of two whole tensors; linear when they are nearly collinear (the
+    cosine is accumulated in float64: the fall-back decision must not depend on fp32 drift)."""
+    norm0, norm1 = reduce.norm(v0), reduce.norm(v1)
+    norm0 = norm0 if norm0 > eps else 1.0
+    norm1 = norm1 if norm1 > eps else 1.0
+    dot = min(1.0, max(-1.0, reduce.dot(v0, v1) / (norm0 * norm1)))
     if abs(dot) > dot_threshold:
         c0, c1 = 1 - t, t
     else:
@@ -327,14 +330,14 @@ def nuslerp_tensors(
         a, b = v0.transpose(0, -1), v1.transpose(0, -1)
     else:
         a, b = v0, v1
-    a_unit = a / torch.linalg.vector_norm(a, dim=-1, keepdim=True).clamp(min=1e-7)
-    b_unit = b / torch.linalg.vector_norm(b, dim=-1, keepdim=True).clamp(min=1e-7)
-    cos = (a_unit * b_unit).sum(-1, keepdim=True).clamp(-1, 1)
+    norms = reduce.row_norms(a).clamp_(min=1e-7) * reduce.row_norms(b).clamp_(min=1e-7)
+    cos = (reduce.row_dots(a, b) / norms).clamp_(-1, 1).unsqueeze(-1)  # float64, one per row
     collinear = (1 - cos.square()) <= eps**2
     theta = torch.acos(torch.where(collinear, 0, cos))
     sin_theta = torch.sin(theta)
-    spherical = (torch.sin((1 - t) * theta) * a + torch.sin(t * theta) * b) / sin_theta
-    result = torch.where(collinear, (1 - t) * a + t * b, spherical)
+    c0 = (torch.sin((1 - t) * theta) / sin_theta).to(a.dtype)
+    c1 = (torch.sin(t * theta) / sin_theta).to(a.dtype)
+    result = torch.where(collinear.to(a.device), (1 - t) * a + t * b, c0 * a + c1 * b)
     if row_wise and not flatten:
         result = result.transpose(0, -1)
     return result.reshape(shape)
@@ -369,8 +372,8 @@ def model_stock(m: MergeInputs) -> torch.Tensor:
     cosines = []
     for i, a in enumerate(offsets):
         for b in offsets[i + 1 :]:
-            norms = torch.linalg.vector_norm(a, dim=-1) * torch.linalg.vector_norm(b, dim=-1)
-            cosines.append(((a * b).sum(-1) / norms.clamp(min=1e-6)).clamp(-1, 1))
+            norms = reduce.row_norms(a) * reduce.row_norms(b)
+            cosines.append((reduce.row_dots(a, b) / norms.clamp(min=1e-6)).clamp(-1, 1))
     del offsets
     cos = torch.stack(cosines).mean(0).unsqueeze(-1)
     count = len(ws)
@@ -381,6 +384,7 @@ def model_stock(m: MergeInputs) -> torch.Tensor:
         torch.zeros_like(cos),
         count * cos / torch.where(singular, torch.ones_like(denominator), denominator),
     )
+    t = t.to(w0.dtype)
     return (t * average + (1 - t) * w0).reshape(shape)
 
 
@@ -399,7 +403,7 @@ def sce(m: MergeInputs) -> torch.Tensor:
         keep = largest_mask(variance.abs_(), k).reshape(base.shape)
         for delta in deltas:
             delta.masked_fill_(~keep, 0.0)
-    energies = [float(d.square().mean()) for d in deltas]
+    energies = [reduce.squares(d) / max(d.numel(), 1) for d in deltas]
     total = sum(energies)
     weights = (
         [1.0 / len(deltas)] * len(deltas) if abs(total) < 1e-6 else [e / total for e in energies]

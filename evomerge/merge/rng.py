@@ -45,6 +45,16 @@ class TensorRng:
         torch.lt(self._bits16(numel), threshold, out=keep)
         return keep.reshape(shape).to(device)
 
+    def keep_where(
+        self, probability: torch.Tensor, index: torch.Tensor, device: torch.device
+    ) -> torch.Tensor:
+        """Bool tensor shaped like `index`: entry i kept with probability[index[i]] (a float64
+        table, resolution 2**-16). The decision is an integer comparison, so it is the same on
+        every device and for every dtype the caller computes in."""
+        thresholds = (probability * 65536).round_().to(torch.int32).sub_(32768).to(device)
+        draws = self._bits16(index.numel()).to(device=device, dtype=torch.int32)
+        return draws.reshape(index.shape) < thresholds[index]
+
     def uniform(self, shape: torch.Size | tuple[int, ...], device: torch.device) -> torch.Tensor:
         """Uniform floats in (0, 1) on a 2**-16 grid."""
         draws = self._bits16(math.prod(shape)).to(torch.float32).add_(32768.5).div_(65536)
