@@ -84,3 +84,51 @@ def test_della_keep_probability_rises_with_magnitude_rank():
     assert abs(kept.mean().item() - density) < 0.01
     assert abs(low - (density - epsilon + 0.1 * epsilon)) < 0.02
     assert abs(high - (density + epsilon - 0.1 * epsilon)) < 0.02
+
+
+def reference_draws(rng: TensorRng, start: int, count: int) -> list[int]:
+    """The stream written out in plain Python from its definition: pair j hashes j under both
+    keys (xor the key, then xor-shift-multiply rounds, mod 2^32); draw 2j is its low 16 bits,
+    draw 2j + 1 its high 16 bits."""
+    from evomerge.merge.rng import MULTIPLIERS
+
+    def word(j: int) -> int:
+        x = j % 2**32
+        for key in rng.keys:
+            x ^= key
+            x ^= x >> 16
+            x = (x * MULTIPLIERS[0]) % 2**32
+            x ^= x >> 15
+            x = (x * MULTIPLIERS[1]) % 2**32
+            x ^= x >> 16
+        return x
+
+    return [(word(e // 2) >> (16 * (e % 2))) & 0xFFFF for e in range(start, start + count)]
+
+
+@pytest.mark.parametrize("use_numpy", [True, False], ids=["numpy (CPU)", "torch (GPU path)"])
+def test_stream_equals_its_reference_on_both_paths_in_any_chunking(use_numpy, monkeypatch):
+    """The CPU path (numpy uint32) and the path every other device takes (torch int64, run
+    here on the CPU) give the reference's integers, from any offset, in any chunk size: a mask
+    made on a GPU worker equals the export's."""
+    import evomerge.merge.rng as rng_module
+
+    for chunk in (rng_module.CHUNK, 5):
+        monkeypatch.setattr(rng_module, "CHUNK", chunk)
+        rng = TensorRng(11, "model.layers.3.mlp.down_proj.weight", "input1")
+        got = []
+        for count in (1, 6, 33, 200):  # odd offsets: pairs split across calls
+            chunks = list(rng._chunks(count, torch.device("cpu"), use_numpy=use_numpy))
+            assert [(c.start, c.stop) for c, _ in chunks][0][0] == 0
+            assert chunks[-1][0].stop == count and all(
+                c.stop - c.start == len(v) for c, v in chunks
+            )
+            got += [int(v) for _, values in chunks for v in values]
+        assert got == reference_draws(rng, 0, 240)
+
+
+def test_masks_are_the_draws_under_a_threshold():
+    shape = (37, 53)
+    mask = TensorRng(5, "w").keep_mask(shape, 0.3, torch.device("cpu"))
+    draws = TensorRng(5, "w").draws(37 * 53)
+    assert torch.equal(mask, (draws < round(0.3 * 65536)).float().reshape(shape))
