@@ -117,6 +117,47 @@ BAD_RECIPES = {
         },
         "exactly 2",
     ),
+    "nearswap with three": (
+        lambda m, t: {
+            "merge_method": "nearswap",
+            "base_model": str(m["base"]),
+            "parameters": {"t": 0.01},
+            "models": [{"model": str(m[k])} for k in ("base", "ft0", "ft1")],
+        },
+        "exactly 2",
+    ),
+    "arcee_fusion without its base": (
+        lambda m, t: {
+            "merge_method": "arcee_fusion",
+            "models": [{"model": str(m[k])} for k in ("ft0", "ft1")],
+        },
+        "needs a base_model",
+    ),
+    "nearswap without t": (
+        lambda m, t: {
+            "merge_method": "nearswap",
+            "base_model": str(m["base"]),
+            "models": [{"model": str(m[k])} for k in ("base", "ft0")],
+        },
+        "'t' is required",
+    ),
+    "arcee_fusion with a parameter": (
+        lambda m, t: {
+            "merge_method": "arcee_fusion",
+            "base_model": str(m["base"]),
+            "parameters": {"density": 0.5},
+            "models": [{"model": str(m[k])} for k in ("base", "ft0")],
+        },
+        "unknown parameter for arcee_fusion",
+    ),
+    "multislerp eps not a number": (
+        lambda m, t: {
+            "merge_method": "multislerp",
+            "parameters": {"eps": "small"},
+            "models": [{"model": str(m[k]), "parameters": {"weight": 1.0}} for k in ("ft0", "ft1")],
+        },
+        "eps",
+    ),
     "missing weight": (
         lambda m, t: {
             "merge_method": "ties",

@@ -17,6 +17,8 @@ SHAPE = (6000, 5000)  # 30M elements: where fp32 accumulation drifts by 0.1%
 # rounding of 0.6 * delta, which fp32 and float64 round differently
 SETTINGS = {"weight": 0.75, "density": 0.5, "t": 0.3, "gamma": 0.01, "epsilon": 0.1}
 ONE_INPUT = {"passthrough"}
+BASE_AND_ONE = {"slerp", "nearswap", "arcee_fusion"}
+PER_METHOD = {"nearswap": {"t": 0.002}}  # below most differences on the grid: a real blend
 NO_BASE = {"linear", "nuslerp", "passthrough"}
 
 
@@ -33,14 +35,13 @@ def grid_tensors() -> list[torch.Tensor]:
 
 def inputs_for(name: str, tensors: list[torch.Tensor], dtype: torch.dtype) -> MergeInputs:
     method = METHODS[name]
-    count = 1 if name in ONE_INPUT else 2 if name in ("slerp", "nuslerp") else 3
+    count = 1 if name in ONE_INPUT | BASE_AND_ONE else 2 if name == "nuslerp" else 3
     base = None if name in NO_BASE else tensors[0].to(dtype, copy=True)
     others = [t.to(dtype, copy=True) for t in tensors[1 : 1 + count]]  # methods overwrite them
-    if name == "slerp":
-        others = others[:1]
-    shared = {p.name: SETTINGS.get(p.name, p.default) for p in method.shared_params()}
+    settings = {**SETTINGS, **PER_METHOD.get(name, {})}
+    shared = {p.name: settings.get(p.name, p.default) for p in method.shared_params()}
     per_input = [
-        {p.name: SETTINGS.get(p.name, p.default) for p in method.input_params()} for _ in others
+        {p.name: settings.get(p.name, p.default) for p in method.input_params()} for _ in others
     ]
     rng = TensorRng(7, "model.layers.0.mlp.up_proj.weight") if method.stochastic else None
     return MergeInputs(base, others, shared, per_input, rng, True)

@@ -53,6 +53,14 @@ def space_of(llama, spec: dict):
             },
             ["base", "a"],
         ),
+        (
+            {
+                "kind": "parameter",
+                "method": "multislerp",
+                "parameters": {"weight": {"low": 0.0, "high": 1.0}},
+            },
+            ["a", "b"],
+        ),
         ({"kind": "dataflow", "models": ["b", "a"], "repetitions": 2}, ["b"]),
     ],
 )

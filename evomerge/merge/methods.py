@@ -418,6 +418,66 @@ def sce(m: MergeInputs) -> torch.Tensor:
     return mixed.div_(weight_sum.clamp_(min=1e-6)).add_(base)
 
 
+def nearswap(m: MergeInputs) -> torch.Tensor:
+    """Take the other model's value where it lies within `t` of the base's, and move toward it
+    in proportion t / |difference| elsewhere."""
+    base, other = m.base, m.others[0]
+    gap = other - base
+    weight = torch.abs(gap).clamp_(min=1e-6).reciprocal_().mul_(m.shared["t"]).clamp_(0, 1)
+    return gap.mul_(weight).add_(base)
+
+
+def arcee_fusion(m: MergeInputs) -> torch.Tensor:
+    """Keep the other model's change only where its importance (|change| times the row's KL
+    divergence of softmaxed weights) is an outlier: above median + 1.5 IQR. Quantiles are exact
+    order statistics (mergekit samples a random million entries above that size)."""
+    base, other = m.base, m.others[0]
+    kl = reduce.row_kl(other, base).to(base.dtype)
+    gap = other - base
+    importance = gap.abs().mul_(kl.unsqueeze(-1) if base.dim() > 1 else kl)
+    flat = importance.reshape(-1)
+    last = flat.numel() - 1
+    q1, median, q3 = (
+        float(flat.kthvalue(int(fraction * last) + 1).values) for fraction in (0.25, 0.5, 0.75)
+    )
+    keep = importance >= median + 1.5 * (q3 - q1)
+    return gap.mul_(keep).add_(base)
+
+
+def multislerp(m: MergeInputs) -> torch.Tensor:
+    """Barycentric interpolation on the hypersphere: the inputs (task vectors, with a base) are
+    projected to the unit sphere, averaged in the tangent space at their weighted mean, mapped
+    back and rescaled to their weighted mean norm."""
+    if len(m.others) == 1:
+        return m.others[0].clone()
+    eps = m.shared["eps"]
+    weights = [p["weight"] for p in m.per_input]
+    if m.shared["normalize_weights"]:
+        total = sum(weights)
+        weights = [w / total for w in weights]
+    vectors = [x if m.base is None else _delta(x, m.base, m.scratch) for x in m.others]
+    norms = [reduce.norm(v) for v in vectors]
+    units = [v / (n + eps) for v, n in zip(vectors, norms)]
+    mean = _sum([u * w for u, w in zip(units, weights)])
+    mean_norm = reduce.norm(mean)
+    if mean_norm < eps:
+        if len(vectors) != 2:
+            raise EvomergeError(
+                "multislerp: the weighted inputs cancel out (antipodal task vectors with "
+                "balancing weights); change the weights"
+            )
+        result = vectors[0] * weights[0] + vectors[1] * weights[1]
+        return result if m.base is None else result.add_(m.base)
+    mean.div_(mean_norm)
+    tangent = torch.zeros_like(mean)
+    for u, w in zip(units, weights):
+        tangent.add_(u.sub_(mean * reduce.dot(u, mean)), alpha=w)
+    length = reduce.norm(tangent) + eps
+    result = mean.mul_(math.cos(length)).add_(tangent, alpha=math.sin(length) / length)
+    result.mul_(sum(n * w for n, w in zip(norms, weights)))
+    return result if m.base is None else result.add_(m.base)
+
+
 def passthrough(m: MergeInputs) -> torch.Tensor:
     scale = m.per_input[0].get("scale")
     x = m.others[0]
@@ -521,3 +581,29 @@ register(
     )
 )
 register(Method("passthrough", passthrough, (Param("scale", float, "input", None),), max_inputs=1))
+register(
+    Method(
+        "nearswap",
+        nearswap,
+        (Param("t", float, "shared", check=_finite),),
+        base="required",
+        min_inputs=2,
+        max_inputs=2,
+        reference="huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001",
+    )
+)
+register(Method("arcee_fusion", arcee_fusion, (), base="required", min_inputs=2, max_inputs=2))
+register(
+    Method(
+        "multislerp",
+        multislerp,
+        (
+            Param("weight", float, "non_base", check=_finite),
+            Param("normalize_weights", bool, "shared", True),
+            Param("eps", float, "shared", 1e-8, _finite),
+        ),
+        base="optional",
+        min_non_base=1,
+        reference="goddard.blog/posts/multislerp-wow-what-a-cool-idea",
+    )
+)

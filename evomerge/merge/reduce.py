@@ -73,3 +73,18 @@ def row_norms(x: torch.Tensor) -> torch.Tensor:
 def row_dots(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """float64 dot products over the last dimension."""
     return row_sums(torch.mul, a, b)
+
+
+def row_kl(x: torch.Tensor, y: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """float64 KL(softmax(x) + eps || softmax(y) + eps) over the last dimension, one per row.
+    Near-uniform rows (small weights) make it a sum of cancelling terms, so the softmaxes too
+    are taken in float64, a block of whole rows at a time."""
+    width = x.shape[-1] if x.dim() > 0 else 1
+    rows_x, rows_y = x.reshape(-1, width), y.reshape(-1, width)
+    out = torch.empty(rows_x.shape[0], dtype=torch.float64, device=x.device)
+    step = max(1, CHUNK // max(width, 1))
+    for r in range(0, rows_x.shape[0], step):
+        p = torch.softmax(rows_x[r : r + step].to(torch.float64), dim=-1).add_(eps)
+        q = torch.softmax(rows_y[r : r + step].to(torch.float64), dim=-1).add_(eps)
+        out[r : r + step] = (p * torch.log(p / q)).sum(-1)
+    return out.reshape(x.shape[:-1] if x.dim() > 1 else ())

@@ -31,7 +31,7 @@ AT_A_SOURCE: dict[str, Optional[float]] = {
 }
 WEIGHTED = {
     "linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs",
-    "breadcrumbs_ties", "della", "della_linear", "nuslerp",
+    "breadcrumbs_ties", "della", "della_linear", "nuslerp", "multislerp",
 }  # fmt: skip
 
 
