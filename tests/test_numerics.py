@@ -19,7 +19,7 @@ SETTINGS = {"weight": 0.75, "density": 0.5, "t": 0.3, "gamma": 0.01, "epsilon": 
 ONE_INPUT = {"passthrough"}
 BASE_AND_ONE = {"slerp", "nearswap", "arcee_fusion"}
 PER_METHOD = {"nearswap": {"t": 0.002}}  # below most differences on the grid: a real blend
-NO_BASE = {"linear", "nuslerp", "passthrough"}
+NO_BASE = {"linear", "nuslerp", "passthrough", "karcher"}
 
 
 @pytest.fixture(scope="module")

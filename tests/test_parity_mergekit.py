@@ -184,6 +184,23 @@ def configs(m: dict) -> dict[str, dict]:
                 {"model": b, "parameters": {"weight": 0.4}},
             ],
         },
+        "karcher": {
+            "merge_method": "karcher",
+            "parameters": {"max_iter": 20},
+            "models": [{"model": a}, {"model": b}, {"model": c}],
+        },
+        "ram": {
+            "merge_method": "ram",
+            "base_model": base,
+            "parameters": {"epsilon": 0.02},  # about half of the task vectors' entries count
+            "models": [{"model": a}, {"model": b}, {"model": c}],
+        },
+        "ramplus_tl": {
+            "merge_method": "ramplus_tl",
+            "base_model": base,
+            "parameters": {"epsilon": 0.015, "r": 0.5, "alpha": 0.8},
+            "models": [{"model": a}, {"model": b}],
+        },
         "passthrough_slices": {
             "merge_method": "passthrough",
             "slices": [

@@ -478,6 +478,72 @@ def multislerp(m: MergeInputs) -> torch.Tensor:
     return result if m.base is None else result.add_(m.base)
 
 
+def karcher(m: MergeInputs) -> torch.Tensor:
+    """The weighted Karcher (Riemannian) mean of the inputs' directions on the unit sphere, by
+    fixed-point iteration from their normalised average, scaled to their mean norm. The norms
+    and dot products that decide each step are float64 sums."""
+    xs = m.others
+    if len(xs) == 1:
+        return xs[0].clone()
+    tol, alphas = m.shared["tol"], [1.0 / len(xs)] * len(xs)
+    norms = [reduce.norm(x) for x in xs]
+    valid = [i for i, n in enumerate(norms) if n > tol]
+    if not valid:
+        return torch.zeros_like(xs[0])
+    total = sum(alphas[i] for i in valid)
+    weights = [alphas[i] / total for i in valid]
+    units = [xs[i] / norms[i] for i in valid]
+    mean = _sum([u * w for u, w in zip(units, weights)])
+    length = reduce.norm(mean)
+    mean = units[0].clone() if length < tol else mean.div_(length)
+    for _ in range(m.shared["max_iter"]):
+        tangent = torch.zeros_like(mean)
+        for w, u in zip(weights, units):
+            dot = min(1.0, max(-1.0, reduce.dot(mean, u)))
+            theta = math.acos(dot)
+            if theta < tol:
+                continue
+            tangent.add_(u - mean * dot, alpha=w * theta / math.sin(theta))
+        step = reduce.norm(tangent)
+        if step < tol:
+            break
+        mean.mul_(math.cos(step)).add_(tangent, alpha=math.sin(step) / step)
+        length = reduce.norm(mean)
+        if length > tol:
+            mean.div_(length)
+    return mean.mul_(sum(a * n for a, n in zip(alphas, norms)))
+
+
+def ram_family(plus: bool) -> Callable[[MergeInputs], torch.Tensor]:
+    """RAM: entries that one task vector alone changes (|delta| > epsilon) are kept whole,
+    entries several change are averaged over those that do. RAM+ (tensor-local) scales each
+    model's unique entries by 1 + r * clamp(shared / unique count, 0, alpha)."""
+
+    def merge(m: MergeInputs) -> torch.Tensor:
+        base = m.base
+        if not m.others:
+            return base.clone()
+        eps = m.shared["epsilon"]
+        deltas = [_delta(x, base, m.scratch) for x in m.others]
+        present = [d.abs() > eps for d in deltas]
+        counts = torch.zeros(base.shape, dtype=torch.int32, device=base.device)
+        for keep in present:
+            counts.add_(keep)
+        unique, overlap = counts == 1, counts > 1
+        share = overlap / counts.clamp(min=1)
+        merged = torch.zeros_like(base)
+        for delta, keep in zip(deltas, present):
+            delta.mul_(keep)
+            scale = 1.0
+            if plus:
+                rho = int((keep & overlap).sum()) / max(int((keep & unique).sum()), eps)
+                scale = 1 + m.shared["r"] * min(max(rho, 0.0), m.shared["alpha"])
+            merged.add_(delta * unique * scale + delta * share)
+        return merged.add_(base)
+
+    return merge
+
+
 def passthrough(m: MergeInputs) -> torch.Tensor:
     scale = m.per_input[0].get("scale")
     x = m.others[0]
@@ -605,5 +671,33 @@ register(
         base="optional",
         min_non_base=1,
         reference="goddard.blog/posts/multislerp-wow-what-a-cool-idea",
+    )
+)
+register(
+    Method(
+        "karcher",
+        karcher,
+        (
+            Param("max_iter", int, "shared", 10, lambda v: None if v >= 1 else "must be >= 1"),
+            Param("tol", float, "shared", 1e-5, _finite),
+        ),
+        reference="arXiv:2603.04972",
+    )
+)
+_RAM_EPSILON = Param("epsilon", float, "shared", 1e-5, _finite)
+register(
+    Method("ram", ram_family(False), (_RAM_EPSILON,), base="required", reference="arXiv:2601.13572")
+)
+register(
+    Method(
+        "ramplus_tl",
+        ram_family(True),
+        (
+            Param("r", float, "shared", 0.1, _finite),
+            Param("alpha", float, "shared", 0.2, _finite),
+            _RAM_EPSILON,
+        ),
+        base="required",
+        reference="arXiv:2601.13572",
     )
 )
