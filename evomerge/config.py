@@ -112,6 +112,9 @@ class RunConfig(BaseModel):
     workers: Optional[int] = Field(default=None, gt=0)
     threads_per_worker: Optional[int] = Field(default=None, gt=0)  # CPU actors; default 2
     candidate_timeout: Optional[float] = Field(default=None, gt=0)  # seconds per candidate
+    # stop (exit 2, resumable) after this many evaluations in a row failed: a broken fitness or
+    # task must not spend the budget
+    max_consecutive_failures: int = Field(default=10, gt=0)
     ray_address: Optional[str] = None  # or RAY_ADDRESS; default: a local Ray started by the run
     device: str = "auto"
     store: Optional[str] = None  # None: SQLite under the run folder; or postgresql://...

@@ -159,6 +159,8 @@ class Evaluator:
             outcome = _outcome_from(result)
         except Exception as exc:  # a candidate's failure is data, not the run's end
             outcome = Outcome(error=f"{type(exc).__name__}: {exc}".splitlines()[0][:500])
+            if isinstance(exc, torch.OutOfMemoryError) and self.device.type == "cuda":
+                torch.cuda.empty_cache()  # the next candidate gets the memory back
         outcome.seconds = time.perf_counter() - start
         outcome.worker = self.name
         return outcome

@@ -17,7 +17,7 @@ import json
 import math
 import os
 import shutil
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -239,6 +239,7 @@ class SearchLoop:
         self.sources = self.store.sources()
         self.scored = {recipe_key(r.recipe): r for r in records if not r.failed}
         self.done = len(self.replayable)
+        self.failing: list[str] = []  # errors of the evaluations failed in a row just now
         self.optimizer, self.sequence = self.restore()
         self.queue: deque[Candidate] = deque(self.optimizer.pending())
         self.bar = tqdm(
@@ -354,6 +355,19 @@ class SearchLoop:
         if record.error and record.error.startswith(MISSING_METRIC):
             raise EvomergeError(f"field 'objectives': {record.error}")
         self.tell(candidate, record)
+        self.fail_fast(record)
+
+    def fail_fast(self, record: Record) -> None:
+        """Stop a run whose evaluations keep failing, before it spends its budget on them; what
+        was committed stays, and the run resumes once the cause is fixed."""
+        self.failing = self.failing + [record.error] if record.failed else []
+        if len(self.failing) < self.run.config.max_consecutive_failures:
+            return
+        error, count = Counter(self.failing).most_common(1)[0]
+        raise EvomergeError(
+            f"{len(self.failing)} evaluations in a row failed ({count} with: {error}); fix the "
+            f"cause, then continue with `evomerge resume {self.run.folder}`"
+        )
 
     def commit(self, record: Record) -> None:
         self.store.commit(record)

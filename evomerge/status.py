@@ -47,6 +47,12 @@ def frame_of(store: RunStore, config: RunConfig) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def out_of_memory(error: object) -> bool:
+    """A failure the device's memory caused (torch's OutOfMemoryError, CUDA's message)."""
+    text = str(error or "")
+    return text.startswith("OutOfMemoryError") or "out of memory" in text.lower()
+
+
 def summary(folder: Path) -> str:
     meta = read_run_meta(folder)
     config = RunConfig.load(folder / "run.yaml")
@@ -65,7 +71,11 @@ def summary(folder: Path) -> str:
         lines.append(f"optimizer: {opt}, not started")
     done = len(frame)
     failed = int(frame["failed"].sum()) if done else 0
-    lines.append(f"evaluations: {done} / {config.budget} ({failed} failed)")
+    oom = int(frame["error"].map(out_of_memory).sum()) if done else 0
+    lines.append(
+        f"evaluations: {done} / {config.budget} ({failed} failed"
+        + (f", {oom} of them out of memory)" if oom else ")")
+    )
     if done and not frame["failed"].all():
         good = frame[~frame["failed"]]
         best = pd.DataFrame(

@@ -66,3 +66,18 @@ def counted(model, tokenizer, folder: str):
     with open(Path(folder) / "calls", "a") as f:
         f.write("1\n")
     return score(model, tokenizer)
+
+
+def fails_while(model, tokenizer, flag: str):
+    """Raises while the file `flag` exists (a broken fitness the user then fixes); scores after."""
+    from pathlib import Path
+
+    if Path(flag).exists():
+        raise RuntimeError("the task file is missing")
+    return score(model, tokenizer)
+
+
+def out_of_memory(model, tokenizer):
+    import torch
+
+    raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")

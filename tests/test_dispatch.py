@@ -107,3 +107,37 @@ def test_default_workers_one_per_gpu_else_per_threads():
     cpu_nodes = [{"CPU": 5}, {"CPU": 2}, {"CPU": 1}]
     assert default_workers(cpu_nodes, use_gpu=False, threads=2) == 3  # 2 + 1 + 0
     assert default_workers([{"CPU": 1}], use_gpu=False, threads=2) == 1
+
+
+def test_a_run_whose_evaluations_keep_failing_stops_early_and_resumes(llama, tmp_path, capsys):
+    """A broken fitness stops the run after max_consecutive_failures evaluations (not the whole
+    budget) with one line naming the error; after the fix, resume finishes with them kept."""
+    flag = tmp_path / "broken"
+    flag.touch()
+    fitness = {"function": "tests.fitness_fns:fails_while", "options": {"flag": str(flag)}}
+    config = run_config(llama, optimizer={"name": "random"}, budget=30, fitness=fitness)
+    config.update(score_sources=False, max_consecutive_failures=6)
+    out = tmp_path / "run"
+    assert main(["run", str(write(tmp_path, config)), "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("evomerge: error: 6 evaluations in a row failed")
+    assert "the task file is missing" in err and "evomerge resume" in err
+    failed = RunStore.open(out).records()
+    assert len(failed) == 6 and all(r.failed for r in failed)
+    flag.unlink()
+    assert main(["resume", str(out), "--quiet"]) == 0
+    records = RunStore.open(out).records()
+    assert len(records) == 30 and sum(r.failed for r in records) == 6
+
+
+def test_out_of_memory_failures_are_recorded_and_counted(llama, tmp_path, capsys):
+    fitness = {"function": "tests.fitness_fns:out_of_memory"}
+    config = run_config(llama, optimizer={"name": "random"}, budget=3, fitness=fitness)
+    config["score_sources"] = False
+    out = tmp_path / "run"
+    assert main(["run", str(write(tmp_path, config)), "--out", str(out), "--quiet"]) == 0
+    errors = [r.error for r in RunStore.open(out).records()]
+    assert errors == ["OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB"] * 3
+    capsys.readouterr()
+    assert main(["status", str(out)]) == 0
+    assert "3 / 3 (3 failed, 3 of them out of memory)" in capsys.readouterr().out
