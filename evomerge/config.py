@@ -125,6 +125,8 @@ class RunConfig(BaseModel):
     reference: Optional[list[float]] = None  # hypervolume reference, one value per objective
     allow_pickle: bool = False
     trust_remote_code: bool = False
+    # search on a public benchmark's test split without held-out tasks (refused by default)
+    allow_benchmark_fitness: bool = False
     # Hugging Face offline mode for the run's processes: true (local models and tasks only),
     # false (hub downloads allowed), or unset: as HF_HUB_OFFLINE / HF_DATASETS_OFFLINE say
     offline: Optional[bool] = None

@@ -153,14 +153,37 @@ def check_fitness(config: RunConfig) -> None:
         return
     if fitness.include_path and not Path(fitness.include_path).is_dir():
         raise EvomergeError(f"field 'fitness.include_path': {fitness.include_path} is not a folder")
+    held = fitness.held_out.tasks if fitness.held_out else []
+    benchmark = next((t for t in fitness.tasks if is_benchmark(t)), None)
+    if benchmark and not held and not config.allow_benchmark_fitness:
+        raise EvomergeError(
+            f"field 'fitness.tasks': {benchmark!r} is a public benchmark's test split, and with no "
+            "held-out tasks the run would report the scores it was tuned on; add "
+            "fitness.held_out, or set allow_benchmark_fitness: true"
+        )
     from lm_eval.tasks import TaskManager
 
     manager = TaskManager(include_path=fitness.include_path)
-    held = fitness.held_out.tasks if fitness.held_out else []
     for field, names in (("fitness.tasks", fitness.tasks), ("fitness.held_out.tasks", held)):
         unknown = [t for t in names if t not in manager.all_tasks]
         if unknown:
             raise EvomergeError(f"field '{field}': lm-eval knows no task {unknown[0]!r}")
+
+
+# lm-eval task families that are public benchmarks' test sets: searching on one and quoting it
+# is tuning on the test set
+BENCHMARK_FAMILIES = (
+    "mmlu", "gsm8k", "arc_", "hellaswag", "winogrande", "truthfulqa", "piqa", "boolq",
+    "lambada", "bbh", "gpqa", "ifeval", "hendrycks_math", "minerva_math", "mathqa", "humaneval",
+    "mbpp", "leaderboard", "openbookqa",
+)  # fmt: skip
+
+
+def is_benchmark(task: str) -> bool:
+    name = task.lower()
+    return any(
+        name == family.rstrip("_") or name.startswith(family) for family in BENCHMARK_FAMILIES
+    )
 
 
 def optimizer_for(config: RunConfig, space: SearchSpace) -> Optimizer:

@@ -141,3 +141,20 @@ def test_out_of_memory_failures_are_recorded_and_counted(llama, tmp_path, capsys
     capsys.readouterr()
     assert main(["status", str(out)]) == 0
     assert "3 / 3 (3 failed, 3 of them out of memory)" in capsys.readouterr().out
+
+
+def test_tuning_on_a_benchmark_test_split_needs_held_out_or_a_yes(llama, tmp_path, capsys):
+    from evomerge.run import is_benchmark, prepare
+
+    assert is_benchmark("gsm8k") and is_benchmark("arc_challenge") and is_benchmark("mmlu_law")
+    assert not is_benchmark("zoo_add_fit") and not is_benchmark("math_words_fit")
+    fitness = {"kind": "lm_eval", "tasks": ["gsm8k"]}
+    config = run_config(llama, fitness=fitness, objectives=[{"name": "acc", "metric": "x"}])
+    out = tmp_path / "run"
+    assert main(["run", str(write(tmp_path, config)), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "'gsm8k' is a public benchmark" in err, err
+    assert "allow_benchmark_fitness" in err and not out.exists()
+    prepare(RunConfig.from_dict({**config, "allow_benchmark_fitness": True}))  # accepted
+    held = {**fitness, "held_out": {"tasks": ["gsm8k"]}}
+    prepare(RunConfig.from_dict({**config, "fitness": held}))  # held-out tasks are reported
