@@ -85,20 +85,29 @@ def test_slerp_decision_at_30m_elements():
     assert float((want - lerp).abs().max()) > 1e-5 * scale  # the branches do differ here
 
 
-@pytest.mark.parametrize("shape", [(0,), (7,), (3, 5), (2, 3, 4), (1 << 23,)])
+@pytest.mark.parametrize("shape", [(0,), (7,), (3, 5), (2, 3, 4), (3, 9000), (1 << 23,)])
 def test_reductions_match_float64_and_chunking(shape, monkeypatch):
+    """Two-level sums (blocks in fp32, block sums in float64) stay within 5e-7 of the float64
+    sum, relative to the terms' magnitudes (fp32 rounding of the products and of blocks of
+    4096), at any size and in any chunking: the error does not grow with the tensor."""
     g = torch.Generator().manual_seed(2)
     a = torch.randn(shape, generator=g) + 0.5
     b = torch.randn(shape, generator=g)
+    a64, b64 = a.double(), b.double()
+
+    def close(got, want, magnitude) -> bool:
+        return bool(torch.all(torch.as_tensor(got - want).abs() <= 5e-7 * magnitude + 1e-12))
+
     for chunk in (reduce.CHUNK, 3):
         monkeypatch.setattr(reduce, "CHUNK", chunk)
         if len(shape) > 1:
-            want = (a.double() * b.double()).sum(-1)
-            assert torch.allclose(reduce.row_dots(a, b), want, rtol=1e-12, atol=1e-12)
-            norms = a.double().square().sum(-1).sqrt()
-            assert torch.allclose(reduce.row_norms(a), norms, rtol=1e-12, atol=1e-12)
+            bound = (a64 * b64).abs().sum(-1)
+            assert close(reduce.row_dots(a, b), (a64 * b64).sum(-1), bound)
+            squares = a64.square().sum(-1)
+            assert close(reduce.row_norms(a).square(), squares, squares)
         if shape[0] > 1 << 20 and chunk == 3:
-            continue  # 3-element chunks of 8M: the float64 sums are checked at full chunks
-        assert math.isclose(reduce.dot(a, b), float((a.double() * b.double()).sum()), abs_tol=1e-9)
-        assert math.isclose(reduce.abs_total(a), float(a.double().abs().sum()), rel_tol=1e-12)
-        assert math.isclose(reduce.norm(a), float(a.double().norm()), rel_tol=1e-12)
+            continue  # 3-element chunks of 8M: checked at full chunks
+        assert close(reduce.dot(a, b), float((a64 * b64).sum()), float((a64 * b64).abs().sum()))
+        l1 = float(a64.abs().sum())
+        assert close(reduce.abs_total(a), l1, l1)
+        assert close(reduce.squares(a), float(a64.square().sum()), float(a64.square().sum()))

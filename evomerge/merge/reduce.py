@@ -1,11 +1,13 @@
-"""Reductions over whole tensors (and over rows), accumulated in float64, chunk by chunk.
+"""Reductions over whole tensors (and over rows) that stay accurate at any size.
 
 Merging leans on them: norms and dot products (slerp, nuslerp, model_stock's cosines), L1 sums
 (DARE/DELLA/TIES rescaling), energies (SCE). Real tensors hold 10^7 to 10^9 elements, where fp32
 accumulation drifts: torch's fp32 `vector_norm` over 28M elements is off by 0.17% on CPU, enough
-to push slerp's cosine across its lerp fall-back threshold. Each chunk is upcast to float64 on the
-tensor's own device and summed there, so the float64 temporaries stay at CHUNK elements and no
-float64 copy of the whole tensor is ever made.
+to push slerp's cosine across its lerp fall-back threshold. Here every sum is two-level: blocks
+of BLOCK elements are summed by torch in the tensor's dtype (a pairwise sum on a CPU, a tree on a
+GPU: relative error about 1e-7 at this length), and the block sums are added in float64, so the
+error does not grow with the tensor. Work goes chunk by chunk on the tensor's own device: the
+temporaries stay at CHUNK elements and no float64 copy of a tensor is made.
 """
 
 from __future__ import annotations
@@ -15,9 +17,10 @@ from collections.abc import Callable
 
 import torch
 
-CHUNK = 1 << 22  # elements per float64 temporary: 32 MiB
+CHUNK = 1 << 22  # elements per temporary: 16 MiB in fp32
+BLOCK = 1 << 12  # elements summed in the tensor's dtype before float64 takes over
 
-Product = Callable[..., torch.Tensor]  # elementwise, on float64 chunks
+Product = Callable[..., torch.Tensor]  # elementwise
 
 
 def row_sums(product: Product, *tensors: torch.Tensor) -> torch.Tensor:
@@ -35,9 +38,20 @@ def row_sums(product: Product, *tensors: torch.Tensor) -> torch.Tensor:
     col_step = max(1, min(width, CHUNK))
     for r in range(0, count, row_step):
         for c in range(0, width, col_step):
-            parts = [t[r : r + row_step, c : c + col_step].to(torch.float64) for t in rows]
-            out[r : r + row_step] += product(*parts).sum(-1)
+            values = product(*(t[r : r + row_step, c : c + col_step] for t in rows))
+            out[r : r + row_step] += _block_sums(values)
     return out.reshape(lead)
+
+
+def _block_sums(values: torch.Tensor) -> torch.Tensor:
+    """Per row: sums of BLOCK-element blocks in the values' dtype, added in float64."""
+    rows, width = values.shape
+    whole = width // BLOCK * BLOCK
+    sums = values[:, whole:].sum(-1).to(torch.float64)
+    if whole:
+        blocks = values[:, :whole].reshape(rows, -1, BLOCK).sum(-1)
+        sums += blocks.to(torch.float64).sum(-1)
+    return sums
 
 
 def _whole(product: Product, *tensors: torch.Tensor) -> float:
