@@ -20,3 +20,16 @@ def write_recipe(folder: Path, data: dict, name: str = "recipe.yml") -> Path:
     path = Path(folder) / name
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
+
+
+def scale_layer_inputs(model, scales) -> None:
+    """Multiply the hidden state entering decoder layer i by scales[i] (forward pre-hooks): the
+    data-flow path run with its scales applied explicitly, to compare a folded export with."""
+    for layer, scale in zip(model.model.layers, scales):
+
+        def scale_input(module, args, kwargs, s=scale):
+            if args:
+                return (args[0] * s, *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": kwargs["hidden_states"] * s}
+
+        layer.register_forward_pre_hook(scale_input, with_kwargs=True)

@@ -12,7 +12,7 @@ from evomerge.cli import main
 from evomerge.merge.engine import merge_to_disk
 from evomerge.recipe import Recipe
 
-from .helpers import write_recipe
+from .helpers import scale_layer_inputs, write_recipe
 
 # Folding is exact up to the norms' epsilon; tiny random models have a small stream, where
 # epsilon is not negligible, so both sides are compared without it.
@@ -40,14 +40,7 @@ def scaled_reference(m, tmp_path):
         Recipe.from_dict(plain), tmp_path / "plain", progress=False, device="cpu"
     )
     model = AutoModelForCausalLM.from_pretrained(folder, rms_norm_eps=NO_EPS)
-    for layer, (_, _, scale) in zip(model.model.layers, PATH):
-
-        def scale_input(module, args, kwargs, s=scale):
-            if args:
-                return (args[0] * s, *args[1:]), kwargs
-            return args, {**kwargs, "hidden_states": kwargs["hidden_states"] * s}
-
-        layer.register_forward_pre_hook(scale_input, with_kwargs=True)
+    scale_layer_inputs(model, [scale for _, _, scale in PATH])
     return model.eval()
 
 

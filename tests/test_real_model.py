@@ -19,7 +19,7 @@ from evomerge.merge import reduce
 from evomerge.merge.engine import merge_to_disk
 from evomerge.recipe import Recipe
 
-from .helpers import load_folder
+from .helpers import load_folder, scale_layer_inputs
 
 EMBED = "model.embed_tokens.weight"
 
@@ -167,14 +167,7 @@ def test_dataflow_path_over_tied_embeddings(finetunes, tmp_path):
     plain = merge_to_disk(recipe(False), tmp_path / "plain", progress=False)
     model = AutoModelForCausalLM.from_pretrained(folded, rms_norm_eps=1e-30).eval()
     reference = AutoModelForCausalLM.from_pretrained(plain, rms_norm_eps=1e-30).eval()
-    for layer, (_, _, scale) in zip(reference.model.layers, steps):
-
-        def scale_input(module, args, kwargs, s=scale):
-            if args:
-                return (args[0] * s, *args[1:]), kwargs
-            return args, {**kwargs, "hidden_states": kwargs["hidden_states"] * s}
-
-        layer.register_forward_pre_hook(scale_input, with_kwargs=True)
+    scale_layer_inputs(reference, [scale for _, _, scale in steps])
     ids = torch.arange(40, 72).reshape(2, 16)
     with torch.no_grad():
         got, want = model(ids).logits, reference(ids).logits
