@@ -100,7 +100,7 @@ class Evaluator:
             fields = dict(config)
             cfg = AutoConfig.for_model(fields.pop("model_type"), **fields)
             dtype = fields.get("dtype") or fields.get("torch_dtype") or "float32"
-            self.model = None
+            self.release_model()
             with torch.device(self.device):
                 self.model = AutoModelForCausalLM.from_config(
                     cfg,
@@ -110,6 +110,17 @@ class Evaluator:
             self.model.eval()
             self.model_key = key
         return self.model
+
+    def release_model(self) -> None:
+        """Drop the live model and every reference a fitness holds to it, so that its memory is
+        free before a model of another shape is built."""
+        for fitness in (self.fitness, self.held_out_fitness):
+            release = getattr(fitness, "release", None)
+            if callable(release):
+                release()
+        self.model = None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     def tokenizer(self, folder: Path) -> Any:
         from transformers import AutoTokenizer

@@ -71,6 +71,10 @@ class LmEvalFitness:
         self._lm: Any = None
         self._wrapped: Any = None
 
+    def release(self) -> None:
+        """Let go of the wrapped model (the evaluator is replacing it): one live model at a time."""
+        self._lm = self._wrapped = None
+
     def _harness(self, model: Any, tokenizer: Any) -> Any:
         from lm_eval.models.huggingface import HFLM
 

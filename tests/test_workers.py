@@ -92,3 +92,40 @@ def test_bad_lm_eval_fitness(llama, tmp_path, capsys):
         "fitness.include_path",
     )
     assert not (tmp_path / "o").exists()
+
+
+def test_one_live_model_at_a_time(llama, tmp_path, monkeypatch):
+    """A DFS candidate of another depth rebuilds the live model; by then nothing (the lm-eval
+    wrapper included) holds the previous one, so two never share the device's memory."""
+    import gc
+    import weakref
+
+    import transformers
+
+    from evomerge.evaluator import Evaluator
+    from evomerge.recipe import Recipe
+
+    tasks = make_tasks(tmp_path / "tasks")
+    fitness = {"kind": "lm_eval", "tasks": ["parity_fit"], "include_path": str(tasks)}
+    base = str(llama["base"])
+    evaluator = Evaluator([base], fitness, device="cpu")
+
+    def path(depth: int) -> str:
+        steps = [{"model": "a", "layer": k} for k in range(depth)]
+        data = {"merge_method": "dataflow", "embed_from": "a", "models": {"a": base}, "path": steps}
+        return Recipe.from_dict(data).to_yaml()
+
+    assert evaluator.evaluate(path(3)).error is None
+    previous = weakref.ref(evaluator.model)
+    seen: list[bool] = []
+    build = transformers.AutoModelForCausalLM.from_config
+
+    def checked(*args, **kwargs):
+        gc.collect()
+        seen.append(previous() is None)
+        return build(*args, **kwargs)
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_config", checked)
+    outcome = evaluator.evaluate(path(2))
+    assert outcome.error is None and "parity_fit: acc,none" in outcome.metrics
+    assert seen == [True]
