@@ -91,3 +91,30 @@ def test_bad_spaces(llama):
     for data, needle in bad:
         with pytest.raises(EvomergeError, match=needle):
             build_space(read_space_spec(data), models, "base", depth(llama))
+
+
+def test_dataflow_depth_is_capped(llama):
+    """A random first population can turn every slot on: the path keeps its max_layers strongest
+    slots (default: twice the deepest model), in order, and a longer path cannot be encoded."""
+    import numpy as np
+
+    from evomerge.errors import EvomergeError
+    from evomerge.recipe import PathStep
+    from evomerge.spaces import build_space, read_space_spec
+
+    models = {"a": str(llama["base"]), "b": str(llama["ft0"])}
+
+    def space(**extra):
+        spec = {"kind": "dataflow", "models": ["a", "b"], "repetitions": 3, **extra}
+        return build_space(read_space_spec(spec), models, None, lambda name: 4)
+
+    default, capped = space(scaling="none"), space(scaling="none", max_layers=5)
+    assert default.genome.slots == 24 and default.genome.max_layers == 8
+    strength = np.linspace(0.1, 1.0, 24)  # every slot on, later slots stronger
+    assert len(default.decode(strength).path) == 8
+    path = capped.decode(strength).path
+    # slots 19-23, the strongest five: layers 3-7 of the 8 laid end to end (a0-a3, b0-b3)
+    assert [(s.model, s.layer) for s in path] == [("a", 3), ("b", 0), ("b", 1), ("b", 2), ("b", 3)]
+    assert len(space(scaling="none", max_layers=30).decode(strength).path) == 24
+    with pytest.raises(EvomergeError, match="longer than max_layers 5"):
+        capped.genome.encode([PathStep(model="a", layer=k % 4) for k in range(6)])

@@ -41,12 +41,15 @@ class DataflowGenome:
     scale_bounds: tuple[float, float] = (0.5, 2.0)
     indicator_bounds: tuple[float, float] = (-1.0, 1.0)
     sigma: float = 0.1  # the optimizer's initial step; the paper initialises "on" slots at +2σ
+    max_layers: Optional[int] = None  # longest path: the strongest slots are kept beyond it
 
     def __post_init__(self) -> None:
         if not self.models or any(depth < 1 for _, depth in self.models):
             raise EvomergeError("dataflow.models: give at least one model with at least one layer")
         if self.repetitions < 1:
             raise EvomergeError("dataflow.repetitions: must be >= 1")
+        if self.max_layers is not None and self.max_layers < 1:
+            raise EvomergeError("dataflow.max_layers: must be >= 1")
         if self.scaling == "low_rank" and self.rank < 1:
             raise EvomergeError("dataflow.rank: must be >= 1 for scaling: low_rank")
         lo, hi = self.scale_bounds
@@ -141,12 +144,16 @@ class DataflowGenome:
 
     def decode(self, genome: np.ndarray) -> list[PathStep]:
         """The path a genome describes. A genome with every slot off keeps its strongest slot,
-        so that every genome is a model."""
+        so that every genome is a model; one with more than `max_layers` slots on keeps the
+        strongest `max_layers` of them (ties to the earlier slot), in slot order, so that no
+        candidate is deeper than the live model's memory was planned for."""
         x = self._check(genome)
         indicator = x[: self.slots]
         on = [t for t in range(self.slots) if indicator[t] > 0]
         if not on:
             on = [int(np.argmax(indicator))]
+        if self.max_layers is not None and len(on) > self.max_layers:
+            on = sorted(sorted(on, key=lambda t: -indicator[t])[: self.max_layers])
         w = self.scale_matrix(x)
         layers = self.layers
         m = self.num_layers
@@ -165,6 +172,11 @@ class DataflowGenome:
         must follow slot order, and its scales must fit the scaling form."""
         if not path:
             raise EvomergeError("dataflow: cannot encode an empty path")
+        if self.max_layers is not None and len(path) > self.max_layers:
+            raise EvomergeError(
+                f"dataflow: a path of {len(path)} layers is longer than max_layers "
+                f"{self.max_layers}"
+            )
         on = self.sigma * 2
         x = np.full(self.size, -on if off is None else off)
         x[self.slots :] = 0.0

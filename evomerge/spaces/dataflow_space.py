@@ -29,6 +29,8 @@ class DataflowSpec(BaseModel):
     rank: int = Field(default=2, ge=1)
     scale_bounds: tuple[float, float] = (0.5, 2.0)
     sigma: float = Field(default=0.1, gt=0)
+    # longest path a candidate may have; default: twice the deepest model of the space
+    max_layers: Optional[int] = Field(default=None, ge=1)
     dtype: Optional[str] = None
 
 
@@ -56,8 +58,10 @@ class DataflowSpace(SearchSpace):
                     f"field 'search_space.models': {name!r} is not a key of the run's 'models'"
                 )
         self.spec, self.models = spec, models
+        depths = tuple((name, depth_of(name)) for name in spec.models)
         self.genome = DataflowGenome(
-            tuple((name, depth_of(name)) for name in spec.models),
+            depths,
+            max_layers=spec.max_layers or 2 * max(depth for _, depth in depths),
             repetitions=spec.repetitions,
             scaling=spec.scaling,
             rank=spec.rank,
