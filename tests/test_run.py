@@ -240,9 +240,12 @@ def test_bad_run_folders(llama, tmp_path, capsys):
 
 
 def test_ps_dfs_search_runs_end_to_end(llama, tmp_path):
+    space = yaml.safe_load((REPO / "search_spaces" / "ps_dfs.yaml").read_text())
+    space["dataflow"]["max_layers"] = 64  # no cap in reach: random paths keep their own depths
+    (tmp_path / "space.yaml").write_text(yaml.safe_dump(space))
     config = run_config(
         llama,
-        search_space=str(REPO / "search_spaces" / "ps_dfs.yaml"),
+        search_space=str(tmp_path / "space.yaml"),
         optimizer={"name": "random"},
         budget=8,
     )
