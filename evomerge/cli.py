@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import sys
 from collections.abc import Sequence
@@ -64,9 +65,12 @@ def _cmd_resume(args: argparse.Namespace) -> int:
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    from evomerge.status import records_frame, summary
+    from evomerge.status import records_frame, status_data, summary
 
     folder = Path(args.folder)
+    if args.json:
+        print(json.dumps(status_data(folder), indent=2))
+        return 0
     if args.csv or args.parquet:
         frame = records_frame(folder)
         if args.csv:
@@ -164,6 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     status = sub.add_parser("status", help="progress, best, Pareto set and failures of a run")
     status.add_argument("folder", help="run folder")
+    status.add_argument(
+        "--json", action="store_true", help="sources, baselines and Pareto set as JSON"
+    )
     status.add_argument("--csv", help="write every evaluation to this CSV file")
     status.add_argument("--parquet", help="write every evaluation to this Parquet file")
     status.set_defaults(handler=_cmd_status)

@@ -17,6 +17,7 @@ from pydantic import (
     model_validator,
 )
 
+from evomerge.baselines import BaselineSpec, normalize_baselines
 from evomerge.errors import EvomergeError
 from evomerge.recipe import describe_validation_error
 
@@ -122,6 +123,8 @@ class RunConfig(BaseModel):
     # start the search from the source models the space can express (their scores reused), so a
     # run never ends below a model the user already had; false for ablations
     seed_with_sources: bool = True
+    # merges the search is measured against (presets or recipes), scored like the sources
+    baselines: list[Union[str, BaselineSpec]] = Field(default_factory=list)
     reference: Optional[list[float]] = None  # hypervolume reference, one value per objective
     allow_pickle: bool = False
     trust_remote_code: bool = False
@@ -184,9 +187,13 @@ class RunConfig(BaseModel):
                 hint = f"did you mean '{close[0]}'?" if close else "remove it"
                 message = f"field '{unknown[0]['loc'][0]}': unknown field; {hint}"
             raise EvomergeError(f"{source}: {message}") from None
+        config.baselines = list(normalize_baselines(config.baselines))
         if base_dir is not None:  # relative paths: from the current folder, else the config's
             if isinstance(config.search_space, str):
                 config.search_space = _beside(config.search_space, base_dir)
+            for spec in config.baselines:
+                if isinstance(spec, BaselineSpec) and isinstance(spec.recipe, str):
+                    spec.recipe = _beside(spec.recipe, base_dir)
             if isinstance(config.fitness, LmEvalFitnessSpec) and config.fitness.include_path:
                 config.fitness.include_path = _beside(config.fitness.include_path, base_dir)
         return config

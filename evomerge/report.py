@@ -21,14 +21,28 @@ from evomerge.pareto import hypervolume_curve, losses_of, reference_point
 from evomerge.status import frame_of
 from evomerge.store import RunStore, read_run_meta
 
+MARKS = {  # how each kind of reference model is drawn: (label, plotly symbol, colour)
+    "source": ("source models", "star", "#1c7ed6"),
+    "baseline": ("baseline merges", "diamond", "#f08c00"),
+}
 
-def _figures(frame: pd.DataFrame, config: RunConfig, sources: dict) -> dict:
+
+def _scored(references: dict) -> dict[str, dict[str, dict]]:
+    """kind -> name -> objective values, of the references that were scored."""
+    return {
+        kind: {k: v["values"] for k, v in stored.items() if v.get("values")}
+        for kind, stored in references.items()
+    }
+
+
+def _figures(frame: pd.DataFrame, config: RunConfig, references: dict) -> dict:
     import plotly.graph_objects as go
 
     names = [o.name for o in config.objectives]
     ok = frame[~frame["failed"]].sort_values("number")
     figures = {}
-    src = {k: v["values"] for k, v in sources.items() if v.get("values")}
+    marks = _scored(references)
+    src = marks["source"]
     if len(names) == 2:
         x, y = names
         fig = go.Figure()
@@ -50,15 +64,18 @@ def _figures(frame: pd.DataFrame, config: RunConfig, sources: dict) -> dict:
             marker={"color": "#d6336c", "size": 10},
             text=front["index"],
         )
-        if src:
+        for kind, scored in marks.items():
+            if not scored:
+                continue
+            label, symbol, colour = MARKS[kind]
             fig.add_scatter(
-                x=[v[x] for v in src.values()],
-                y=[v[y] for v in src.values()],
+                x=[v[x] for v in scored.values()],
+                y=[v[y] for v in scored.values()],
                 mode="markers+text",
-                name="source models",
-                text=list(src),
+                name=label,
+                text=list(scored),
                 textposition="top center",
-                marker={"symbol": "star", "size": 14, "color": "#1c7ed6"},
+                marker={"symbol": symbol, "size": 14, "color": colour},
             )
         fig.update_layout(
             title="Pareto front",
@@ -67,16 +84,36 @@ def _figures(frame: pd.DataFrame, config: RunConfig, sources: dict) -> dict:
         )
         figures["pareto"] = fig
     elif len(names) > 2:
+        # the reference models are extra lines, coloured by kind
+        rows = [list(ok[n]) for n in names]
+        colour = list(ok["pareto"].astype(int))
+        for code, kind in ((2, "source"), (3, "baseline")):
+            for values in marks[kind].values():
+                for column, n in zip(rows, names):
+                    column.append(values[n])
+                colour.append(code)
         fig = go.Figure(
             go.Parcoords(
                 line={
-                    "color": ok["pareto"].astype(int),
-                    "colorscale": [[0, "#ced4da"], [1, "#d6336c"]],
+                    "color": colour,
+                    "cmin": 0,
+                    "cmax": 3,
+                    "colorscale": [
+                        [0, "#ced4da"],
+                        [0.33, "#ced4da"],
+                        [0.34, "#d6336c"],
+                        [0.66, "#d6336c"],
+                        [0.67, MARKS["source"][2]],
+                        [0.99, MARKS["source"][2]],
+                        [1.0, MARKS["baseline"][2]],
+                    ],
                 },
-                dimensions=[{"label": n, "values": ok[n]} for n in names],
+                dimensions=[{"label": n, "values": col} for n, col in zip(names, rows)],
             )
         )
-        fig.update_layout(title="Evaluations over all objectives (Pareto set in red)")
+        fig.update_layout(
+            title="Evaluations over all objectives (Pareto set red, sources blue, baselines orange)"
+        )
         figures["pareto"] = fig
     for n in names:
         fig = go.Figure()
@@ -87,8 +124,14 @@ def _figures(frame: pd.DataFrame, config: RunConfig, sources: dict) -> dict:
         fig.add_scatter(
             x=ok["number"], y=best, mode="lines", name="best so far", line={"color": "#d6336c"}
         )
-        for name, values in src.items():
-            fig.add_hline(y=values[n], line_dash="dot", annotation_text=name)
+        for kind, scored in marks.items():
+            for name, values in scored.items():
+                fig.add_hline(
+                    y=values[n],
+                    line_dash="dot" if kind == "source" else "dash",
+                    line_color=MARKS[kind][2],
+                    annotation_text=name,
+                )
         fig.update_layout(title=f"{n} over evaluations", xaxis_title="evaluation", yaxis_title=n)
         figures[f"objective_{n}"] = fig
     if len(names) > 1 and len(ok):
@@ -97,8 +140,17 @@ def _figures(frame: pd.DataFrame, config: RunConfig, sources: dict) -> dict:
         ref, origin = reference_point(losses, config.objectives, config.reference, source_losses)
         curve = hypervolume_curve(losses, ref)
         fig = go.Figure(
-            go.Scatter(x=ok["number"], y=curve, mode="lines", line={"color": "#0ca678"})
+            go.Scatter(
+                x=ok["number"], y=curve, mode="lines", name="search", line={"color": "#0ca678"}
+            )
         )
+        for kind, value in _reference_hypervolumes(marks, config, ref).items():
+            fig.add_hline(
+                y=value,
+                line_dash="dot",
+                line_color=MARKS[kind][2],
+                annotation_text=f"{MARKS[kind][0]} alone",
+            )
         fig.update_layout(
             title=f"Hypervolume over evaluations (reference: {origin})",
             xaxis_title="evaluation",
@@ -108,11 +160,29 @@ def _figures(frame: pd.DataFrame, config: RunConfig, sources: dict) -> dict:
     return figures
 
 
+def _reference_hypervolumes(marks: dict, config: RunConfig, ref) -> dict[str, float]:
+    """kind -> hypervolume of those reference models alone (what the search must exceed)."""
+    from evomerge.pareto import hypervolume, non_dominated
+
+    out = {}
+    for kind, scored in marks.items():
+        if scored:
+            losses = losses_of(list(scored.values()), config.objectives)
+            out[kind] = hypervolume(losses[non_dominated(losses)], ref)
+    return out
+
+
+def _held_text(held: Optional[dict]) -> str:
+    return ", ".join(
+        f"{k}: {v:.4g}" for k, v in (held or {}).items() if isinstance(v, (int, float))
+    )
+
+
 def _dir(config: RunConfig, name: str) -> str:
     return next(o.direction for o in config.objectives if o.name == name)
 
 
-def _png(name: str, frame: pd.DataFrame, config: RunConfig, sources: dict, folder: Path) -> None:
+def _png(name: str, frame: pd.DataFrame, config: RunConfig, references: dict, folder: Path) -> None:
     """The same plots as PNGs (matplotlib: no browser needed to write them)."""
     import matplotlib
 
@@ -121,16 +191,28 @@ def _png(name: str, frame: pd.DataFrame, config: RunConfig, sources: dict, folde
 
     names = [o.name for o in config.objectives]
     ok = frame[~frame["failed"]].sort_values("number")
-    src = {k: v["values"] for k, v in sources.items() if v.get("values")}
+    marks = _scored(references)
+    symbols = {"source": "*", "baseline": "D"}
     fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=110)
     if name == "pareto" and len(names) == 2:
         x, y = names
         front = ok[ok["pareto"]].sort_values(x)
         ax.scatter(ok[x], ok[y], c="#9aa5b1", s=14, label="evaluations")
         ax.plot(front[x], front[y], "o-", c="#d6336c", label="Pareto set")
-        for label, values in src.items():
-            ax.scatter(values[x], values[y], marker="*", s=160, c="#1c7ed6")
-            ax.annotate(label, (values[x], values[y]), textcoords="offset points", xytext=(4, 4))
+        for kind, scored in marks.items():
+            label, _, colour = MARKS[kind]
+            for i, (model, values) in enumerate(scored.items()):
+                ax.scatter(
+                    values[x],
+                    values[y],
+                    marker=symbols[kind],
+                    s=160 if kind == "source" else 70,
+                    c=colour,
+                    label=label if i == 0 else None,
+                )
+                ax.annotate(
+                    model, (values[x], values[y]), textcoords="offset points", xytext=(4, 4)
+                )
         ax.set_xlabel(x)
         ax.set_ylabel(y)
         ax.set_title("Pareto front")
@@ -138,22 +220,36 @@ def _png(name: str, frame: pd.DataFrame, config: RunConfig, sources: dict, folde
         for _, row in ok.iterrows():
             color, width = ("#d6336c", 1.6) if row["pareto"] else ("#ced4da", 0.6)
             ax.plot(range(len(names)), [row[n] for n in names], c=color, lw=width)
-        for label, values in src.items():
-            ax.plot(range(len(names)), [values[n] for n in names], "--", c="#1c7ed6", lw=1)
-            ax.annotate(label, (len(names) - 1, values[names[-1]]), fontsize=7)
+        for kind, scored in marks.items():
+            for model, values in scored.items():
+                style = "--" if kind == "source" else ":"
+                ax.plot(range(len(names)), [values[n] for n in names], style, c=MARKS[kind][2])
+                ax.annotate(model, (len(names) - 1, values[names[-1]]), fontsize=7)
         ax.set_xticks(range(len(names)), names)
-        ax.set_title("Evaluations over all objectives (Pareto set in red, sources dashed)")
+        ax.set_title("All objectives (Pareto set red, sources blue, baselines orange)")
     elif name.startswith("objective_"):
         n = name.removeprefix("objective_")
         best = ok[n].cummax() if _dir(config, n) == "maximize" else ok[n].cummin()
         ax.scatter(ok["number"], ok[n], c="#9aa5b1", s=14, label=n)
         ax.plot(ok["number"], best, c="#d6336c", label="best so far")
-        for label, values in src.items():
-            ax.axhline(values[n], ls=":", c="#1c7ed6")
-            ax.annotate(label, (0, values[n]), textcoords="offset points", xytext=(2, 3))
+        for kind, scored in marks.items():
+            for model, values in scored.items():
+                ax.axhline(values[n], ls=":" if kind == "source" else "--", c=MARKS[kind][2])
+                ax.annotate(model, (0, values[n]), textcoords="offset points", xytext=(2, 3))
         ax.set_xlabel("evaluation")
         ax.set_ylabel(n)
         ax.set_title(f"{n} over evaluations")
+    elif name == "hypervolume":
+        losses = losses_of(ok[names].to_dict("records"), config.objectives)
+        src = marks["source"]
+        source_losses = losses_of(list(src.values()), config.objectives) if src else None
+        ref, _ = reference_point(losses, config.objectives, config.reference, source_losses)
+        ax.plot(ok["number"], hypervolume_curve(losses, ref), c="#0ca678", label="search")
+        for kind, value in _reference_hypervolumes(marks, config, ref).items():
+            ax.axhline(value, ls=":", c=MARKS[kind][2], label=f"{MARKS[kind][0]} alone")
+        ax.set_xlabel("evaluation")
+        ax.set_ylabel("hypervolume")
+        ax.set_title("Hypervolume over evaluations")
     else:
         plt.close(fig)
         return
@@ -171,11 +267,12 @@ def write_report(run_folder: Path, exports: Optional[Path] = None) -> Path:
     store = RunStore.open(run_folder)
     frame = frame_of(store, config)
     sources = store.sources()
+    references = {"source": sources, "baseline": store.baselines()}
     out = run_folder / "report"
     out.mkdir(exist_ok=True)
     if frame.empty:
         raise EvomergeError(f"{run_folder}: no evaluations yet; nothing to report")
-    figures = _figures(frame, config, sources)
+    figures = _figures(frame, config, references)
     parts = []
     for i, (name, fig) in enumerate(figures.items()):
         parts.append(
@@ -186,7 +283,7 @@ def write_report(run_folder: Path, exports: Optional[Path] = None) -> Path:
                 default_height="420px",
             )
         )
-        _png(name, frame, config, sources, out)
+        _png(name, frame, config, references, out)
     names = [o.name for o in config.objectives]
     front = frame[frame["pareto"]].sort_values(names[0])
     exports = Path(exports) if exports else run_folder / "exports"
@@ -208,13 +305,14 @@ def write_report(run_folder: Path, exports: Optional[Path] = None) -> Path:
             f"<tr><td>{int(r['index'])}</td>{cells}<td>{html.escape(held)}</td><td>{link}</td></tr>"
         )
     src_rows = "".join(
-        f"<tr><td>{html.escape(k)}</td>"
+        f"<tr><td>{kind}</td><td>{html.escape(k)}</td>"
         + "".join(
             f"<td>{v['values'][n]:.6g}</td>" if v.get("values") else "<td>failed</td>"
             for n in names
         )
-        + "</tr>"
-        for k, v in sources.items()
+        + f"<td>{html.escape(_held_text(v.get('held_out')))}</td></tr>"
+        for kind, stored in references.items()
+        for k, v in stored.items()
     )
     failed = int(frame["failed"].sum())
     notice = (
@@ -233,8 +331,8 @@ table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 8px;te
 {html.escape(config.optimizer.name)}; seed {config.seed}.</p>{notice}
 <h2>Pareto set ({len(front)})</h2>
 <table><tr><th>index</th>{header}<th>held-out</th><th>export</th></tr>{"".join(rows)}</table>
-<h2>Source models</h2>
-<table><tr><th>model</th>{header}</tr>{src_rows}</table>
+<h2>Source models and baselines</h2>
+<table><tr><th>kind</th><th>model</th>{header}<th>held-out</th></tr>{src_rows}</table>
 {"".join(f"<div>{p}</div>" for p in parts)}
 </body></html>
 """

@@ -27,6 +27,7 @@ import numpy as np
 import yaml
 from tqdm.auto import tqdm
 
+from evomerge.baselines import BaselineSpec, baseline_recipes
 from evomerge.config import PythonFitness, RunConfig
 from evomerge.errors import EvomergeError
 from evomerge.evaluator import Outcome, load_callable
@@ -126,9 +127,28 @@ def prepare(config: RunConfig) -> tuple[RunConfig, SearchSpace]:
         raise EvomergeError("field 'search_space': the space has no genes to search")
     sources = {ref: source(ref) for ref in dict.fromkeys(models.values())}
     check_space_recipes(space, sources)
+    baselines = baseline_recipes(config.baselines, models, config.base_model, config.seed)
+    for name, recipe in baselines.items():
+        try:
+            plan_for(Recipe.from_yaml_text(recipe), {**sources, **_extra_sources(recipe, source)})
+        except EvomergeError as exc:
+            raise EvomergeError(f"field 'baselines' ({name}): {exc}") from None
+    # the run folder keeps each baseline as the recipe it scored (no paths to files outside it)
+    resolved.baselines = [
+        BaselineSpec(name=name, recipe=yaml.safe_load(recipe)) for name, recipe in baselines.items()
+    ]
     optimizer_for(resolved, space)  # bad optimizer names and options fail here
     check_fitness(resolved)
     return resolved, space
+
+
+def _extra_sources(recipe: str, source) -> dict[str, ModelSource]:
+    """Models a baseline recipe names that are not the run's own (opened, headers only)."""
+    data = Recipe.from_yaml_text(recipe)
+    refs = [m.model for m in data.models or [] if not isinstance(data.models, dict)]
+    refs += [p.model for s in data.slices or [] for p in s.sources]
+    refs += [data.base_model] if data.base_model else []
+    return {ref: source(ref) for ref in refs}
 
 
 def check_space_recipes(space: SearchSpace, sources: dict[str, ModelSource]) -> None:
@@ -236,8 +256,7 @@ def open_run(folder: Path) -> Run:
 def drive(run: Run, pool: Pool, progress: bool = True) -> None:
     """Run until the budget is spent; safe to kill at any moment and call again."""
     try:
-        if run.config.score_sources:
-            score_sources(run, pool, progress)
+        score_references(run, pool, progress)
         SearchLoop(run, pool, progress).run_to_budget()
         if getattr(run.config.fitness, "held_out", None) is not None:
             score_held_out(run, pool, progress)
@@ -421,42 +440,74 @@ def source_recipe(ref: str) -> str:
     ).to_yaml()
 
 
-def score_sources(run: Run, pool: Pool, progress: bool = True) -> None:
-    """Score every source model once (not counted in the budget, not told to the optimizer):
-    the report marks them, and the hypervolume reference defaults to their worst values."""
-    done = run.store.sources()
-    todo = [name for name in run.config.models if name not in done]
+def reference_recipes(run: Run) -> dict[tuple[str, str], str]:
+    """(kind, name) -> recipe of what the search is measured against: the source models (unless
+    score_sources is off) and the baseline merges."""
+    out = {}
+    if run.config.score_sources:
+        for name, ref in run.config.models.items():
+            out[("source", name)] = source_recipe(ref)
+    baselines = baseline_recipes(
+        run.config.baselines, run.config.models, run.config.base_model, run.config.seed
+    )
+    out.update({("baseline", name): recipe for name, recipe in baselines.items()})
+    return out
+
+
+def stored_references(run: Run) -> dict[tuple[str, str], dict]:
+    stored = {("source", k): v for k, v in run.store.sources().items()}
+    stored.update({("baseline", k): v for k, v in run.store.baselines().items()})
+    return stored
+
+
+def store_reference(run: Run, key: tuple[str, str], result: dict) -> None:
+    kind, name = key
+    (run.store.set_source if kind == "source" else run.store.set_baseline)(name, result)
+
+
+def score_references(run: Run, pool: Pool, progress: bool = True) -> None:
+    """Score every source model and baseline merge once on the fitness tasks (not counted in
+    the budget, not told to the optimizer): status and the report set the search against them,
+    and the hypervolume reference defaults to the sources' worst values."""
+    done = stored_references(run)
+    todo = [(key, recipe) for key, recipe in reference_recipes(run).items() if key not in done]
     if not todo:
         return
-    jobs = [
-        (Candidate(-1 - k, np.zeros(0)), source_recipe(run.config.models[name]), False)
-        for k, name in enumerate(todo)
-    ]
-    bar = tqdm(total=len(todo), desc="source models", unit="model", disable=not progress)
+    jobs = [(Candidate(-1 - k, np.zeros(0)), recipe, False) for k, (_, recipe) in enumerate(todo)]
+    bar = tqdm(total=len(todo), desc="sources and baselines", unit="model", disable=not progress)
     for candidate, recipe, outcome in score_all(pool, jobs):
+        key = todo[-1 - candidate.index][0]
         record = to_record(run, candidate, recipe, outcome)
-        run.store.set_source(
-            todo[-1 - candidate.index],
-            {
-                "values": record.values,
-                "metrics": outcome.metrics,
-                "per_example": outcome.per_example,
-                "error": record.error,
-            },
-        )
+        result = {
+            "values": record.values,
+            "metrics": outcome.metrics,
+            "per_example": outcome.per_example,
+            "error": record.error,
+        }
+        store_reference(run, key, result if key[0] == "source" else {**result, "recipe": recipe})
         bar.update(1)
     bar.close()
 
 
 def score_held_out(run: Run, pool: Pool, progress: bool = True) -> None:
-    """Score the Pareto set on the held-out tasks (once per evaluation, stored with it)."""
+    """Score the Pareto set, the source models and the baselines on the held-out tasks (once
+    each, stored with them)."""
     front = pareto_records(run.store.records(), run.config.objectives)
-    todo = [r for r in front if r.held_out is None]
-    jobs = [(Candidate(r.number, r.genome), r.recipe, True) for r in todo]
-    bar = tqdm(total=len(todo), desc="held-out", unit="model", disable=not progress)
+    jobs = [(Candidate(r.number, r.genome), r.recipe, True) for r in front if r.held_out is None]
+    stored = stored_references(run)
+    recipes = reference_recipes(run)
+    references = [k for k in recipes if k in stored and stored[k].get("held_out") is None]
+    jobs += [
+        (Candidate(-1 - k, np.zeros(0)), recipes[key], True) for k, key in enumerate(references)
+    ]
+    bar = tqdm(total=len(jobs), desc="held-out", unit="model", disable=not progress)
     for candidate, _, outcome in score_all(pool, jobs):
         metrics = outcome.metrics if outcome.error is None else {"error": outcome.error}
-        run.store.set_held_out(candidate.index, metrics)  # the index here is the store number
+        if candidate.index >= 0:  # the index here is the store number
+            run.store.set_held_out(candidate.index, metrics)
+        else:
+            key = references[-1 - candidate.index]
+            store_reference(run, key, {**stored[key], "held_out": metrics})
         bar.update(1)
     bar.close()
 

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 
 from evomerge.config import RunConfig
-from evomerge.pareto import front_positions
+from evomerge.pareto import front_positions, pareto_records
 from evomerge.store import RunStore, read_run_meta
 
 MAX_GENE_COLUMNS = 100
@@ -45,6 +45,47 @@ def frame_of(store: RunStore, config: RunConfig) -> pd.DataFrame:
         row["pareto"] = position in front
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def reference_frame(store: RunStore, config: RunConfig) -> pd.DataFrame:
+    """One row per source model and baseline merge: objectives and held-out scores."""
+    rows = []
+    for kind, stored in (("source", store.sources()), ("baseline", store.baselines())):
+        for name, result in stored.items():
+            row = {"kind": kind, "name": name}
+            for o in config.objectives:
+                row[o.name] = (result.get("values") or {}).get(o.name, np.nan)
+            for key, value in (result.get("held_out") or {}).items():
+                if isinstance(value, (int, float)):
+                    row[f"held_out:{key}"] = value
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def status_data(folder: Path) -> dict:
+    """The run measured against what it started from, for scripts (`status --json`): the
+    source models and baselines as name -> {values, held_out}, and the Pareto set as a list of
+    {index, values, held_out}; held-out keys are lm-eval's "task: metric,filter"."""
+    read_run_meta(folder)
+    config = RunConfig.load(folder / "run.yaml")
+    store = RunStore.open(folder)
+
+    def reference(result: dict) -> dict:
+        out = {"values": result.get("values"), "held_out": result.get("held_out")}
+        return {**out, "error": result["error"]} if result.get("error") else out
+
+    return {
+        "run": str(folder),
+        "evaluations": len(store.records()),
+        "budget": config.budget,
+        "objectives": {o.name: o.direction for o in config.objectives},
+        "sources": {k: reference(v) for k, v in store.sources().items()},
+        "baselines": {k: reference(v) for k, v in store.baselines().items()},
+        "pareto": [
+            {"index": r.index, "values": r.values, "held_out": r.held_out}
+            for r in pareto_records(store.records(), config.objectives)
+        ],
+    }
 
 
 def out_of_memory(error: object) -> bool:
@@ -97,6 +138,9 @@ def summary(folder: Path) -> str:
             ]
         )
         lines += ["", "best per objective:", best.to_string(index=False)]
+        references = reference_frame(store, config)
+        if not references.empty:
+            lines += ["", "sources and baselines:", references.to_string(index=False)]
         held = [c for c in frame.columns if c.startswith("held_out:")]
         front = frame[frame["pareto"]][["index", *[o.name for o in config.objectives], *held]]
         lines += ["", f"Pareto set ({len(front)}):", front.to_string(index=False)]

@@ -223,10 +223,21 @@ class RunStore:
             self.study.set_user_attr(f"source:{name}", result)
 
     def sources(self) -> dict[str, dict[str, Any]]:
+        return self._named("source:")
+
+    def set_baseline(self, name: str, result: dict[str, Any]) -> None:
+        """A baseline merge's scores, as for a source, plus its "recipe"."""
+        with self._writing():
+            self.study.set_user_attr(f"baseline:{name}", result)
+
+    def baselines(self) -> dict[str, dict[str, Any]]:
+        return self._named("baseline:")
+
+    def _named(self, prefix: str) -> dict[str, dict[str, Any]]:
         return {
-            key.removeprefix("source:"): value
+            key.removeprefix(prefix): value
             for key, value in self.study.user_attrs.items()
-            if key.startswith("source:")
+            if key.startswith(prefix)
         }
 
     # ----- optimizer checkpoints ------------------------------------------------------------

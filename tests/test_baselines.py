@@ -1,0 +1,108 @@
+"""Baseline merges and the run measured against them: scored like the sources on the fitness
+and held-out tasks, reported by `status --json`, and marked on the report's plots."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from evomerge.cli import main
+from evomerge.merge.engine import merge_to_disk
+from tests.helpers import load_folder
+from tests.test_run import expect_error, run_config, write
+from tests.test_workers import make_tasks
+
+
+def lm_eval_config(llama, tasks, **changes):
+    return run_config(
+        llama,
+        budget=4,
+        optimizer={"name": "random"},
+        objectives=[{"name": "parity", "metric": "parity_fit: acc,none"}],
+        fitness={
+            "kind": "lm_eval",
+            "tasks": ["parity_fit"],
+            "include_path": str(tasks),
+            "batch_size": 4,
+            "held_out": {"tasks": ["parity_held"]},
+        },
+        **changes,
+    )
+
+
+def test_baselines_and_sources_are_scored_on_fitness_and_held_out(llama, tmp_path, capsys):
+    tasks = make_tasks(tmp_path / "tasks")
+    mine = {"merge_method": "slerp", "base_model": "a", "models": [{"model": "a"}, {"model": "b"}],
+            "parameters": {"t": 0.3}}  # fmt: skip
+    (tmp_path / "mine.yaml").write_text(yaml.safe_dump(mine))
+    baselines = ["average", "task_arithmetic", "ties", "dare_ties"]
+    baselines += [{"name": "mine", "recipe": "mine.yaml"}]
+    config = lm_eval_config(llama, tasks, baselines=baselines)
+    out = tmp_path / "run"
+    assert main(["run", str(write(tmp_path, config)), "--out", str(out), "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["status", str(out), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert set(data["sources"]) == {"base", "a", "b"}
+    assert set(data["baselines"]) == {"average", "task_arithmetic", "ties", "dare_ties", "mine"}
+    for scored in [*data["sources"].values(), *data["baselines"].values()]:
+        assert 0 <= scored["values"]["parity"] <= 1
+        assert set(scored["held_out"]) >= {"parity_held: acc,none"}
+    assert data["pareto"] and all(
+        {"index", "values", "held_out"} <= set(p) and "parity_held: acc,none" in p["held_out"]
+        for p in data["pareto"]
+    )
+    # the run folder holds each baseline as the recipe it scored, with the models resolved
+    stored = yaml.safe_load((out / "run.yaml").read_text())["baselines"]
+    by_name = {b["name"]: b["recipe"] for b in stored}
+    assert by_name["mine"]["models"][0]["model"] == str(llama["ft0"].resolve())
+    assert by_name["ties"]["merge_method"] == "ties"
+    assert by_name["ties"]["models"][0]["parameters"] == {"weight": 1.0, "density": 0.5}
+    # the text summary lists them too
+    assert main(["status", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "sources and baselines:" in text and "task_arithmetic" in text
+
+
+def test_the_average_baseline_is_the_plain_mean_of_the_experts(llama, tmp_path):
+    """What the preset stands for: merged, it is the mean of the experts' tensors."""
+    from evomerge.baselines import preset_recipe
+
+    models = {"base": str(llama["base"]), "a": str(llama["ft0"]), "b": str(llama["ft1"])}
+    recipe = preset_recipe("average", models, "base", 0, "field 'baselines'")
+    merged = load_folder(merge_to_disk(recipe, tmp_path / "avg", progress=False, device="cpu"))
+    a, b = load_folder(llama["ft0"]), load_folder(llama["ft1"])
+    assert set(merged) == set(a)
+    for name, tensor in merged.items():
+        assert tensor.allclose((a[name] + b[name]) / 2, atol=1e-6), name
+
+
+@pytest.mark.parametrize(
+    "baselines, needles",
+    [
+        (["avg"], ("baselines", "unknown preset 'avg'")),
+        (["average", {"name": "average", "preset": "ties"}], ("baselines", "used twice")),
+        ([{"name": "x", "recipe": {"merge_method": "ties", "models": [{"model": "nowhere"}]}}],
+         ("baselines", "(x)")),
+    ],
+)  # fmt: skip
+def test_bad_baselines_are_one_line(llama, tmp_path, capsys, baselines, needles):
+    config = run_config(llama, baselines=baselines)
+    out = tmp_path / "o"
+    expect_error(["run", str(write(tmp_path, config)), "--out", str(out)], capsys, *needles)
+    assert not out.exists()
+
+
+def test_task_vector_presets_need_a_base_model(llama, tmp_path, capsys):
+    config = run_config(llama, baselines=["ties"], base_model=None)
+    config["search_space"] = {
+        "kind": "parameter", "method": "linear", "parameters": {"weight": {"low": 0, "high": 1}}
+    }  # fmt: skip
+    expect_error(
+        ["run", str(write(tmp_path, config)), "--out", str(tmp_path / "o")],
+        capsys,
+        "baselines",
+        "needs base_model",
+    )
