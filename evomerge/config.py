@@ -83,6 +83,10 @@ class LmEvalFitnessSpec(BaseModel):
     samples: Optional[dict[str, list[int]]] = None  # or fixed document ids per task
     batch_size: int = Field(default=8, gt=0)
     num_fewshot: Optional[int] = Field(default=None, ge=0)
+    # instruct models: prompts go through the tokenizer's chat template, with this system
+    # message (None: the template's own default)
+    apply_chat_template: bool = False
+    system_instruction: Optional[str] = None
     # scored only for the final Pareto set, so reported numbers are not the ones searched on
     held_out: Optional[HeldOut] = None
 

@@ -151,6 +151,11 @@ class Evaluator:
                     "limit": spec.get("limit"),
                     "include_path": self.fitness_spec.get("include_path"),
                     "batch_size": self.fitness_spec.get("batch_size", 8),
+                    **{
+                        key: self.fitness_spec[key]
+                        for key in ("apply_chat_template", "system_instruction", "num_fewshot")
+                        if key in self.fitness_spec
+                    },
                 }
             )
         return self.held_out_fitness

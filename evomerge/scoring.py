@@ -43,6 +43,8 @@ class LmEvalFitness:
         samples: Optional[dict[str, list[int]]] = None,
         batch_size: int = 8,
         num_fewshot: Optional[int] = None,
+        apply_chat_template: bool = False,
+        system_instruction: Optional[str] = None,
     ) -> None:
         from lm_eval.tasks import TaskManager
 
@@ -68,6 +70,8 @@ class LmEvalFitness:
         self.limit = limit
         self.samples = samples
         self.batch_size = batch_size
+        self.apply_chat_template = apply_chat_template
+        self.system_instruction = system_instruction
         self._lm: Any = None
         self._wrapped: Any = None
 
@@ -95,6 +99,8 @@ class LmEvalFitness:
             limit=None if self.samples else self.limit,
             samples=self.samples,
             bootstrap_iters=0,
+            apply_chat_template=self.apply_chat_template,
+            system_instruction=self.system_instruction,
             log_samples=True,
             verbosity="ERROR",
         )

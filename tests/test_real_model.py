@@ -14,7 +14,6 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from evomerge.errors import EvomergeError
 from evomerge.merge import reduce
 from evomerge.merge.engine import merge_to_disk
 from evomerge.recipe import Recipe
@@ -22,16 +21,6 @@ from evomerge.recipe import Recipe
 from .helpers import load_folder, scale_layer_inputs
 
 EMBED = "model.embed_tokens.weight"
-
-
-@pytest.fixture(scope="session")
-def smollm() -> Path:
-    from evomerge.zoo.smollm import build_smollm, cache_dir
-
-    try:
-        return build_smollm(cache_dir() / "smollm2-135m-instruct")
-    except EvomergeError as exc:
-        pytest.skip(f"SmolLM2-135M-Instruct cannot be had here: {exc}")
 
 
 @pytest.fixture(scope="session")

@@ -6,6 +6,8 @@ near-miss distractors (lm-eval scores the four choices by log-likelihood).
 - reverse:    "rev 83920=" -> " 02938"            (string reversal)
 - cipher_add: "add ru+qi=" -> " ut"               (addition written in the cipher: needs two
                                                    skills at once; no expert is trained on it)
+- enc_add:    "enc 47+18=" -> " yt"               (a sum answered in the cipher: the real zoo's
+                                                   cross-skill target)
 """
 
 from __future__ import annotations
@@ -101,11 +103,24 @@ def cipher_add(rng: random.Random) -> Example:
     )
 
 
+def enc_add(rng: random.Random) -> Example:
+    a, b = rng.randint(10, 99), rng.randint(10, 99)
+    answer = encode(str(a + b))
+    return Example(
+        f"enc {a}+{b}=",
+        f" {answer}",
+        tuple(
+            f" {encode(d)}" for d in _distinct(rng, str(a + b), lambda: _near_number(rng, a + b))
+        ),
+    )
+
+
 GENERATORS: dict[str, Callable[[random.Random], Example]] = {
     "add": add,
     "cipher": cipher,
     "reverse": reverse,
     "cipher_add": cipher_add,
+    "enc_add": enc_add,
 }
 
 
