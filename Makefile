@@ -28,20 +28,18 @@ test: setup
 lint: setup
 	$(PY) -m ruff check evomerge tests benchmarks
 
-# The main job: build the local zoo (cached), search PS+DFS merges of its experts on local Ray
-# workers, export the Pareto set, write the report.
-DEMO_RUN ?= results/demo
+# The main job: the real zoo (SmolLM2-135M-Instruct from its PyPI wheel, two experts folded in
+# from the shipped low-rank factors, cached), then the demo's PS, DFS and PS+DFS searches (each
+# resumable: run `make demo` again after an interruption), the headline table, and for the
+# PS+DFS run its status, exported Pareto set and report.
+DEMO_RUNS ?= results/demo
 demo: setup
-	$(VENV)/bin/evomerge zoo build
-	@if [ -f $(DEMO_RUN)/run.json ]; then \
-		$(VENV)/bin/evomerge resume $(DEMO_RUN); \
-	else \
-		$(VENV)/bin/evomerge run search_spaces/examples/demo_run.yaml --out $(DEMO_RUN); \
-	fi
-	$(VENV)/bin/evomerge status $(DEMO_RUN)
-	$(VENV)/bin/evomerge export $(DEMO_RUN) --pareto --to $(DEMO_RUN)/exports --force --quiet
-	$(VENV)/bin/evomerge report $(DEMO_RUN)
-	@echo "run: $(DEMO_RUN)  report: $(DEMO_RUN)/report/index.html  models: $(DEMO_RUN)/exports"
+	$(VENV)/bin/evomerge zoo real
+	$(PY) benchmarks/demo_headline.py --runs $(DEMO_RUNS)
+	$(VENV)/bin/evomerge status $(DEMO_RUNS)/ps_dfs
+	$(VENV)/bin/evomerge export $(DEMO_RUNS)/ps_dfs --pareto --to $(DEMO_RUNS)/ps_dfs/exports --force --quiet
+	$(VENV)/bin/evomerge report $(DEMO_RUNS)/ps_dfs
+	@echo "table: $(DEMO_RUNS)/headline.md  report: $(DEMO_RUNS)/ps_dfs/report/index.html  models: $(DEMO_RUNS)/ps_dfs/exports"
 
 bench: setup
 	$(PY) benchmarks/merge_speed.py
@@ -49,6 +47,7 @@ bench: setup
 	$(PY) benchmarks/dispatch.py
 	$(PY) benchmarks/map_digits.py
 	$(PY) benchmarks/zoo_results.py
+	$(PY) benchmarks/demo_headline.py
 	$(PY) benchmarks/report_render.py
 	$(PY) benchmarks/chaos.py
 	$(PY) benchmarks/fuzz_inputs.py

@@ -59,7 +59,7 @@ def main() -> None:
     from evomerge.zoo.build import build
 
     paths = build(ROOT / "results" / "zoo", ROOT / "fitness" / "zoo")
-    demo = yaml.safe_load((ROOT / "search_spaces" / "examples" / "demo_run.yaml").read_text())
+    demo = yaml.safe_load((ROOT / "search_spaces" / "examples" / "tiny_zoo_run.yaml").read_text())
     demo["search_space"]["dataflow"]["models"] = ["merged", "add", "cipher"]
     demo["fitness"]["include_path"] = str(ROOT / "fitness" / "zoo")
     ps = {
@@ -87,6 +87,7 @@ def main() -> None:
         ("ties (weight 1, density 1)", merge("ties")),
         ("dare_ties (weight 1, density 1)", merge("dare_ties")),
     ]
+
     def which(record) -> str:  # a seeded source model is named as such
         seeded = record.origin == "source"
         return f"#{record.index}" + (f", {record.worker}: seeded" if seeded else "")

@@ -42,6 +42,7 @@ from evomerge.spaces import SearchSpace, build_space, read_space_spec
 from evomerge.store import Record, RunStore, genome_key, read_run_meta
 
 RUN_CONFIG = "run.yaml"
+BASELINE = "baseline:"  # seed label prefix of a baseline merge
 MISSING_METRIC = "the fitness gives no metric"
 
 
@@ -68,11 +69,24 @@ class Run:
 
     @functools.cached_property
     def seeds(self) -> list[tuple[str, np.ndarray]]:
-        """(source model name, genome) the optimizer asks first; none when seeding is off."""
-        return self.space.source_genomes() if self.config.seed_with_sources else []
+        """(label, genome) the optimizer asks first: each source model the space expresses
+        (labelled by its name), then each baseline merge ("baseline:<name>"); none when seeding
+        is off."""
+        if not self.config.seed_with_sources:
+            return []
+        seeds = list(self.space.source_genomes())
+        baselines = baseline_recipes(
+            self.config.baselines, self.config.models, self.config.base_model, self.config.seed
+        )
+        for name, recipe in baselines.items():
+            genome = self.space.genome_of(Recipe.from_yaml_text(recipe))
+            if genome is not None:
+                seeds.append((f"{BASELINE}{name}", genome))
+        return seeds
 
     def seed_source(self, index: int) -> Optional[str]:
-        """The source model that ask index `index` stands for, if it is a seed."""
+        """The source model or baseline ("baseline:<name>") that ask index `index` stands for,
+        if it is a seed."""
         return self.seeds[index][0] if index < len(self.seeds) else None
 
     def seeding_line(self) -> str:
@@ -80,8 +94,8 @@ class Run:
             return "seeding: off (seed_with_sources: false)"
         if not self.seeds:
             return (
-                "seeding: the search space expresses none of the source models exactly; "
-                "the run starts unseeded"
+                "seeding: the search space expresses none of the source models or baselines "
+                "exactly; the run starts unseeded"
             )
         return "seeding: the search starts from " + ", ".join(name for name, _ in self.seeds)
 
@@ -276,9 +290,10 @@ class SearchLoop:
         self.replayable = {
             (r.index, genome_key(r.genome)): r
             for r in records
-            if r.origin in ("optimizer", "source")
+            if r.origin in ("optimizer", "source", "baseline")
         }
         self.sources = self.store.sources()
+        self.baselines = self.store.baselines()
         self.scored = {recipe_key(r.recipe): r for r in records if not r.failed}
         self.done = len(self.replayable)
         self.failing: list[str] = []  # errors of the evaluations failed in a row just now
@@ -348,21 +363,30 @@ class SearchLoop:
         return True
 
     def reuse_source(self, candidate: Candidate) -> bool:
-        """A seed is a source model the run scored before the search: its score is committed
-        again, with the source's own recipe (what was scored), not re-made."""
-        name = self.run.seed_source(candidate.index)
-        scored = self.sources.get(name or "", {})
-        if not scored.get("values") or "per_example" not in scored:
+        """A seed is a source model or baseline the run scored before the search: its score is
+        committed again, with the recipe that was scored, not re-made."""
+        label = self.run.seed_source(candidate.index)
+        if label is None:
+            return False
+        if label.startswith(BASELINE):
+            name, origin = label.removeprefix(BASELINE), "baseline"
+            scored = self.baselines.get(name, {})
+            recipe = scored.get("recipe")
+        else:
+            name, origin = label, "source"
+            scored = self.sources.get(name, {})
+            recipe = source_recipe(self.run.config.models[name])
+        if not scored.get("values") or "per_example" not in scored or recipe is None:
             return False
         record = Record(
             index=candidate.index,
             genome=candidate.genome,
-            recipe=source_recipe(self.run.config.models[name]),
+            recipe=recipe,
             values=scored["values"],
             metrics=scored.get("metrics") or {},
             per_example=scored["per_example"],
-            worker=f"source {name}",
-            origin="source",
+            worker=f"{origin} {name}",
+            origin=origin,
         )
         self.commit(record)
         self.tell(candidate, record)
@@ -388,8 +412,9 @@ class SearchLoop:
     def record(self, candidate: Candidate, recipe: str, outcome: Outcome) -> None:
         """Commit a scored candidate, then tell the optimizer (never the other way round)."""
         record = to_record(self.run, candidate, recipe, outcome)
-        if self.run.seed_source(candidate.index) is not None:
-            record.origin = "source"
+        label = self.run.seed_source(candidate.index)
+        if label is not None:
+            record.origin = "baseline" if label.startswith(BASELINE) else "source"
         self.commit(record)
         if not record.failed:
             self.scored.setdefault(recipe_key(recipe), record)

@@ -160,3 +160,28 @@ def test_seeding_can_be_turned_off(llama, tmp_path):
     out = tmp_path / "run"
     assert main(["run", str(write(tmp_path, config)), "--out", str(out), "--quiet"]) == 0
     assert all(r.origin == "optimizer" for r in RunStore.open(out).records())
+
+
+def test_baselines_the_space_expresses_are_seeds_too(llama, tmp_path, capsys):
+    """A task_arithmetic space starts from the task_arithmetic baseline (weight 1 each) as well
+    as the sources, told from its stored score; a ties baseline it cannot express is not a seed,
+    nor is a baseline outside the bounds."""
+    wide = {**TASK_ARITHMETIC, "parameters": {"weight": {"low": 0.0, "high": 1.5}}}
+    config = run_config(llama, search_space=wide, budget=6)
+    config["baselines"] = ["task_arithmetic", "ties"]
+    out = tmp_path / "run"
+    assert main(["run", str(write(tmp_path, config)), "--out", str(out), "--quiet"]) == 0
+    assert "base, baseline:task_arithmetic" in capsys.readouterr().err
+    store = RunStore.open(out)
+    seeded = store.records()[3]
+    assert seeded.origin == "baseline" and seeded.worker == "baseline task_arithmetic"
+    scored = store.baselines()["task_arithmetic"]
+    assert seeded.values == scored["values"] and seeded.recipe == scored["recipe"]
+    space, _ = space_of(llama, wide)
+    assert np.allclose(seeded.genome, np.ones(space.size))
+    narrow, _ = space_of(llama, TASK_ARITHMETIC)  # weight at most 1.0 ...
+    from evomerge.recipe import Recipe
+
+    half = Recipe.from_yaml_text(scored["recipe"].replace("weight: 1.0", "weight: 1.2"))
+    assert narrow.genome_of(half) is None  # ... so 1.2 is out of reach
+    assert narrow.genome_of(Recipe.from_yaml_text(scored["recipe"])) is not None

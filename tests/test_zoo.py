@@ -49,7 +49,7 @@ def test_scaled_down_demo_end_to_end(tmp_path, capsys):
     stamp = (zoo / "zoo.json").stat().st_mtime
     build(zoo, fitness, SMALL, progress=False)  # cached: nothing retrained
     assert (zoo / "zoo.json").stat().st_mtime == stamp
-    config = yaml.safe_load((REPO / "search_spaces" / "examples" / "demo_run.yaml").read_text())
+    config = yaml.safe_load((REPO / "search_spaces" / "examples" / "tiny_zoo_run.yaml").read_text())
     config["models"] = {name: str(zoo / name) for name in config["models"]}
     config["fitness"]["include_path"] = str(fitness)
     config.update(

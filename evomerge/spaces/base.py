@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from typing import Optional
 
 import numpy as np
 
@@ -38,6 +39,11 @@ class SearchSpace(ABC):
         """(run model name, genome) for each source model this space expresses exactly: the
         genome's merge is that model, unchanged. The run starts its search from them."""
         return []
+
+    def genome_of(self, recipe: Recipe) -> Optional[np.ndarray]:
+        """The genome whose merge is `recipe` (a baseline the search should start from), or
+        None where this space cannot express it exactly."""
+        return None
 
     @property
     def size(self) -> int:

@@ -168,6 +168,16 @@ class CombinedSpace(SearchSpace):
         start = self.ps.initial()
         return [(name, np.concatenate([start, g])) for name, g in self.dfs.source_genomes()]
 
+    def genome_of(self, recipe: Recipe) -> Optional[np.ndarray]:
+        """A recipe the PS part expresses, followed by the PS result's own layers in order."""
+        ps = self.ps.genome_of(recipe)
+        if ps is None or self.dfs.embed_from != MERGED or MERGED not in self.dfs.spec.models:
+            return None
+        try:
+            return np.concatenate([ps, self.dfs.own_path(MERGED)])
+        except EvomergeError:
+            return None
+
     def decode(self, genome: np.ndarray, seed: int = 0) -> Recipe:
         x = np.asarray(genome, dtype=float)
         ps = self.ps.decode(x[: self.split], seed)

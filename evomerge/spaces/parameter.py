@@ -206,6 +206,44 @@ class ParameterSpace(SearchSpace):
             genome[k] = value
         return genome
 
+    def genome_of(self, recipe: Recipe) -> Optional[np.ndarray]:
+        """A recipe of this space's method over its models (and base), with one scalar per
+        searched parameter and the fixed ones as fixed, inside the bounds: e.g. the
+        task_arithmetic and ties baselines in a space of those methods."""
+        if recipe.merge_method != self.method.name or recipe.slices or recipe.path:
+            return None
+        if not isinstance(recipe.models, list):
+            return None
+        base = self.refs[self.base] if self.base is not None else None
+        if self.method.base != "ignored" and recipe.base_model != base:
+            return None
+        given = {m.model: m.parameters or {} for m in recipe.models if m.model != base}
+        if sorted(given) != sorted(self.refs[m] for m in self.models):
+            return None
+        shared = recipe.parameters or {}
+        if any(shared.get(k, v) != v for k, v in self.spec.fixed.items()):
+            return None
+        defaults = {p.name: p.default for p in self.method.params}
+        # a setting the space leaves at its default must be at that default in the recipe
+        for k in set(shared) - set(self.spec.fixed) - set(self.shared):
+            if shared[k] != defaults.get(k):
+                return None
+        for parameters in given.values():
+            for k in set(parameters) - set(self.per_model) - set(self.spec.fixed):
+                if parameters[k] != defaults.get(k):
+                    return None
+        low, high = self.bounds()
+        genome = np.empty(len(low))
+        for k, (owner, param, _block, _group) in enumerate(self._genes()):
+            source = shared if owner is None else given[self.refs[owner]]
+            value = source.get(param, defaults.get(param))
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                return None  # per-layer lists, filters, or no value at all
+            if not low[k] <= value <= high[k]:
+                return None
+            genome[k] = float(value)
+        return genome
+
     # ----- decode -----------------------------------------------------------------------------
     def settings(self, genome: np.ndarray) -> dict[Optional[str], dict[str, Any]]:
         """Per owner (model, or None for shared), each parameter's mergekit setting."""

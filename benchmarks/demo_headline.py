@@ -1,0 +1,164 @@
+"""The demo's headline: on the real zoo (SmolLM2-135M-Instruct and its add / cipher experts), do
+evolved merges beat their sources and the plain baseline merges on held-out data?
+
+Runs the demo config's three searches, the same fitness, seed and budget rule each: PS only
+(its task-arithmetic half), DFS only (a layer path over the experts) and PS+DFS (the config as
+written). Each run scores the source models and the baselines on the fitness and the held-out
+splits, and its Pareto set on the held-out splits. The table: per held-out task and their mean,
+each source, each baseline, and each search's best merge (the Pareto member with the best
+fitness; the held-out data is never searched on).
+
+    python benchmarks/demo_headline.py [--runs results/demo] [--out results/bench]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.chdir(ROOT)
+
+CONFIG = ROOT / "search_spaces" / "examples" / "demo_run.yaml"
+
+
+def variants(config: dict, budgets: dict[str, int]) -> dict[str, dict]:
+    """The demo config's PS half, DFS half and itself."""
+    space = config["search_space"]
+    ps = {"kind": "parameter", **space["parameter"]}
+    dataflow = {k: v for k, v in space["dataflow"].items() if k != "models"}
+    experts = [m for m in space["dataflow"]["models"] if m != "merged"]
+    dfs = {"kind": "dataflow", "models": experts, **dataflow}
+    out = {}
+    for kind, spec in (("ps", ps), ("dfs", dfs), ("ps_dfs", space)):
+        variant = copy.deepcopy(config)
+        variant.update(search_space=spec, budget=budgets[kind], name=f"demo_{kind}")
+        out[kind] = variant
+    return out
+
+
+def run_search(config: dict, folder: Path, progress: bool) -> float:
+    from evomerge.config import RunConfig
+    from evomerge.pool import make_pool
+    from evomerge.run import create_run, drive, open_run
+
+    start = time.perf_counter()
+    if (folder / "run.json").exists():
+        run = open_run(folder)
+    else:
+        path = folder.parent / f"{folder.name}.yaml"
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(yaml.safe_dump(config, sort_keys=False))
+        run = create_run(RunConfig.load(path), folder)
+    drive(run, make_pool(run.config), progress=progress)
+    return time.perf_counter() - start
+
+
+def held_columns(held: dict) -> dict[str, float]:
+    """'task: metric,filter' -> value, numbers only, and their mean."""
+    values = {k: float(v) for k, v in (held or {}).items() if isinstance(v, (int, float))}
+    if values:
+        values["mean"] = sum(values.values()) / len(values)
+    return values
+
+
+def table(runs: dict[str, Path]) -> list[dict]:
+    from evomerge.status import status_data
+
+    rows: list[dict] = []
+    first = status_data(next(iter(runs.values())))
+    for kind in ("sources", "baselines"):
+        for name, scored in first[kind].items():
+            rows.append(
+                {"model": name, "kind": kind[:-1], "fitness": (scored["values"] or {}).get("mean"),
+                 **held_columns(scored["held_out"])}
+            )  # fmt: skip
+    for kind, folder in runs.items():
+        data = status_data(folder)
+        best = max(data["pareto"], key=lambda p: p["values"]["mean"])
+        label = {"ps": "best PS merge", "dfs": "best DFS merge", "ps_dfs": "best PS+DFS merge"}
+        rows.append(
+            {"model": f"{label[kind]} (#{best['index']})", "kind": "search",
+             "fitness": best["values"]["mean"], **held_columns(best["held_out"])}
+        )  # fmt: skip
+    return rows
+
+
+def markdown(rows: list[dict]) -> str:
+    keys = [k for k in rows[0] if k not in ("model", "kind", "fitness", "mean")]
+    short = [k.split(":")[0].removeprefix("sm2_").removesuffix("_heldout") for k in keys]
+    metric = ["EM" if "exact_match" in k else "acc" for k in keys]
+    head = [
+        "model",
+        "fitness mean",
+        *(f"{s} ({m})" for s, m in zip(short, metric)),
+        "held-out mean",
+    ]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["model"], f"{r['fitness']:.3f}" if r["fitness"] is not None else "-"]
+        cells += [f"{r.get(k, float('nan')):.3f}" for k in keys]
+        cells.append(f"**{r['mean']:.3f}**" if r["kind"] == "search" else f"{r['mean']:.3f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def verdict(rows: list[dict]) -> dict:
+    refs = [r for r in rows if r["kind"] in ("source", "baseline")]
+    searched = [r for r in rows if r["kind"] == "search"]
+    best = max(searched, key=lambda r: r["mean"])
+    target = next(k for k in best if k.startswith("sm2_enc_add_heldout"))
+    sources = [r for r in refs if r["kind"] == "source"]
+    return {
+        "best": best["model"],
+        "beats_every_source_and_baseline_on_mean": all(best["mean"] > r["mean"] for r in refs),
+        "best_reference_mean": max(r["mean"] for r in refs),
+        "beats_every_source_on_target": all(
+            max(s[target] for s in searched) > r[target] for r in sources
+        ),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=Path, default=ROOT / "results" / "demo")
+    parser.add_argument("--out", type=Path, default=ROOT / "results" / "bench")
+    parser.add_argument("--ps-budget", type=int, default=None, help="default: the config's")
+    parser.add_argument("--dfs-budget", type=int, default=None, help="default: half the config's")
+    parser.add_argument("--quiet", action="store_true")
+    args = parser.parse_args()
+
+    config = yaml.safe_load(CONFIG.read_text())
+    config["fitness"]["include_path"] = str(
+        (CONFIG.parent / config["fitness"]["include_path"]).resolve()
+    )
+    budgets = {
+        "ps": args.ps_budget or config["budget"],
+        "dfs": args.dfs_budget or max(6, config["budget"] // 2),
+        "ps_dfs": config["budget"],
+    }
+    runs, seconds = {}, {}
+    for kind, variant in variants(config, budgets).items():
+        runs[kind] = args.runs / kind
+        seconds[kind] = round(run_search(variant, runs[kind], not args.quiet), 1)
+        print(f"{kind}: {budgets[kind]} evaluations in {seconds[kind]} s", flush=True)
+    rows = table(runs)
+    text = markdown(rows)
+    result = {"budgets": budgets, "seconds": seconds, "rows": rows, "verdict": verdict(rows)}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "demo_headline.json").write_text(json.dumps(result, indent=1) + "\n")
+    (args.runs / "headline.md").write_text(text + "\n")
+    print(text)
+    print(json.dumps(result["verdict"], indent=1))
+
+
+if __name__ == "__main__":
+    main()
