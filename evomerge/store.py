@@ -55,7 +55,8 @@ class Record:
     number: int = -1  # position in the store
     held_out: Optional[dict[str, float]] = None  # scores on the held-out tasks (Pareto set)
     # "optimizer"; "source" / "baseline": a source model or baseline merge the search was
-    # seeded with (asked by the optimizer, in its budget); "surrogate": proposed by a surrogate-assisted step (outside the budget)
+    # seeded with (asked by the optimizer, in its budget); "surrogate": proposed by a
+    # surrogate-assisted step (outside the budget)
     origin: str = "optimizer"
 
     @property
