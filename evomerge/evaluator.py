@@ -73,6 +73,7 @@ class Evaluator:
         trust_remote_code: bool = False,
         name: str = "local",
         threads: Optional[int] = None,
+        score_dtype: Optional[str] = None,
     ) -> None:
         if threads:
             torch.set_num_threads(threads)
@@ -83,6 +84,7 @@ class Evaluator:
         self.fitness_spec = fitness
         self.held_out_fitness: Optional[Callable[..., Any]] = None
         self.trust_remote_code = trust_remote_code
+        self.score_dtype = score_dtype
         self.name = name
         self.model: Optional[torch.nn.Module] = None
         self.model_key: Optional[str] = None
@@ -99,7 +101,9 @@ class Evaluator:
         if self.model is None or key != self.model_key:
             fields = dict(config)
             cfg = AutoConfig.for_model(fields.pop("model_type"), **fields)
-            dtype = fields.get("dtype") or fields.get("torch_dtype") or "float32"
+            dtype = (
+                self.score_dtype or fields.get("dtype") or fields.get("torch_dtype") or "float32"
+            )
             self.release_model()
             with torch.device(self.device):
                 self.model = AutoModelForCausalLM.from_config(

@@ -62,6 +62,7 @@ def make_pool(config: RunConfig) -> Pool:
         "device": config.device,
         "allow_pickle": config.allow_pickle,
         "trust_remote_code": config.trust_remote_code,
+        "score_dtype": config.score_dtype,
     }
     if config.pool == "local":
         return LocalPool(Evaluator(**kwargs, threads=config.threads_per_worker))

@@ -129,3 +129,30 @@ def test_one_live_model_at_a_time(llama, tmp_path, monkeypatch):
     outcome = evaluator.evaluate(path(2))
     assert outcome.error is None and "parity_fit: acc,none" in outcome.metrics
     assert seen == [True]
+
+
+def test_score_dtype_scores_every_model_in_that_dtype(llama, tmp_path):
+    """score_dtype: bfloat16 gives a bf16 live model for candidates and sources alike, holding
+    the merged weights rounded to bf16 (the merge math itself stays fp32)."""
+    import torch
+
+    from evomerge.evaluator import Evaluator
+    from evomerge.recipe import Recipe
+    from evomerge.run import source_recipe
+    from tests.helpers import load_folder
+
+    tasks = make_tasks(tmp_path / "tasks")
+    fitness = {"kind": "lm_eval", "tasks": ["parity_fit"], "include_path": str(tasks)}
+    base, expert = str(llama["base"]), str(llama["ft0"])
+    evaluator = Evaluator([base, expert], fitness, device="cpu", score_dtype="bfloat16")
+    outcome = evaluator.evaluate(source_recipe(expert))
+    assert outcome.error is None and 0 <= outcome.metrics["parity_fit: acc,none"] <= 1
+    live = dict(evaluator.model.named_parameters())
+    want = load_folder(llama["ft0"])
+    name = "model.layers.0.mlp.up_proj.weight"
+    assert live[name].dtype == torch.bfloat16
+    assert torch.equal(live[name], want[name].to(torch.bfloat16))
+    models = [{"model": ref, "parameters": {"weight": 1.0}} for ref in (base, expert)]
+    linear = {"merge_method": "linear", "models": models}
+    assert evaluator.evaluate(Recipe.from_dict(linear).to_yaml()).error is None
+    assert evaluator.model.dtype == torch.bfloat16
