@@ -130,6 +130,10 @@ class RunConfig(BaseModel):
     # start the search from the source models the space can express (their scores reused), so a
     # run never ends below a model the user already had; false for ablations
     seed_with_sources: bool = True
+    # another run folder whose scores of the same sources and baselines this run reuses, when
+    # its fitness, objectives and score_dtype are this run's (a set of ablation runs scores
+    # them once)
+    references_from: Optional[str] = None
     # merges the search is measured against (presets or recipes), scored like the sources
     baselines: list[Union[str, BaselineSpec]] = Field(default_factory=list)
     reference: Optional[list[float]] = None  # hypervolume reference, one value per objective
@@ -198,6 +202,8 @@ class RunConfig(BaseModel):
         if base_dir is not None:  # relative paths: from the current folder, else the config's
             if isinstance(config.search_space, str):
                 config.search_space = _beside(config.search_space, base_dir)
+            if config.references_from:
+                config.references_from = _beside(config.references_from, base_dir)
             for spec in config.baselines:
                 if isinstance(spec, BaselineSpec) and isinstance(spec.recipe, str):
                     spec.recipe = _beside(spec.recipe, base_dir)

@@ -147,6 +147,9 @@ def prepare(config: RunConfig) -> tuple[RunConfig, SearchSpace]:
             plan_for(Recipe.from_yaml_text(recipe), {**sources, **_extra_sources(recipe, source)})
         except EvomergeError as exc:
             raise EvomergeError(f"field 'baselines' ({name}): {exc}") from None
+    if config.references_from:
+        resolved.references_from = str(Path(config.references_from).resolve())
+        references_config(resolved)
     # the run folder keeps each baseline as the recipe it scored (no paths to files outside it)
     resolved.baselines = [
         BaselineSpec(name=name, recipe=yaml.safe_load(recipe)) for name, recipe in baselines.items()
@@ -490,12 +493,50 @@ def store_reference(run: Run, key: tuple[str, str], result: dict) -> None:
     (run.store.set_source if kind == "source" else run.store.set_baseline)(name, result)
 
 
+def references_config(config: RunConfig) -> RunConfig:
+    """The `references_from` run's config, refused unless it scores as this one does."""
+    folder = Path(config.references_from or "")
+    try:
+        read_run_meta(folder)
+    except EvomergeError as exc:
+        raise EvomergeError(f"field 'references_from': {exc}") from None
+    other = RunConfig.load(folder / RUN_CONFIG)
+    fields = {"fitness", "objectives", "score_dtype"}
+    if other.model_dump(include=fields) != config.model_dump(include=fields):
+        raise EvomergeError(
+            f"field 'references_from': {folder} scored with another fitness, objectives or "
+            "score_dtype; its scores cannot stand for this run's"
+        )
+    return other
+
+
+def borrowed_references(run: Run) -> dict[tuple[str, str], dict]:
+    """Scores of this run's sources and baselines held by the `references_from` run, when
+    they were scored the same way (fitness, objectives, score_dtype) on the same recipe."""
+    if not run.config.references_from:
+        return {}
+    folder = Path(run.config.references_from)
+    theirs = Run(folder, references_config(run.config), run.space, RunStore.open(folder))
+    their_recipes = reference_recipes(theirs)
+    mine = reference_recipes(run)
+    return {
+        key: result
+        for key, result in stored_references(theirs).items()
+        if key in mine and their_recipes.get(key) == mine[key]
+    }
+
+
 def score_references(run: Run, pool: Pool, progress: bool = True) -> None:
     """Score every source model and baseline merge once on the fitness tasks (not counted in
     the budget, not told to the optimizer): status and the report set the search against them,
     and the hypervolume reference defaults to the sources' worst values."""
     done = stored_references(run)
-    todo = [(key, recipe) for key, recipe in reference_recipes(run).items() if key not in done]
+    recipes = reference_recipes(run)
+    for key, result in borrowed_references(run).items():
+        if key in recipes and key not in done:
+            store_reference(run, key, result)
+            done[key] = result
+    todo = [(key, recipe) for key, recipe in recipes.items() if key not in done]
     if not todo:
         return
     jobs = [(Candidate(-1 - k, np.zeros(0)), recipe, False) for k, (_, recipe) in enumerate(todo)]

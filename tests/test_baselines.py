@@ -10,6 +10,7 @@ import yaml
 
 from evomerge.cli import main
 from evomerge.merge.engine import merge_to_disk
+from evomerge.store import RunStore
 from tests.helpers import load_folder
 from tests.test_run import expect_error, run_config, write
 from tests.test_workers import make_tasks
@@ -106,3 +107,32 @@ def test_task_vector_presets_need_a_base_model(llama, tmp_path, capsys):
         "baselines",
         "needs base_model",
     )
+
+
+def test_a_run_reuses_another_runs_reference_scores(llama, tmp_path, capsys):
+    """references_from: a second run with the same fitness takes the first run's source and
+    baseline scores (held-out included) instead of scoring them again; another fitness is
+    refused in one line before anything is written."""
+    tasks = make_tasks(tmp_path / "tasks")
+    first = tmp_path / "first"
+    config = lm_eval_config(llama, tasks, baselines=["average"])
+    assert main(["run", str(write(tmp_path, config)), "--out", str(first), "--quiet"]) == 0
+    wide = {
+        "kind": "parameter",
+        "method": "linear",
+        "parameters": {"weight": {"low": 0, "high": 1}},
+    }
+    second = tmp_path / "second"
+    config = lm_eval_config(
+        llama, tasks, baselines=["average"], references_from=str(first), search_space=wide
+    )
+    path = write(tmp_path, config, "second.yaml")
+    assert main(["run", str(path), "--out", str(second), "--quiet"]) == 0
+    a, b = RunStore.open(first), RunStore.open(second)
+    assert b.sources() == a.sources() and b.baselines() == a.baselines()
+    assert all(v["held_out"] for v in b.sources().values())
+    other = {**config, "objectives": [{"name": "p", "metric": "parity_fit: acc,none"}]}
+    third = tmp_path / "third"
+    path = write(tmp_path, other, "third.yaml")
+    expect_error(["run", str(path), "--out", str(third)], capsys, "references_from", "fitness")
+    assert not third.exists()
