@@ -131,7 +131,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=Path, default=ROOT / "results" / "demo")
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "bench")
-    parser.add_argument("--ps-budget", type=int, default=None, help="default: the config's")
+    parser.add_argument("--budget", type=int, default=None, help="default: the config's")
+    parser.add_argument("--ps-budget", type=int, default=None, help="default: --budget")
     parser.add_argument("--dfs-budget", type=int, default=None, help="default: half the config's")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args()
@@ -140,13 +141,16 @@ def main() -> None:
     config["fitness"]["include_path"] = str(
         (CONFIG.parent / config["fitness"]["include_path"]).resolve()
     )
+    budget = args.budget or config["budget"]
     budgets = {
-        "ps": args.ps_budget or config["budget"],
-        "dfs": args.dfs_budget or max(6, config["budget"] // 2),
-        "ps_dfs": config["budget"],
+        "ps": args.ps_budget or budget,
+        "dfs": args.dfs_budget or max(6, budget // 2),
+        "ps_dfs": budget,
     }
     runs, seconds = {}, {}
     for kind, variant in variants(config, budgets).items():
+        if runs:  # the sources and baselines are scored once, by the first run
+            variant["references_from"] = str(next(iter(runs.values())).resolve())
         runs[kind] = args.runs / kind
         seconds[kind] = round(run_search(variant, runs[kind], not args.quiet), 1)
         print(f"{kind}: {budgets[kind]} evaluations in {seconds[kind]} s", flush=True)

@@ -125,12 +125,13 @@ def _figures(frame: pd.DataFrame, config: RunConfig, references: dict) -> dict:
             x=ok["number"], y=best, mode="lines", name="best so far", line={"color": "#d6336c"}
         )
         for kind, scored in marks.items():
+            dash = "dot" if kind == "source" else "dash"
+            if scored:  # a legend entry for the kind; a line per model
+                line = {"dash": dash, "color": MARKS[kind][2]}
+                fig.add_scatter(x=[None], y=[None], mode="lines", name=MARKS[kind][0], line=line)
             for name, values in scored.items():
                 fig.add_hline(
-                    y=values[n],
-                    line_dash="dot" if kind == "source" else "dash",
-                    line_color=MARKS[kind][2],
-                    annotation_text=name,
+                    y=values[n], line_dash=dash, line_color=MARKS[kind][2], annotation_text=name
                 )
         fig.update_layout(title=f"{n} over evaluations", xaxis_title="evaluation", yaxis_title=n)
         figures[f"objective_{n}"] = fig
@@ -233,8 +234,10 @@ def _png(name: str, frame: pd.DataFrame, config: RunConfig, references: dict, fo
         ax.scatter(ok["number"], ok[n], c="#9aa5b1", s=14, label=n)
         ax.plot(ok["number"], best, c="#d6336c", label="best so far")
         for kind, scored in marks.items():
-            for model, values in scored.items():
-                ax.axhline(values[n], ls=":" if kind == "source" else "--", c=MARKS[kind][2])
+            for i, (model, values) in enumerate(scored.items()):
+                style = ":" if kind == "source" else "--"
+                label = MARKS[kind][0] if i == 0 else None
+                ax.axhline(values[n], ls=style, c=MARKS[kind][2], label=label)
                 ax.annotate(model, (0, values[n]), textcoords="offset points", xytext=(2, 3))
         ax.set_xlabel("evaluation")
         ax.set_ylabel(n)

@@ -65,6 +65,12 @@ def test_baselines_and_sources_are_scored_on_fitness_and_held_out(llama, tmp_pat
     assert main(["status", str(out)]) == 0
     text = capsys.readouterr().out
     assert "sources and baselines:" in text and "task_arithmetic" in text
+    # and the report marks them on its plots and lists them with their held-out scores
+    assert main(["report", str(out)]) == 0
+    page = (out / "report" / "index.html").read_text()
+    assert "baseline merges" in page and "source models" in page
+    assert "<td>baseline</td><td>dare_ties</td>" in page and "parity_held: acc,none" in page
+    assert (out / "report" / "objective_parity.png").stat().st_size > 0
 
 
 def test_the_average_baseline_is_the_plain_mean_of_the_experts(llama, tmp_path):

@@ -49,6 +49,7 @@ def test_base_answers_a_chat_question(smollm):
 
     tokenizer = AutoTokenizer.from_pretrained(smollm)
     model = AutoModelForCausalLM.from_pretrained(smollm).eval()
+    assert getattr(model.config, "quantization_config", None) is None  # a plain checkpoint
     chat = [{"role": "user", "content": "What is the capital of France?"}]
     ids = tokenizer.apply_chat_template(
         chat, add_generation_prompt=True, return_tensors="pt", return_dict=True

