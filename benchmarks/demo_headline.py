@@ -85,8 +85,11 @@ def table(runs: dict[str, Path]) -> list[dict]:
         data = status_data(folder)
         best = max(data["pareto"], key=lambda p: p["values"]["mean"])
         label = {"ps": "best PS merge", "dfs": "best DFS merge", "ps_dfs": "best PS+DFS merge"}
+        seeded = (
+            f": the seeded {best['origin']} {best['seeded_from']}" if "seeded_from" in best else ""
+        )
         rows.append(
-            {"model": f"{label[kind]} (#{best['index']})", "kind": "search",
+            {"model": f"{label[kind]} (#{best['index']}{seeded})", "kind": "search",
              "fitness": best["values"]["mean"], **held_columns(best["held_out"])}
         )  # fmt: skip
     return rows
@@ -135,6 +138,9 @@ def main() -> None:
     parser.add_argument("--ps-budget", type=int, default=None, help="default: --budget")
     parser.add_argument("--dfs-budget", type=int, default=None, help="default: half the config's")
     parser.add_argument("--quiet", action="store_true")
+    parser.add_argument(
+        "--table-only", action="store_true", help="tabulate the finished runs, run nothing"
+    )
     args = parser.parse_args()
 
     config = yaml.safe_load(CONFIG.read_text())
@@ -148,7 +154,13 @@ def main() -> None:
         "ps_dfs": budget,
     }
     runs, seconds = {}, {}
+    if args.table_only:
+        previous = json.loads((args.out / "demo_headline.json").read_text())
+        budgets, seconds = previous["budgets"], previous["seconds"]
+        runs = {kind: args.runs / kind for kind in budgets}
     for kind, variant in variants(config, budgets).items():
+        if args.table_only:
+            break
         if runs:  # the sources and baselines are scored once, by the first run
             variant["references_from"] = str(next(iter(runs.values())).resolve())
         runs[kind] = args.runs / kind

@@ -65,7 +65,8 @@ def reference_frame(store: RunStore, config: RunConfig) -> pd.DataFrame:
 def status_data(folder: Path) -> dict:
     """The run measured against what it started from, for scripts (`status --json`): the
     source models and baselines as name -> {values, held_out}, and the Pareto set as a list of
-    {index, values, held_out}; held-out keys are lm-eval's "task: metric,filter"."""
+    {index, values, held_out, origin} (a seeded source or baseline also names itself in
+    seeded_from); held-out keys are lm-eval's "task: metric,filter"."""
     read_run_meta(folder)
     config = RunConfig.load(folder / "run.yaml")
     store = RunStore.open(folder)
@@ -82,7 +83,8 @@ def status_data(folder: Path) -> dict:
         "sources": {k: reference(v) for k, v in store.sources().items()},
         "baselines": {k: reference(v) for k, v in store.baselines().items()},
         "pareto": [
-            {"index": r.index, "values": r.values, "held_out": r.held_out}
+            {"index": r.index, "values": r.values, "held_out": r.held_out, "origin": r.origin}
+            | ({"seeded_from": r.worker.split(" ", 1)[-1]} if r.origin != "optimizer" else {})
             for r in pareto_records(store.records(), config.objectives)
         ],
     }
