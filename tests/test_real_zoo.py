@@ -105,7 +105,7 @@ def test_a_scaled_down_demo_is_measured_against_sources_and_baselines(real_zoo, 
     config["models"] = {name: str(path) for name, path in models.items()}
     config["search_space"]["dataflow"]["models"] = ["merged", "add"]
     config.update(budget=3, baselines=["task_arithmetic"], pool="local")
-    config["optimizer"]["options"] = {"population_size": 3}
+    config["optimizer"]["options"] = {"population_size": 4}
     config["fitness"].update(include_path=str(tasks), limit=4, batch_size=8)
     config["fitness"]["held_out"].update(limit=4)
     config["fitness"]["held_out"]["tasks"] = ["sm2_enc_add_heldout", "sm2_add_gen_heldout"]

@@ -119,23 +119,26 @@ OPTIMIZERS = [
 
 @pytest.mark.parametrize("optimizer", OPTIMIZERS, ids=[o["name"] for o in OPTIMIZERS])
 def test_every_optimizer_starts_from_the_sources(llama, tmp_path, optimizer):
-    """The sources are the first asks, told from their stored scores (not re-scored), and the
-    run's best is at least the best source's."""
+    """The sources and the baseline the space expresses are the first asks, told from their
+    stored scores (not re-scored), and the run's best is at least the best of them."""
     config = run_config(llama, search_space=TASK_ARITHMETIC, optimizer=optimizer, budget=8)
+    config["baselines"] = ["task_arithmetic"]
     out = tmp_path / "run"
     assert main(["run", str(write(tmp_path, config)), "--out", str(out), "--quiet"]) == 0
     store = RunStore.open(out)
     records = store.records()
     assert len(records) == 8
-    sources = store.sources()
-    seeded = records[:3]
-    assert [r.origin for r in seeded] == ["source"] * 3
-    assert [r.worker for r in seeded] == ["source a", "source b", "source base"]
+    scored = {**store.sources(), **store.baselines()}
+    seeded = records[:4]
+    assert [r.origin for r in seeded] == ["source"] * 3 + ["baseline"]
+    assert [r.worker for r in seeded] == [
+        "source a", "source b", "source base", "baseline task_arithmetic"
+    ]  # fmt: skip
     for record in seeded:
-        name = record.worker.removeprefix("source ")
-        assert record.values == sources[name]["values"] and record.seconds == 0.0
-    best_source = min(v["values"]["nll"] for v in sources.values())
-    assert min(r.values["nll"] for r in records if not r.failed) <= best_source
+        name = record.worker.split(" ", 1)[1]
+        assert record.values == scored[name]["values"] and record.seconds == 0.0
+    best_reference = min(v["values"]["nll"] for v in scored.values())
+    assert min(r.values["nll"] for r in records if not r.failed) <= best_reference
 
 
 def test_cma_starts_its_mean_at_the_best_seed(llama, tmp_path):
