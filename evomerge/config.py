@@ -81,14 +81,26 @@ class LmEvalFitnessSpec(BaseModel):
     include_path: Optional[str] = None
     limit: Optional[int] = Field(default=None, gt=0)  # first N documents of each task
     samples: Optional[dict[str, list[int]]] = None  # or fixed document ids per task
-    batch_size: int = Field(default=8, gt=0)
-    num_fewshot: Optional[int] = Field(default=None, ge=0)
+    batch_size: Union[Annotated[int, Field(gt=0)], Literal["auto"]] = 8
+    # few-shot examples: one count for every task, or {task: count}
+    num_fewshot: Union[
+        Annotated[int, Field(ge=0)], dict[str, Annotated[int, Field(ge=0)]], None
+    ] = None
     # instruct models: prompts go through the tokenizer's chat template, with this system
-    # message (None: the template's own default)
+    # message (None: the template's own default), few-shot examples as turns of the chat
     apply_chat_template: bool = False
     system_instruction: Optional[str] = None
+    fewshot_as_multiturn: bool = False
+    # generation settings for generate_until tasks (max_gen_toks, until, temperature, ...)
+    gen_kwargs: Optional[dict[str, Any]] = None
     # scored only for the final Pareto set, so reported numbers are not the ones searched on
     held_out: Optional[HeldOut] = None
+
+    @model_validator(mode="after")
+    def _multiturn_needs_chat(self) -> LmEvalFitnessSpec:
+        if self.fewshot_as_multiturn and not self.apply_chat_template:
+            raise ValueError("fewshot_as_multiturn needs apply_chat_template: true")
+        return self
 
 
 def _fitness_kind(data: Any) -> str:

@@ -148,6 +148,7 @@ class Evaluator:
             spec = self.fitness_spec.get("held_out")
             if not spec:
                 raise EvomergeError("the fitness has no held_out tasks")
+            shots = self.fitness_spec.get("num_fewshot")
             self.held_out_fitness = make_fitness(
                 {
                     "kind": "lm_eval",
@@ -155,9 +156,16 @@ class Evaluator:
                     "limit": spec.get("limit"),
                     "include_path": self.fitness_spec.get("include_path"),
                     "batch_size": self.fitness_spec.get("batch_size", 8),
+                    # a count for every task carries over; a per-task mapping names fitness tasks
+                    "num_fewshot": shots if isinstance(shots, int) else None,
                     **{
                         key: self.fitness_spec[key]
-                        for key in ("apply_chat_template", "system_instruction", "num_fewshot")
+                        for key in (
+                            "apply_chat_template",
+                            "system_instruction",
+                            "fewshot_as_multiturn",
+                            "gen_kwargs",
+                        )
                         if key in self.fitness_spec
                     },
                 }

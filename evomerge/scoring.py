@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import os
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 SKIP_KEYS = {"alias", "name", "sample_len", "samples"}
 
@@ -41,10 +41,12 @@ class LmEvalFitness:
         include_path: Optional[str] = None,
         limit: Optional[int] = None,
         samples: Optional[dict[str, list[int]]] = None,
-        batch_size: int = 8,
-        num_fewshot: Optional[int] = None,
+        batch_size: Union[int, str] = 8,
+        num_fewshot: Union[int, dict[str, int], None] = None,
         apply_chat_template: bool = False,
         system_instruction: Optional[str] = None,
+        fewshot_as_multiturn: bool = False,
+        gen_kwargs: Optional[dict[str, Any]] = None,
     ) -> None:
         from lm_eval.tasks import TaskManager
 
@@ -62,16 +64,27 @@ class LmEvalFitness:
             )
         with _working_dir(folder):
             self.task_dict = manager.load(list(tasks))
-        if num_fewshot is not None:
-            for task in self.task_dict["tasks"].values():
-                if hasattr(task, "set_config"):
-                    task.set_config(key="num_fewshot", value=num_fewshot)
+        shots = num_fewshot if isinstance(num_fewshot, dict) else {}
+        stray = [name for name in shots if name not in tasks]
+        if stray:
+            raise EvomergeError(
+                f"field 'fitness.num_fewshot': {stray[0]!r} is not one of the fitness tasks"
+            )
+        for name, task in self.task_dict["tasks"].items():
+            if not hasattr(task, "set_config"):
+                continue
+            shot = shots.get(name) if isinstance(num_fewshot, dict) else num_fewshot
+            if shot is not None:
+                task.set_config(key="num_fewshot", value=shot)
+            if gen_kwargs and task.config.output_type == "generate_until":
+                task.set_config(key="generation_kwargs", value=dict(gen_kwargs), update=True)
         self.tasks = list(tasks)
         self.limit = limit
         self.samples = samples
         self.batch_size = batch_size
         self.apply_chat_template = apply_chat_template
         self.system_instruction = system_instruction
+        self.fewshot_as_multiturn = fewshot_as_multiturn
         self._lm: Any = None
         self._wrapped: Any = None
 
@@ -101,6 +114,7 @@ class LmEvalFitness:
             bootstrap_iters=0,
             apply_chat_template=self.apply_chat_template,
             system_instruction=self.system_instruction,
+            fewshot_as_multiturn=self.fewshot_as_multiturn,
             log_samples=True,
             verbosity="ERROR",
         )

@@ -156,3 +156,48 @@ def test_score_dtype_scores_every_model_in_that_dtype(llama, tmp_path):
     linear = {"merge_method": "linear", "models": models}
     assert evaluator.evaluate(Recipe.from_dict(linear).to_yaml()).error is None
     assert evaluator.model.dtype == torch.bfloat16
+
+
+def test_lm_eval_options_for_instruct_users(llama, tmp_path, capsys):
+    """num_fewshot per task, gen_kwargs on generate_until tasks (scored through the live
+    model), batch_size auto; a per-task count for a task that is not scored, or multi-turn
+    few-shot without the chat template, is one line."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from evomerge.errors import EvomergeError
+    from evomerge.scoring import LmEvalFitness
+    from evomerge.zoo.real import GEN_YAML
+
+    tasks = make_tasks(tmp_path / "tasks")
+    (tasks / "parity_gen.yaml").write_text(GEN_YAML.format(name="parity_gen"))
+    with open(tasks / "parity_gen.jsonl", "w") as f:
+        for n in range(6):
+            f.write(
+                json.dumps({"prompt": f"Is {n} even?", "target": "yes" if n % 2 == 0 else "no"})
+                + "\n"
+            )  # noqa: E501
+    fitness = LmEvalFitness(
+        ["parity_fit", "parity_gen"],
+        include_path=str(tasks),
+        batch_size="auto",
+        num_fewshot={"parity_fit": 2},
+        gen_kwargs={"max_gen_toks": 3},
+    )
+    by_name = fitness.task_dict["tasks"]
+    assert by_name["parity_fit"].config.num_fewshot == 2
+    assert by_name["parity_gen"].config.generation_kwargs["max_gen_toks"] == 3
+    assert by_name["parity_gen"].config.generation_kwargs["until"] == ["<|im_end|>", "\n"]
+    model = AutoModelForCausalLM.from_pretrained(llama["base"]).eval()
+    scores = fitness(model, AutoTokenizer.from_pretrained(llama["base"]))
+    assert 0 <= scores["parity_gen: exact_match,none"] <= 1
+    assert 0 <= scores["parity_fit: acc,none"] <= 1
+    with pytest.raises(EvomergeError, match="num_fewshot"):
+        LmEvalFitness(["parity_fit"], include_path=str(tasks), num_fewshot={"parity_gen": 1})
+    spec = {"kind": "lm_eval", "tasks": ["parity_fit"], "include_path": str(tasks)}
+    config = run_config(llama, fitness={**spec, "fewshot_as_multiturn": True})
+    expect_error(
+        ["run", str(write(tmp_path, config)), "--out", str(tmp_path / "o")],
+        capsys,
+        "fewshot_as_multiturn",
+        "apply_chat_template",
+    )
