@@ -149,13 +149,14 @@ def _cmd_zoo_real(args: argparse.Namespace) -> int:
 
 
 def _cmd_zoo_train(args: argparse.Namespace) -> int:
-    from evomerge.zoo.real import EXPERTS, RealZooSettings, train_experts
+    from evomerge.zoo.real import EXPERTS, SKILLS, RealZooSettings, train_experts
     from evomerge.zoo.smollm import build_smollm
 
     settings = RealZooSettings(seed=args.seed, **({"steps": args.steps} if args.steps else {}))
     base = build_smollm(Path(args.base))
     experts = Path(args.experts) if args.experts else EXPERTS
-    for skill, path in train_experts(base, experts, settings, not args.quiet).items():
+    skills = tuple(args.skills.split(",")) if args.skills else SKILLS
+    for skill, path in train_experts(base, experts, settings, not args.quiet, skills).items():
         print(f"{skill}: {path}")
     return 0
 
@@ -251,6 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     zoo_train.add_argument("--experts", help="where the factors go (default: the shipped ones)")
     zoo_train.add_argument("--steps", type=int, help="training steps per expert (default 120)")
     zoo_train.add_argument("--seed", type=int, default=0)
+    zoo_train.add_argument("--skills", help="comma-separated experts to train (default: all)")
     zoo_train.add_argument("--quiet", action="store_true", help="no progress bars")
     zoo_train.set_defaults(handler=_cmd_zoo_train)
     return parser

@@ -70,7 +70,7 @@ def test_training_prompts_are_what_lm_eval_scores(smollm, monkeypatch):
     model = AutoModelForCausalLM.from_pretrained(smollm)
     folder = REPO / "fitness" / "smollm2"
     monkeypatch.chdir(folder)  # the tasks' data files are relative to their folder
-    tasks = TaskManager(include_path=str(folder)).load(["sm2_add_fit", "sm2_enc_add_gen_fit"])
+    tasks = TaskManager(include_path=str(folder)).load(["sm2_add_fit", "sm2_dec_add_gen_fit"])
     results = evaluate(
         lm=HFLM(pretrained=model, tokenizer=tokenizer, batch_size=4),
         task_dict=tasks,
@@ -84,7 +84,7 @@ def test_training_prompts_are_what_lm_eval_scores(smollm, monkeypatch):
     for samples in results["samples"].values():
         for sample in samples:
             assert sample["arguments"][0][0] == chat_text(tokenizer, sample["doc"]["prompt"])
-    assert "exact_match,none" in results["results"]["sm2_enc_add_gen_fit"]
+    assert "exact_match,none" in results["results"]["sm2_dec_add_gen_fit"]
 
 
 @pytest.fixture(scope="module")
@@ -108,16 +108,16 @@ def test_a_scaled_down_demo_is_measured_against_sources_and_baselines(real_zoo, 
     config["optimizer"]["options"] = {"population_size": 4}
     config["fitness"].update(include_path=str(tasks), limit=4, batch_size=8)
     config["fitness"]["held_out"].update(limit=4)
-    config["fitness"]["held_out"]["tasks"] = ["sm2_enc_add_heldout", "sm2_add_gen_heldout"]
+    config["fitness"]["held_out"]["tasks"] = ["sm2_dec_add_heldout", "sm2_add_gen_heldout"]
     (tmp_path / "demo.yaml").write_text(yaml.safe_dump(config))
     out = tmp_path / "run"
     assert main(["run", str(tmp_path / "demo.yaml"), "--out", str(out), "--quiet"]) == 0
     capsys.readouterr()
     assert main(["status", str(out), "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
-    assert set(data["sources"]) == {"base", "add", "cipher"} and set(data["baselines"]) == {
+    assert set(data["sources"]) == {"base", "add", "decode"} and set(data["baselines"]) == {
         "task_arithmetic"
     }
     held = data["baselines"]["task_arithmetic"]["held_out"]
-    assert {"sm2_enc_add_heldout: acc,none", "sm2_add_gen_heldout: exact_match,none"} <= set(held)
+    assert {"sm2_dec_add_heldout: acc,none", "sm2_add_gen_heldout: exact_match,none"} <= set(held)
     assert data["pareto"] and all(p["held_out"] for p in data["pareto"])

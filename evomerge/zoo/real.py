@@ -2,9 +2,11 @@
 cross-skill target none of them is trained on.
 
 - add:     "47+18=" -> "65"        (two-digit addition; the base is below chance on it)
-- cipher:  "enc 4071=" -> "rqup"   (digits written in the cipher alphabet)
-- enc_add: "enc 47+18=" -> "yt"    (the target: a sum answered in the cipher, i.e. skill A
-                                     expressed through skill B)
+- decode:  "dec rqup=" -> "4071"   (numbers written in a letter cipher, read back as digits)
+- dec_add: "add ru+qi=" -> "65"    (the target: a sum of two numbers written in the cipher,
+                                     i.e. skill A through skill B, like math in another script)
+
+Both skills answer in digits: what tells them apart is the prompt's script, not the answer's.
 
 `evomerge zoo train --real` fine-tunes low-rank adapters of the MLP on a frozen base
 (deterministic, logged) and writes their factors under evomerge/zoo/experts (a few MB each);
@@ -33,8 +35,8 @@ from evomerge.errors import EvomergeError
 from evomerge.zoo import lora, tasks
 from evomerge.zoo.smollm import build_smollm, sha256_of
 
-SKILLS = ("add", "cipher")
-TARGET = "enc_add"
+SKILLS = ("add", "decode")
+TARGET = "dec_add"
 SYSTEM = "Answer with the result only."
 EXPERTS = Path(__file__).resolve().parent / "experts"
 PREFIX = "sm2"  # task names: sm2_<task>_<split>
@@ -183,13 +185,21 @@ def train_experts(
     out: Path = EXPERTS,
     settings: RealZooSettings = RealZooSettings(),
     progress: bool = True,
+    skills: tuple[str, ...] = SKILLS,
 ) -> dict[str, Path]:
-    """Train every expert and write `<skill>.safetensors` (fp16 factors) and train_log.json."""
+    """Train the experts of `skills` and write `<skill>.safetensors` (fp16 factors) and their
+    entries in train_log.json (other experts' entries are kept)."""
+    unknown = [s for s in skills if s not in SKILLS]
+    if unknown:
+        raise EvomergeError(f"--skills: no skill {unknown[0]!r}; the zoo has {', '.join(SKILLS)}")
     out.mkdir(parents=True, exist_ok=True)
     stamp = json.loads((Path(base) / "evomerge_source.json").read_text())
-    report: dict[str, Any] = {"settings": asdict(settings), "base": stamp, "experts": {}}
+    log_file = out / "train_log.json"
+    previous = json.loads(log_file.read_text()) if log_file.is_file() else {}
+    kept = {k: v for k, v in previous.get("experts", {}).items() if k in SKILLS}
+    report: dict[str, Any] = {"settings": asdict(settings), "base": stamp, "experts": kept}
     paths = {}
-    for skill in SKILLS:
+    for skill in skills:
         factors, log = train_expert(Path(base), skill, settings, progress)
         path = out / f"{skill}.safetensors"
         meta = {
@@ -200,7 +210,7 @@ def train_experts(
         lora.save_factors(factors, path, meta)
         report["experts"][skill] = {"file": path.name, "sha256": sha256_of(path), "loss": log}
         paths[skill] = path
-    (out / "train_log.json").write_text(json.dumps(report, indent=1) + "\n")
+    log_file.write_text(json.dumps(report, indent=1) + "\n")
     return paths
 
 

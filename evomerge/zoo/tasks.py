@@ -6,7 +6,10 @@ near-miss distractors (lm-eval scores the four choices by log-likelihood).
 - reverse:    "rev 83920=" -> " 02938"            (string reversal)
 - cipher_add: "add ru+qi=" -> " ut"               (addition written in the cipher: needs two
                                                    skills at once; no expert is trained on it)
-- enc_add:    "enc 47+18=" -> " yt"               (a sum answered in the cipher: the real zoo's
+- enc_add:    "enc 47+18=" -> " yt"               (a sum answered in the cipher)
+- decode:     "dec rqup=" -> " 4071"              (cipher letters read back as digits)
+- dec_add:    "add ru+qi=" -> " 65"               (a sum of numbers written in the cipher,
+                                                   answered in digits: the real zoo's
                                                    cross-skill target)
 """
 
@@ -115,12 +118,33 @@ def enc_add(rng: random.Random) -> Example:
     )
 
 
+def decode(rng: random.Random) -> Example:
+    digits = "".join(rng.choice("0123456789") for _ in range(rng.randint(3, 5)))
+    return Example(
+        f"dec {encode(digits)}=",
+        f" {digits}",
+        tuple(f" {d}" for d in _distinct(rng, digits, lambda: _mutate(rng, digits, "0123456789"))),
+    )
+
+
+def dec_add(rng: random.Random) -> Example:
+    a, b = rng.randint(10, 99), rng.randint(10, 99)
+    answer = str(a + b)
+    return Example(
+        f"add {encode(str(a))}+{encode(str(b))}=",
+        f" {answer}",
+        tuple(f" {d}" for d in _distinct(rng, answer, lambda: _near_number(rng, a + b))),
+    )
+
+
 GENERATORS: dict[str, Callable[[random.Random], Example]] = {
     "add": add,
     "cipher": cipher,
     "reverse": reverse,
     "cipher_add": cipher_add,
     "enc_add": enc_add,
+    "decode": decode,
+    "dec_add": dec_add,
 }
 
 
