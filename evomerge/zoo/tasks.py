@@ -57,14 +57,19 @@ def _mutate(rng: random.Random, text: str, alphabet: str) -> str:
     return text[:i] + rng.choice(alphabet.replace(text[i], "")) + text[i + 1 :]
 
 
-def add(rng: random.Random) -> Example:
+def _sum(rng: random.Random, prompt: Callable[[int, int], str]) -> Example:
+    """Two two-digit numbers, their sum in digits, near misses as distractors."""
     a, b = rng.randint(10, 99), rng.randint(10, 99)
     answer = str(a + b)
     return Example(
-        f"{a}+{b}=",
+        prompt(a, b),
         f" {answer}",
         tuple(f" {d}" for d in _distinct(rng, answer, lambda: _near_number(rng, a + b))),
     )
+
+
+def add(rng: random.Random) -> Example:
+    return _sum(rng, lambda a, b: f"{a}+{b}=")
 
 
 def cipher(rng: random.Random) -> Example:
@@ -128,13 +133,7 @@ def decode(rng: random.Random) -> Example:
 
 
 def dec_add(rng: random.Random) -> Example:
-    a, b = rng.randint(10, 99), rng.randint(10, 99)
-    answer = str(a + b)
-    return Example(
-        f"add {encode(str(a))}+{encode(str(b))}=",
-        f" {answer}",
-        tuple(f" {d}" for d in _distinct(rng, answer, lambda: _near_number(rng, a + b))),
-    )
+    return _sum(rng, lambda a, b: f"add {encode(str(a))}+{encode(str(b))}=")
 
 
 GENERATORS: dict[str, Callable[[random.Random], Example]] = {
