@@ -14,6 +14,7 @@ from pydantic import (
     Field,
     Tag,
     ValidationError,
+    field_validator,
     model_validator,
 )
 
@@ -72,6 +73,30 @@ class HeldOut(BaseModel):
     limit: Optional[int] = Field(default=None, gt=0)
 
 
+class Fidelity(BaseModel):
+    """Multi-fidelity racing (racing.py): document counts per task for each stage, the last
+    one `full` or the largest; the best `promote` fraction of the latest `window` candidates
+    at a stage go on to the next."""
+
+    model_config = ConfigDict(extra="forbid")
+    stages: list[Union[Annotated[int, Field(gt=0)], Literal["full"]]] = Field(min_length=2)
+    promote: float = Field(default=0.5, gt=0, le=1)
+    window: int = Field(default=8, ge=2)
+    # what a race that ends early is told: its stage mean shifted by the mean stage-to-final
+    # change ("mean"), or an item-response estimate of its score on all documents ("irt")
+    estimator: Literal["mean", "irt"] = "mean"
+
+    @field_validator("stages")
+    @classmethod
+    def _increasing(cls, stages: list) -> list:
+        counts = stages[:-1] if stages[-1] == "full" else stages
+        if "full" in counts:
+            raise ValueError("'full' can only be the last stage")
+        if any(b <= a for a, b in zip(counts, counts[1:])):
+            raise ValueError(f"stages must increase, e.g. [16, 32, full]; got {stages}")
+        return stages
+
+
 class LmEvalFitnessSpec(BaseModel):
     """lm-eval tasks (registered names, or YAML+JSONL tasks in `include_path`)."""
 
@@ -95,6 +120,8 @@ class LmEvalFitnessSpec(BaseModel):
     gen_kwargs: Optional[dict[str, Any]] = None
     # scored only for the final Pareto set, so reported numbers are not the ones searched on
     held_out: Optional[HeldOut] = None
+    # score candidates on growing document subsets and promote only the promising ones
+    fidelity: Optional[Fidelity] = None
 
     @model_validator(mode="after")
     def _multiturn_needs_chat(self) -> LmEvalFitnessSpec:

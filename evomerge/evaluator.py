@@ -28,6 +28,8 @@ class Outcome:
 
     metrics: dict[str, float] = field(default_factory=dict)
     per_example: Optional[list[float]] = None
+    # task -> document id -> "metric,filter" -> value (lm-eval fitness; what racing adds up)
+    per_document: Optional[dict[str, dict[str, dict[str, float]]]] = None
     error: Optional[str] = None
     seconds: float = 0.0
     worker: str = ""
@@ -56,7 +58,7 @@ def make_fitness(spec: dict[str, Any]) -> Callable[..., Any]:
     if spec.get("kind") == "lm_eval":
         from evomerge.scoring import LmEvalFitness
 
-        options = {k: v for k, v in spec.items() if k not in ("kind", "held_out")}
+        options = {k: v for k, v in spec.items() if k not in ("kind", "held_out", "fidelity")}
         return LmEvalFitness(**options)
     fn = load_callable(spec["function"])
     options = spec.get("options") or {}
@@ -175,15 +177,24 @@ class Evaluator:
     def ping(self) -> str:
         return self.name
 
-    def evaluate(self, recipe_yaml: str, held_out: bool = False) -> Outcome:
-        """Score one recipe; any failure becomes an Outcome with its reason, never a raise."""
+    def evaluate(
+        self,
+        recipe_yaml: str,
+        held_out: bool = False,
+        docs: Optional[dict[str, list[int]]] = None,
+    ) -> Outcome:
+        """Score one recipe (on `docs`, the document ids per task a racing stage adds, when
+        given); any failure becomes an Outcome with its reason, never a raise."""
         start = time.perf_counter()
         try:
             recipe = Recipe.from_yaml_text(recipe_yaml)
             model, tokenizer = self.materialize(recipe)
             fitness = self.held_out() if held_out else self.fitness
             with torch.no_grad():
-                result = fitness(model, tokenizer)
+                if docs is not None:
+                    result = fitness(model, tokenizer, samples=docs)
+                else:
+                    result = fitness(model, tokenizer)
             outcome = _outcome_from(result)
         except Exception as exc:  # a candidate's failure is data, not the run's end
             outcome = Outcome(error=f"{type(exc).__name__}: {exc}".splitlines()[0][:500])
@@ -198,9 +209,10 @@ def _outcome_from(result: Any) -> Outcome:
     if not isinstance(result, dict):
         return Outcome(error=f"fitness returned {type(result).__name__}, expected a dict")
     per_example = result.get("per_example")
+    per_document = result.get("per_document")
     metrics = {}
     for key, value in result.items():
-        if key == "per_example":
+        if key in ("per_example", "per_document"):
             continue
         try:
             metrics[key] = float(value)
@@ -211,4 +223,4 @@ def _outcome_from(result: Any) -> Outcome:
         return Outcome(metrics=metrics, error=f"fitness metric {bad[0]!r} is {metrics[bad[0]]}")
     if per_example is not None:
         per_example = [float(v) for v in per_example]
-    return Outcome(metrics=metrics, per_example=per_example)
+    return Outcome(metrics=metrics, per_example=per_example, per_document=per_document)

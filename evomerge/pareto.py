@@ -55,8 +55,10 @@ S = TypeVar("S", bound=Scored)
 
 
 def pareto_records(records: Sequence[S], objectives: Sequence[Objective]) -> list[S]:
-    """The non-dominated successful evaluations among `records`, in their order."""
-    return [records[i] for i in front_positions([r.values for r in records], objectives)]
+    """The non-dominated successful evaluations among `records`, in their order; with racing,
+    among those scored at full fidelity (an early stop's score is a told estimate)."""
+    values = [r.values if getattr(r, "final", True) else None for r in records]
+    return [records[i] for i in front_positions(values, objectives)]
 
 
 def hypervolume(losses: np.ndarray, reference: np.ndarray) -> float:

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from collections import deque
-from typing import Protocol
+from typing import Optional, Protocol
 
 from evomerge.config import RunConfig
 from evomerge.evaluator import Evaluator, Outcome
@@ -18,7 +18,16 @@ class Pool(Protocol):
         """Candidates the pool could start now without any evaluator waiting for work."""
         ...
 
-    def submit(self, candidate: Candidate, recipe_yaml: str, held_out: bool = False) -> None: ...
+    def submit(
+        self,
+        candidate: Candidate,
+        recipe_yaml: str,
+        held_out: bool = False,
+        docs: Optional[dict[str, list[int]]] = None,
+    ) -> None:
+        """Queue a candidate: scored on the held-out tasks, or on `docs` (document ids per
+        task, a racing stage), or on the whole fitness."""
+        ...
 
     def in_flight(self) -> int:
         """Submitted and not yet returned by wait() (running or waiting for an evaluator)."""
@@ -34,20 +43,26 @@ class LocalPool:
 
     def __init__(self, evaluator: Evaluator) -> None:
         self.evaluator = evaluator
-        self.queue: deque[tuple[Candidate, str, bool]] = deque()
+        self.queue: deque[tuple[Candidate, str, bool, Optional[dict]]] = deque()
 
     def free(self) -> int:
         return 0 if self.queue else 1
 
-    def submit(self, candidate: Candidate, recipe_yaml: str, held_out: bool = False) -> None:
-        self.queue.append((candidate, recipe_yaml, held_out))
+    def submit(
+        self,
+        candidate: Candidate,
+        recipe_yaml: str,
+        held_out: bool = False,
+        docs: Optional[dict[str, list[int]]] = None,
+    ) -> None:
+        self.queue.append((candidate, recipe_yaml, held_out, docs))
 
     def in_flight(self) -> int:
         return len(self.queue)
 
     def wait(self) -> list[tuple[Candidate, str, Outcome]]:
-        candidate, recipe, held_out = self.queue.popleft()
-        return [(candidate, recipe, self.evaluator.evaluate(recipe, held_out))]
+        candidate, recipe, held_out, docs = self.queue.popleft()
+        return [(candidate, recipe, self.evaluator.evaluate(recipe, held_out, docs))]
 
     def close(self) -> None:
         pass

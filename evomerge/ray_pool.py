@@ -44,6 +44,11 @@ class Job:
     held_out: bool = False
     handle: Any = None  # the actor it was sent to (a replaced slot holds a new one)
     order: int = 0
+    docs: Optional[dict[str, list[int]]] = None  # a racing stage's documents
+
+    def again(self, attempt: int) -> tuple:
+        """This job as a backlog entry, for another actor."""
+        return (self.candidate, self.recipe, self.held_out, attempt, self.docs)
 
 
 def start_ray(address: Optional[str]) -> bool:
@@ -118,7 +123,7 @@ class RayPool:
         self.generation = 0
         self.start_failures = 0
         self.jobs: dict[Any, Job] = {}
-        self.backlog: deque[tuple[Candidate, str, bool, int]] = deque()
+        self.backlog: deque[tuple[Candidate, str, bool, int, Optional[dict]]] = deque()
         self.submitted = 0
         self.actors = [self._spawn(slot) for slot in range(n_workers)]
         self._await_ready(list(range(n_workers)))
@@ -178,10 +183,14 @@ class RayPool:
         return len(self.jobs) + len(self.backlog)
 
     def submit(
-        self, candidate: Candidate, recipe_yaml: str, held_out: bool = False, attempt: int = 1
+        self,
+        candidate: Candidate,
+        recipe_yaml: str,
+        held_out: bool = False,
+        docs: Optional[dict[str, list[int]]] = None,
     ) -> None:
         """Take a candidate: it goes to an actor now if one has a place, else to the backlog."""
-        self.backlog.append((candidate, recipe_yaml, held_out, attempt))
+        self.backlog.append((candidate, recipe_yaml, held_out, 1, docs))
         self._feed()
 
     def _feed(self) -> None:
@@ -189,14 +198,21 @@ class RayPool:
         while self.backlog and self._places() > 0:
             self._send(*self.backlog.popleft())
 
-    def _send(self, candidate: Candidate, recipe_yaml: str, held_out: bool, attempt: int) -> None:
+    def _send(
+        self,
+        candidate: Candidate,
+        recipe_yaml: str,
+        held_out: bool,
+        attempt: int,
+        docs: Optional[dict[str, list[int]]],
+    ) -> None:
         slot = min(range(len(self.actors)), key=self._load)
         started = time.monotonic() if self._load(slot) == 0 else None
         handle = self.actors[slot]
-        ref = handle.evaluate.remote(recipe_yaml, held_out)
+        ref = handle.evaluate.remote(recipe_yaml, held_out, docs)
         self.submitted += 1
         self.jobs[ref] = Job(
-            slot, candidate, recipe_yaml, started, attempt, held_out, handle, self.submitted
+            slot, candidate, recipe_yaml, started, attempt, held_out, handle, self.submitted, docs
         )
 
     def _start_next(self, slot: int) -> None:
@@ -233,7 +249,7 @@ class RayPool:
     def _worker_died(self, job: Job, exc: Exception, done: list) -> None:
         reason = str(exc).splitlines()[0][:300]
         if job.handle is not self.actors[job.actor]:  # queued on an actor replaced since
-            self.backlog.appendleft((job.candidate, job.recipe, job.held_out, job.attempt))
+            self.backlog.appendleft(job.again(job.attempt))
             return
         log.warning("worker %d died (%s); replacing it", job.actor, reason)
         self._replace(job.actor)
@@ -246,7 +262,7 @@ class RayPool:
                 )
             )
         else:
-            self.backlog.appendleft((job.candidate, job.recipe, job.held_out, job.attempt + 1))
+            self.backlog.appendleft(job.again(job.attempt + 1))
 
     def _expire(self) -> list[tuple[Candidate, str, Outcome]]:
         if self.timeout is None:

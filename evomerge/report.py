@@ -21,6 +21,7 @@ from evomerge.pareto import hypervolume_curve, losses_of, reference_point
 from evomerge.status import frame_of
 from evomerge.store import RunStore, read_run_meta
 
+STAGE_COLOURS = ("#ced4da", "#74c0fc", "#1971c2", "#d6336c")  # racing stages, first to last
 MARKS = {  # how each kind of reference model is drawn: (label, plotly symbol, colour)
     "source": ("source models", "star", "#1c7ed6"),
     "baseline": ("baseline merges", "diamond", "#f08c00"),
@@ -120,7 +121,7 @@ def _figures(frame: pd.DataFrame, config: RunConfig, references: dict) -> dict:
         fig.add_scatter(
             x=ok["number"], y=ok[n], mode="markers", name=n, marker={"color": "#9aa5b1"}
         )
-        best = ok[n].cummax() if _dir(config, n) == "maximize" else ok[n].cummin()
+        best = _best_so_far(ok, n, config)
         fig.add_scatter(
             x=ok["number"], y=best, mode="lines", name="best so far", line={"color": "#d6336c"}
         )
@@ -135,6 +136,23 @@ def _figures(frame: pd.DataFrame, config: RunConfig, references: dict) -> dict:
                 )
         fig.update_layout(title=f"{n} over evaluations", xaxis_title="evaluation", yaxis_title=n)
         figures[f"objective_{n}"] = fig
+    if "stage" in ok:  # racing: each candidate's score at every stage it reached
+        n = names[0]
+        fig = go.Figure()
+        for k, size in enumerate(config.fitness.fidelity.stages):
+            column = f"stage{k}:{n}"
+            if column in ok:
+                reached = ok[ok[column].notna()]
+                fig.add_scatter(
+                    x=reached["number"], y=reached[column], mode="markers",
+                    name=f"stage {k} ({size} documents)", marker={"color": STAGE_COLOURS[k % 4]},
+                )  # fmt: skip
+        fig.update_layout(
+            title=f"Racing: {n} at each stage reached (told values in the plot above)",
+            xaxis_title="evaluation",
+            yaxis_title=n,
+        )
+        figures["racing"] = fig
     if len(names) > 1 and len(ok):
         losses = losses_of(ok[names].to_dict("records"), config.objectives)
         source_losses = losses_of(list(src.values()), config.objectives) if src else None
@@ -171,6 +189,14 @@ def _reference_hypervolumes(marks: dict, config: RunConfig, ref) -> dict[str, fl
             losses = losses_of(list(scored.values()), config.objectives)
             out[kind] = hypervolume(losses[non_dominated(losses)], ref)
     return out
+
+
+def _best_so_far(ok: pd.DataFrame, n: str, config: RunConfig) -> pd.Series:
+    """The best value so far among full-fidelity evaluations (racing's early stops are told
+    estimates, not measurements on every document)."""
+    values = ok[n].where(ok["final"].fillna(True).astype(bool)) if "final" in ok else ok[n]
+    best = values.cummax() if _dir(config, n) == "maximize" else values.cummin()
+    return best.ffill()
 
 
 def _held_text(held: Optional[dict]) -> str:
@@ -230,7 +256,7 @@ def _png(name: str, frame: pd.DataFrame, config: RunConfig, references: dict, fo
         ax.set_title("All objectives (Pareto set red, sources blue, baselines orange)")
     elif name.startswith("objective_"):
         n = name.removeprefix("objective_")
-        best = ok[n].cummax() if _dir(config, n) == "maximize" else ok[n].cummin()
+        best = _best_so_far(ok, n, config)
         ax.scatter(ok["number"], ok[n], c="#9aa5b1", s=14, label=n)
         ax.plot(ok["number"], best, c="#d6336c", label="best so far")
         for kind, scored in marks.items():
@@ -242,6 +268,17 @@ def _png(name: str, frame: pd.DataFrame, config: RunConfig, references: dict, fo
         ax.set_xlabel("evaluation")
         ax.set_ylabel(n)
         ax.set_title(f"{n} over evaluations")
+    elif name == "racing":
+        n = names[0]
+        for k, size in enumerate(config.fitness.fidelity.stages):
+            column = f"stage{k}:{n}"
+            if column in ok:
+                reached = ok[ok[column].notna()]
+                ax.scatter(reached["number"], reached[column], s=14, c=STAGE_COLOURS[k % 4],
+                           label=f"stage {k} ({size} documents)")  # fmt: skip
+        ax.set_xlabel("evaluation")
+        ax.set_ylabel(n)
+        ax.set_title(f"Racing: {n} at each stage reached")
     elif name == "hypervolume":
         losses = losses_of(ok[names].to_dict("records"), config.objectives)
         src = marks["source"]

@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import logging
 import math
 import os
 import shutil
@@ -28,7 +29,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from evomerge.baselines import BaselineSpec, baseline_recipes
-from evomerge.config import PythonFitness, RunConfig
+from evomerge.config import LmEvalFitnessSpec, PythonFitness, RunConfig
 from evomerge.errors import EvomergeError
 from evomerge.evaluator import Outcome, load_callable
 from evomerge.merge.engine import plan_for
@@ -37,6 +38,7 @@ from evomerge.merge.methods import get_method
 from evomerge.optim import Candidate, Evaluation, Optimizer, make_optimizer
 from evomerge.pareto import pareto_records
 from evomerge.pool import Pool
+from evomerge.racing import DocumentPlan, Race, Racer, check_stages
 from evomerge.recipe import Recipe
 from evomerge.spaces import SearchSpace, build_space, read_space_spec
 from evomerge.store import Record, RunStore, genome_key, read_run_meta
@@ -44,6 +46,7 @@ from evomerge.store import Record, RunStore, genome_key, read_run_meta
 RUN_CONFIG = "run.yaml"
 BASELINE = "baseline:"  # seed label prefix of a baseline merge
 MISSING_METRIC = "the fitness gives no metric"
+log = logging.getLogger("evomerge")
 
 
 @dataclass
@@ -98,6 +101,14 @@ class Run:
                 "exactly; the run starts unseeded"
             )
         return "seeding: the search starts from " + ", ".join(name for name, _ in self.seeds)
+
+    @functools.cached_property
+    def document_plan(self) -> Optional[DocumentPlan]:
+        """Which documents each racing stage scores; None without `fitness.fidelity`."""
+        fitness = self.config.fitness
+        if not isinstance(fitness, LmEvalFitnessSpec) or fitness.fidelity is None:
+            return None
+        return DocumentPlan(fitness.fidelity, task_documents(fitness), self.config.seed)
 
     def new_optimizer(self) -> Optimizer:
         optimizer = optimizer_for(self.config, self.space)
@@ -205,6 +216,35 @@ def check_fitness(config: RunConfig) -> None:
         unknown = [t for t in names if t not in manager.all_tasks]
         if unknown:
             raise EvomergeError(f"field '{field}': lm-eval knows no task {unknown[0]!r}")
+    if fitness.fidelity is not None:
+        problem = check_stages(fitness.fidelity, task_documents(fitness))
+        if problem:
+            raise EvomergeError(f"field 'fitness.fidelity.stages': {problem}")
+
+
+@functools.lru_cache(maxsize=8)
+def _task_sizes(tasks: tuple[str, ...], include_path: Optional[str]) -> dict[str, int]:
+    from lm_eval.tasks import TaskManager
+
+    from evomerge.scoring import _working_dir
+
+    manager = TaskManager(include_path=include_path)
+    with _working_dir(Path(include_path) if include_path else None):
+        loaded = manager.load(list(tasks))["tasks"]
+    return {name: len(task.eval_docs) for name, task in loaded.items() if name in tasks}
+
+
+def task_documents(fitness: LmEvalFitnessSpec) -> dict[str, list[int]]:
+    """The document ids a full-fidelity evaluation scores, per fitness task: the config's
+    `samples`, else the first `limit`, else all."""
+    sizes = _task_sizes(tuple(fitness.tasks), fitness.include_path)
+    out = {}
+    for task in fitness.tasks:
+        if fitness.samples and task in fitness.samples:
+            out[task] = list(fitness.samples[task])
+        else:
+            out[task] = list(range(min(sizes[task], fitness.limit or sizes[task])))
+    return out
 
 
 # lm-eval task families that are public benchmarks' test sets: searching on one and quoting it
@@ -298,6 +338,7 @@ class SearchLoop:
         self.sources = self.store.sources()
         self.baselines = self.store.baselines()
         self.scored = {recipe_key(r.recipe): r for r in records if not r.failed}
+        self.racer, self.racing, self.pending = self.restore_races(records)
         self.done = len(self.replayable)
         self.failing: list[str] = []  # errors of the evaluations failed in a row just now
         self.optimizer, self.sequence = self.restore()
@@ -310,6 +351,39 @@ class SearchLoop:
             disable=not progress,
             dynamic_ncols=True,
         )
+
+    def restore_races(
+        self, records: list[Record]
+    ) -> tuple[Optional[Racer], dict[int, tuple[Candidate, Race]], dict[int, Race]]:
+        """Racing state from the store: every stage result committed or saved between stages
+        (the promotion windows), and the races a crash cut short (finished on re-ask)."""
+        plan = self.run.document_plan
+        if plan is None:
+            return None, {}, {}
+        fitness = self.run.config.fitness
+        racer = Racer(fitness.fidelity, plan, self.run.config.objectives)
+        committed = {r.index for r in records}
+        for r in records:
+            if r.stages and not r.worker.startswith("cache of"):
+                racer.know(
+                    Race.from_json(
+                        {
+                            "index": r.index,
+                            "genome_key": genome_key(r.genome),
+                            "recipe": r.recipe,
+                            "stages": r.stages,
+                            "documents": r.per_document or {},
+                        }
+                    )
+                )
+        pending = {}
+        for index, data in self.store.races().items():
+            if index not in committed:
+                pending[index] = Race.from_json(data)
+                racer.know(pending[index])
+        for result in [*self.sources.values(), *self.baselines.values()]:
+            racer.know_reference(result.get("per_document"))
+        return racer, {}, pending
 
     def restore(self) -> tuple[Optimizer, int]:
         """The optimizer as last checkpointed (a fresh one before the first tell), and the
@@ -328,7 +402,7 @@ class SearchLoop:
                 if self.pool.in_flight() == 0:
                     break
                 for candidate, recipe, outcome in self.pool.wait():
-                    self.record(candidate, recipe, outcome)
+                    self.receive(candidate, recipe, outcome)
         finally:
             self.bar.close()
 
@@ -338,7 +412,8 @@ class SearchLoop:
         generation (the pool queues what its workers cannot start yet, so none idles while the
         generation has work), a steady-state one's as many as workers are free (each new
         candidate then learns from the newest results); never past the budget."""
-        left = self.run.config.budget - self.done - self.pool.in_flight()
+        open_now = len(self.racing) if self.racer else self.pool.in_flight()
+        left = self.run.config.budget - self.done - open_now
         return left if self.optimizer.generational else min(left, self.pool.free())
 
     def dispatch(self) -> None:
@@ -349,13 +424,19 @@ class SearchLoop:
                     return  # a generation waits for its results
                 self.queue.extend(asked)
             candidate = self.queue.popleft()
-            if self.replay(candidate) or self.reuse_source(candidate):
+            if self.replay(candidate) or self.resume_race(candidate):
+                continue
+            if self.reuse_source(candidate):
                 continue
             seed = self.run.candidate_seed(candidate.index)
             recipe_yaml = self.run.space.decode(candidate.genome, seed).to_yaml()
             if self.reuse(candidate, recipe_yaml):
                 continue
-            self.pool.submit(candidate, recipe_yaml)
+            if self.racer is not None:
+                race = Race(candidate.index, genome_key(candidate.genome), recipe_yaml)
+                self.next_stage(candidate, race)
+            else:
+                self.pool.submit(candidate, recipe_yaml)
 
     def replay(self, candidate: Candidate) -> bool:
         """A re-asked candidate the store already holds is told from the store."""
@@ -381,13 +462,16 @@ class SearchLoop:
             recipe = source_recipe(self.run.config.models[name])
         if not scored.get("values") or "per_example" not in scored or recipe is None:
             return False
+        per_example = scored["per_example"]
+        if self.racer is not None:  # the first stage's documents, as every candidate has
+            per_example = self.racer.per_example(scored.get("per_document") or {})
         record = Record(
             index=candidate.index,
             genome=candidate.genome,
             recipe=recipe,
             values=scored["values"],
             metrics=scored.get("metrics") or {},
-            per_example=scored["per_example"],
+            per_example=per_example,
             worker=f"{origin} {name}",
             origin=origin,
         )
@@ -410,6 +494,86 @@ class SearchLoop:
         self.commit(record)
         self.tell(candidate, record)
         return True
+
+    # ----- racing ------------------------------------------------------------------------------
+    def next_stage(self, candidate: Candidate, race: Race) -> None:
+        """Send a racing candidate to be scored on the documents its next stage adds."""
+        assert self.run.document_plan is not None
+        self.racing[candidate.index] = (candidate, race)
+        docs = self.run.document_plan.new_docs(len(race.stages))
+        self.pool.submit(candidate, race.recipe, docs=docs)
+
+    def resume_race(self, candidate: Candidate) -> bool:
+        """A re-asked candidate whose race a crash cut short goes on from its last stage."""
+        race = self.pending.get(candidate.index)
+        if race is None or race.genome_key != genome_key(candidate.genome) or not race.stages:
+            return False
+        del self.pending[candidate.index]
+        if race.stages[-1].promoted:
+            self.next_stage(candidate, race)
+        else:
+            self.finish_race(candidate, race)
+        return True
+
+    def receive(self, candidate: Candidate, recipe: str, outcome: Outcome) -> None:
+        """A result from the pool: a racing stage, or a whole evaluation."""
+        if self.racer is None or candidate.index not in self.racing:
+            self.record(candidate, recipe, outcome)
+            return
+        race = self.racing[candidate.index][1]
+        if outcome.error is None and outcome.per_document is None:
+            outcome = replace(outcome, error="the fitness gave no per-document results to race")
+        if outcome.error is not None:
+            if not race.stages:  # the first stage failed: the candidate failed
+                del self.racing[candidate.index]
+                self.record(candidate, recipe, outcome)
+                return
+            log.warning("candidate #%d failed a later stage (%s)", candidate.index, outcome.error)
+            race.stages[-1].promoted = False  # it ends where it got to
+            self.finish_race(candidate, race)
+            return
+        stage = self.racer.add_stage(
+            race, outcome.per_document, self.values_of, outcome.seconds, outcome.worker
+        )
+        if stage.values is None:  # a metric the objectives need is missing: a failed record
+            del self.racing[candidate.index]
+            self.record(candidate, recipe, replace(outcome, metrics=stage.metrics))
+            return
+        self.store.set_race(candidate.index, race.to_json())  # before any further step
+        if stage.promoted:
+            self.next_stage(candidate, race)
+        else:
+            self.finish_race(candidate, race)
+
+    def values_of(self, metrics: dict[str, float]) -> Optional[dict[str, float]]:
+        return objective_values(self.run.config.objectives, metrics)[0]
+
+    def finish_race(self, candidate: Candidate, race: Race) -> None:
+        """Commit a candidate whose race ended, with what racing tells for it, then tell."""
+        assert self.racer is not None
+        self.racing.pop(candidate.index, None)
+        last = race.stages[-1]
+        record = Record(
+            index=candidate.index,
+            genome=candidate.genome,
+            recipe=race.recipe,
+            values=self.racer.told(race, self.values_of),
+            metrics=last.metrics,
+            per_example=self.racer.per_example(race.documents),
+            seconds=sum(s.seconds for s in race.stages),
+            worker=last.worker,
+            stages=[s for s in race.to_json()["stages"]],
+            final=len(race.stages) == self.racer.plan.n_stages,
+            per_document=race.documents,
+        )
+        label = self.run.seed_source(candidate.index)
+        if label is not None:
+            record.origin = "baseline" if label.startswith(BASELINE) else "source"
+        self.commit(record)
+        self.scored.setdefault(recipe_key(race.recipe), record)
+        self.bar.set_postfix_str(_postfix(record), refresh=False)
+        self.tell(candidate, record)
+        self.fail_fast(record)
 
     # ----- results -----------------------------------------------------------------------------
     def record(self, candidate: Candidate, recipe: str, outcome: Outcome) -> None:
@@ -501,8 +665,13 @@ def references_config(config: RunConfig) -> RunConfig:
     except EvomergeError as exc:
         raise EvomergeError(f"field 'references_from': {exc}") from None
     other = RunConfig.load(folder / RUN_CONFIG)
-    fields = {"fitness", "objectives", "score_dtype"}
-    if other.model_dump(include=fields) != config.model_dump(include=fields):
+
+    def scoring(c: RunConfig) -> dict:  # racing changes how candidates are scored, not these
+        data = c.model_dump(include={"fitness", "objectives", "score_dtype"})
+        data["fitness"].pop("fidelity", None)
+        return data
+
+    if scoring(other) != scoring(config):
         raise EvomergeError(
             f"field 'references_from': {folder} scored with another fitness, objectives or "
             "score_dtype; its scores cannot stand for this run's"
@@ -550,6 +719,8 @@ def score_references(run: Run, pool: Pool, progress: bool = True) -> None:
             "per_example": outcome.per_example,
             "error": record.error,
         }
+        if outcome.per_document is not None:
+            result["per_document"] = outcome.per_document
         store_reference(run, key, result if key[0] == "source" else {**result, "recipe": recipe})
         bar.update(1)
     bar.close()
@@ -615,24 +786,29 @@ def _without_seeds(data):
     return data
 
 
+def objective_values(
+    objectives: list, metrics: dict[str, float]
+) -> tuple[Optional[dict[str, float]], Optional[str]]:
+    """The objectives' values from a fitness's metrics, or None and why not."""
+    values = {}
+    for o in objectives:
+        value = o.value(metrics)
+        if value is None:
+            missing = next(m for m in o.metrics() if m not in metrics)
+            return None, (
+                f"{MISSING_METRIC} {missing!r} for objective {o.name!r}; it gave "
+                f"{', '.join(sorted(metrics)) or 'nothing'}; fix the metric name"
+            )
+        if not math.isfinite(value):
+            return None, f"objective {o.name!r} is {value}"
+        values[o.name] = value
+    return values, None
+
+
 def to_record(run: Run, candidate: Candidate, recipe: str, outcome: Outcome) -> Record:
     values, error = None, outcome.error
     if error is None:
-        values = {}
-        for o in run.config.objectives:
-            value = o.value(outcome.metrics)
-            if value is None:
-                missing = next(m for m in o.metrics() if m not in outcome.metrics)
-                error = (
-                    f"{MISSING_METRIC} {missing!r} for objective {o.name!r}; it gave "
-                    f"{', '.join(sorted(outcome.metrics)) or 'nothing'}; fix the metric name"
-                )
-                values = None
-                break
-            if not math.isfinite(value):
-                error, values = f"objective {o.name!r} is {value}", None
-                break
-            values[o.name] = value
+        values, error = objective_values(run.config.objectives, outcome.metrics)
     return Record(
         index=candidate.index,
         genome=candidate.genome,
@@ -643,6 +819,7 @@ def to_record(run: Run, candidate: Candidate, recipe: str, outcome: Outcome) -> 
         seconds=outcome.seconds,
         worker=outcome.worker,
         error=error,
+        per_document=outcome.per_document,
     )
 
 

@@ -4,7 +4,9 @@ Tasks are built once per worker and reused for every candidate through
 `lm_eval.evaluator.evaluate` (no per-call environment probing, bootstrap off). HFLM wraps the
 live model; it is re-wrapped only when the worker rebuilds the model (a DFS depth change).
 Results are flattened to "task: metric,filter" keys (e.g. "arith: acc,none"); the per-document
-values of each task's first metric, in document order, are the per-example scores M2N2 uses.
+values of each task's first metric, in document order, are the per-example scores M2N2 uses,
+and every per-document value comes back too (`per_document`: task -> document id -> metric),
+which racing aggregates over growing document subsets (a call may name the documents).
 Relative `data_files` in a task folder's YAML resolve against that folder. Whether tasks may be
 downloaded from the hub is the user's choice (the run config's `offline`, or the environment).
 """
@@ -103,14 +105,19 @@ class LmEvalFitness:
             self._wrapped = model
         return self._lm
 
-    def __call__(self, model: Any, tokenizer: Any) -> dict[str, Any]:
+    def __call__(
+        self, model: Any, tokenizer: Any, samples: Optional[dict[str, list[int]]] = None
+    ) -> dict[str, Any]:
+        """Score the model on every task (its `limit` or `samples`), or on `samples`: the
+        document ids of each task to score now."""
         from lm_eval.evaluator import evaluate
 
+        samples = samples if samples is not None else self.samples
         results = evaluate(
             lm=self._harness(model, tokenizer),
             task_dict=self.task_dict,
-            limit=None if self.samples else self.limit,
-            samples=self.samples,
+            limit=None if samples else self.limit,
+            samples=samples,
             bootstrap_iters=0,
             apply_chat_template=self.apply_chat_template,
             system_instruction=self.system_instruction,
@@ -120,6 +127,15 @@ class LmEvalFitness:
         )
         out: dict[str, Any] = {}
         per_example: list[float] = []
+        per_document: dict[str, dict[str, dict[str, float]]] = {}
+        for task, logged in results.get("samples", {}).items():
+            docs = per_document.setdefault(task, {})
+            for sample in logged:
+                row = docs.setdefault(str(sample["doc_id"]), {})
+                for metric in sample.get("metrics", []):
+                    value = sample.get(metric)
+                    if isinstance(value, (int, float)):
+                        row[f"{metric},{sample['filter']}"] = float(value)
         for task, values in results["results"].items():
             first_metric = None
             for key, value in values.items():
@@ -132,4 +148,6 @@ class LmEvalFitness:
                 per_example += [float(d[first_metric]) for d in docs if first_metric in d]
         if per_example:
             out["per_example"] = per_example
+        if per_document:
+            out["per_document"] = per_document
         return out

@@ -21,7 +21,9 @@ def records_frame(folder: Path) -> pd.DataFrame:
 
 def frame_of(store: RunStore, config: RunConfig) -> pd.DataFrame:
     records = store.records()
-    front = set(front_positions([r.values for r in records], config.objectives))
+    front = set(
+        front_positions([r.values if r.final else None for r in records], config.objectives)
+    )
     rows = []
     for position, r in enumerate(records):
         row = {
@@ -33,6 +35,12 @@ def frame_of(store: RunStore, config: RunConfig) -> pd.DataFrame:
             "worker": r.worker,
             "origin": r.origin,
         }
+        if r.stages is not None:  # racing: the last stage reached, and each stage's values
+            row["stage"] = len(r.stages) - 1
+            row["final"] = r.final
+            for k, stage in enumerate(r.stages):
+                for name, value in (stage.get("values") or {}).items():
+                    row[f"stage{k}:{name}"] = value
         for o in config.objectives:
             row[o.name] = np.nan if r.values is None else r.values[o.name]
         for key, value in r.metrics.items():
@@ -119,8 +127,12 @@ def summary(folder: Path) -> str:
         f"evaluations: {done} / {config.budget} ({failed} failed"
         + (f", {oom} of them out of memory)" if oom else ")")
     )
+    if done and "stage" in frame:
+        lines.append(_racing_line(frame, config))
     if done and not frame["failed"].all():
         good = frame[~frame["failed"]]
+        if "final" in good:  # the best of the candidates scored on every document
+            good = good[good["final"].fillna(True).astype(bool)]
         best = pd.DataFrame(
             [
                 {
@@ -152,6 +164,16 @@ def summary(folder: Path) -> str:
         fails = frame[frame["failed"]][["index", "error"]].tail(5)
         lines += ["", "failures (last 5):", fails.to_string(index=False)]
     return "\n".join(lines)
+
+
+def _racing_line(frame: pd.DataFrame, config: RunConfig) -> str:
+    fidelity = config.fitness.fidelity
+    stages = frame["stage"].dropna().astype(int)
+    counts = ", ".join(
+        f"{int((stages == k).sum())} ended at stage {k} ({size})"
+        for k, size in enumerate(fidelity.stages)
+    )
+    return f"racing: stages {fidelity.stages}, promote {fidelity.promote:g}: {counts}"
 
 
 def _hypervolume_line(good: pd.DataFrame, config: RunConfig, store: RunStore) -> str:

@@ -58,6 +58,12 @@ class Record:
     # seeded with (asked by the optimizer, in its budget); "surrogate": proposed by a
     # surrogate-assisted step (outside the budget)
     origin: str = "optimizer"
+    # racing (racing.py): each stage's result ({metrics, values, seconds, seq, promoted,
+    # worker}) in order, and whether the last stage reached is full fidelity
+    stages: Optional[list[dict[str, Any]]] = None
+    final: bool = True
+    # task -> document id -> "metric,filter" -> value, when the fitness gives them
+    per_document: Optional[dict[str, dict[str, dict[str, float]]]] = None
 
     @property
     def failed(self) -> bool:
@@ -172,6 +178,11 @@ class RunStore:
             attrs["per_example"] = [float(v) for v in record.per_example]
         if record.error is not None:
             attrs["error"] = record.error[:2000]
+        if record.stages is not None:
+            attrs["stages"] = record.stages
+            attrs["final"] = record.final
+        if record.per_document is not None:
+            attrs["per_document"] = record.per_document
         params, distributions = {}, {}
         if len(record.genome) <= MAX_PARAM_GENES and len(self.gene_names) == len(record.genome):
             for name, value in zip(self.gene_names, record.genome):
@@ -208,6 +219,9 @@ class RunStore:
                     number=t.number,
                     held_out=study_attrs.get(f"held_out:{t.number}"),
                     origin=a.get("origin", "optimizer"),
+                    stages=a.get("stages"),
+                    final=bool(a.get("final", True)),
+                    per_document=a.get("per_document"),
                 )
             )
         return out
@@ -217,6 +231,15 @@ class RunStore:
         they live in the study's attributes)."""
         with self._writing():
             self.study.set_user_attr(f"held_out:{number}", metrics)
+
+    def set_race(self, index: int, race: dict[str, Any]) -> None:
+        """A candidate's racing stages so far (racing.py), before its race ends and it is
+        committed: a crash between stages loses none of them."""
+        with self._writing():
+            self.study.set_user_attr(f"race:{index}", race)
+
+    def races(self) -> dict[int, dict[str, Any]]:
+        return {int(k): v for k, v in self._named("race:").items()}
 
     def set_source(self, name: str, result: dict[str, Any]) -> None:
         """A source model's scores: {"values": {objective: v} or None, "metrics", "error"}."""
