@@ -52,6 +52,7 @@ def arm_config(arm: str, seed: int, budget: int, references: Path | None) -> dic
     space = config["search_space"]
     config["search_space"] = {"kind": "parameter", **space["parameter"]}
     config.update(name=f"racing_{arm}_{seed}", seed=seed, budget=budget)
+    config["fitness"].pop("fidelity", None)  # the demo's own racing settings are not an arm
     if ARMS[arm] is not None:
         config["fitness"]["fidelity"] = copy.deepcopy(ARMS[arm])
         config["budget"] = 2 * budget

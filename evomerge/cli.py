@@ -96,6 +96,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
         device=args.device,
         force=args.force,
         progress=not args.quiet,
+        push_to_hub=args.push_to_hub,
     )
     for folder in written:
         print(f"exported {folder}")
@@ -209,6 +210,12 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     export.add_argument("--force", action="store_true", help="replace existing folders")
     export.add_argument("--quiet", action="store_true", help="no progress bar")
+    export.add_argument(
+        "--push-to-hub",
+        metavar="ORG/NAME",
+        help="upload each exported folder as a Hub model repo (ORG/NAME for one model, "
+        "ORG/NAME-eval-NNNNN for each of several)",
+    )
     export.set_defaults(handler=_cmd_export)
 
     report = sub.add_parser("report", help="write the run's HTML report and PNG plots")

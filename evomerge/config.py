@@ -135,6 +135,15 @@ def _fitness_kind(data: Any) -> str:
     return kind if kind in ("python", "lm_eval") else "python"
 
 
+class TrackingSpec(BaseModel):
+    """Where evaluations are mirrored for experiment tracking (the run store stays the truth)."""
+
+    model_config = ConfigDict(extra="forbid")
+    # an MLflow tracking URI: sqlite:///mlflow.db, http(s)://server, or a folder (file store)
+    mlflow: NonEmpty
+    experiment: NonEmpty = "evomerge"
+
+
 class RunConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: Optional[str] = None
@@ -180,6 +189,7 @@ class RunConfig(BaseModel):
     trust_remote_code: bool = False
     # search on a public benchmark's test split without held-out tasks (refused by default)
     allow_benchmark_fitness: bool = False
+    tracking: Optional[TrackingSpec] = None
     # Hugging Face offline mode for the run's processes: true (local models and tasks only),
     # false (hub downloads allowed), or unset: as HF_HUB_OFFLINE / HF_DATASETS_OFFLINE say
     offline: Optional[bool] = None

@@ -2,15 +2,18 @@
 
 Each folder is made by the streaming merge engine from the recipe that was scored (same
 seeds), so its weights equal the ones the worker scored. Beside the weights: config, tokenizer,
-our recipe YAML, a mergekit YAML where the merge has one, and a README model card with the
-objective values and held-out scores.
+our recipe YAML, a mergekit YAML where the merge has one, and a README model card in the
+Hugging Face Hub's conventions (`base_model` listing the sources, `base_model_relation: merge`,
+tags, the shared license) with the objective values and held-out scores. `push_to_hub` uploads
+each folder as its own model repository.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import yaml
 
@@ -45,16 +48,51 @@ def choose(
             names = ", ".join(o.name for o in config.objectives)
             raise EvomergeError(f"--best {best}: not an objective of this run ({names})")
         sign = 1 if objective.direction == "maximize" else -1
-        return [max(records, key=lambda r: sign * r.values[best])]
+        full = [r for r in records if r.final] or records  # racing: measured on every document
+        return [max(full, key=lambda r: sign * r.values[best])]
     return pareto_records(store.records(), config.objectives)
+
+
+def hub_name(ref: str) -> str:
+    """How the Hub names a source: its hub id, or a local folder's name."""
+    return Path(ref).name if Path(ref).exists() else ref
+
+
+def shared_license(refs: list[str]) -> Optional[str]:
+    """The license every source's own model card declares, when they all declare the same."""
+    from huggingface_hub import ModelCard
+
+    licenses = set()
+    for ref in refs:
+        card = Path(ref) / "README.md"
+        if not card.is_file():
+            return None
+        try:
+            licenses.add(ModelCard.load(card).data.to_dict().get("license"))
+        except Exception:  # an unreadable card: no license can be claimed
+            return None
+    return licenses.pop() if len(licenses) == 1 and None not in licenses else None
+
+
+def card_metadata(config: RunConfig) -> dict[str, Any]:
+    refs = list(dict.fromkeys(config.models.values()))
+    data: dict[str, Any] = {
+        "base_model": [hub_name(ref) for ref in refs],
+        "base_model_relation": "merge",
+        "library_name": "transformers",
+        "tags": ["merge", "evomerge"],
+    }
+    license_ = shared_license(refs)
+    if license_:
+        data["license"] = license_
+    return data
 
 
 def model_card(record: Record, config: RunConfig, run_folder: Path) -> str:
     recipe = yaml.safe_load(record.recipe)
     lines = [
         "---",
-        "library_name: transformers",
-        "tags: [merge, evomerge]",
+        yaml.safe_dump(card_metadata(config), sort_keys=False).rstrip(),
         "---",
         f"# evomerge evaluation {record.index}",
         "",
@@ -80,8 +118,40 @@ def model_card(record: Record, config: RunConfig, run_folder: Path) -> str:
     if config.trust_remote_code:
         lines += ["", "Note: the run loaded its models with trust_remote_code enabled."]
     lines += ["", "Source models:", ""]
-    lines += [f"- {name}: `{ref}`" for name, ref in config.models.items()]
+    lines += [f"- {name}: `{hub_name(ref)}`" for name, ref in config.models.items()]
+    lines += ["", "Recipe (`evomerge_recipe.yaml`):", "", "```yaml", record.recipe.rstrip(), "```"]
     return "\n".join(lines) + "\n"
+
+
+def hub_repos(repo: str, records: list[Record]) -> dict[int, str]:
+    """One Hub repository per exported model: ORG/NAME for a single one, else
+    ORG/NAME-eval-NNNNN for each."""
+    if repo.count("/") != 1 or not all(repo.split("/")):
+        raise EvomergeError(f"--push-to-hub {repo}: give ORG/NAME")
+    if len(records) == 1:
+        return {records[0].index: repo}
+    return {r.index: f"{repo}-eval-{r.index:05d}" for r in records}
+
+
+def hub_api() -> Any:
+    """An authenticated Hub client, or one line saying why there is none (checked before any
+    model is merged: an upload that cannot happen must not cost the export first)."""
+    from huggingface_hub import HfApi, get_token
+
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        raise EvomergeError("--push-to-hub: HF_HUB_OFFLINE is set; unset it to upload")
+    token = get_token()
+    if not token:
+        raise EvomergeError(
+            "--push-to-hub: no Hugging Face token; run `hf auth login` or set HF_TOKEN"
+        )
+    api = HfApi(token=token)
+    try:
+        api.whoami()
+    except Exception as exc:  # no network, a bad token, a Hub outage: all end here
+        reason = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+        raise EvomergeError(f"--push-to-hub: cannot reach the Hub ({reason})") from None
+    return api
 
 
 def already_exported(out: Path, recipe: Recipe) -> bool:
@@ -103,10 +173,13 @@ def export(
     device: str = "auto",
     force: bool = False,
     progress: bool = True,
+    push_to_hub: Optional[str] = None,
 ) -> list[Path]:
     store = RunStore.open(run_folder)
     config = RunConfig.load(run_folder / "run.yaml")
     chosen = choose(store, config, pareto=pareto, best=best, index=index)
+    repos = hub_repos(push_to_hub, chosen) if push_to_hub else {}
+    api = hub_api() if push_to_hub else None
     written = []
     for record in chosen:
         out = Path(to) / f"eval-{record.index:05d}"
@@ -125,4 +198,10 @@ def export(
             extra_files={"README.md": model_card(record, config, Path(run_folder))},
         )
         written.append(out)
+    for record, out in zip(chosen, written):
+        if api is not None:
+            repo = repos[record.index]
+            api.create_repo(repo, repo_type="model", exist_ok=True)
+            api.upload_folder(folder_path=str(out), repo_id=repo, repo_type="model")
+            log.info("%s: pushed to https://huggingface.co/%s", out, repo)
     return written

@@ -42,6 +42,7 @@ from evomerge.racing import DocumentPlan, Race, Racer, check_stages
 from evomerge.recipe import Recipe
 from evomerge.spaces import SearchSpace, build_space, read_space_spec
 from evomerge.store import Record, RunStore, genome_key, read_run_meta
+from evomerge.tracking import MlflowTracker, check_tracking
 
 RUN_CONFIG = "run.yaml"
 BASELINE = "baseline:"  # seed label prefix of a baseline merge
@@ -133,11 +134,16 @@ def prepare(config: RunConfig) -> tuple[RunConfig, SearchSpace]:
             update={"include_path": str(include.resolve()) if include.exists() else str(include)}
         )
     spec = read_space_spec(config.search_space)
+    tracking = config.tracking
+    check_tracking(tracking)
+    if tracking is not None and "://" not in tracking.mlflow:  # a folder: the same on resume
+        tracking = tracking.model_copy(update={"mlflow": str(Path(tracking.mlflow).resolve())})
     resolved = config.model_copy(
         update={
             "models": models,
             "search_space": spec.model_dump(mode="json", exclude_none=True),
             "fitness": fitness,
+            "tracking": tracking,
         }
     )
     opened: dict[str, ModelSource] = {}  # headers only: no weights are read here
@@ -312,11 +318,22 @@ def open_run(folder: Path) -> Run:
 # ----- the loop ------------------------------------------------------------------------------
 def drive(run: Run, pool: Pool, progress: bool = True) -> None:
     """Run until the budget is spent; safe to kill at any moment and call again."""
+    tracker = None
     try:
+        tracker = MlflowTracker.for_run(run)
         score_references(run, pool, progress)
-        SearchLoop(run, pool, progress).run_to_budget()
+        if tracker is not None:
+            tracker.start(run.store.records())
+        SearchLoop(run, pool, progress, tracker).run_to_budget()
         if getattr(run.config.fitness, "held_out", None) is not None:
             score_held_out(run, pool, progress)
+    except BaseException:
+        if tracker is not None:
+            tracker.finish("KILLED")
+        raise
+    else:
+        if tracker is not None:
+            tracker.finish()
     finally:
         pool.close()
 
@@ -326,8 +343,15 @@ class SearchLoop:
     dispatch candidates (replaying ones the store already holds, reusing identical merges) and
     record each result (commit, then tell, then checkpoint)."""
 
-    def __init__(self, run: Run, pool: Pool, progress: bool = True) -> None:
+    def __init__(
+        self,
+        run: Run,
+        pool: Pool,
+        progress: bool = True,
+        tracker: Optional[MlflowTracker] = None,
+    ) -> None:
         self.run, self.pool, self.store = run, pool, run.store
+        self.tracker = tracker
         records = self.store.records()
         # scored before a restart, keyed by (ask index, genome): told again, never re-scored
         self.replayable = {
@@ -607,6 +631,8 @@ class SearchLoop:
         self.store.commit(record)
         self.done += 1
         self.bar.update(1)
+        if self.tracker is not None:
+            self.tracker.log(record)
 
     def tell(self, candidate: Candidate, record: Record) -> None:
         self.optimizer.tell(

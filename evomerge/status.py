@@ -10,6 +10,7 @@ import pandas as pd
 from evomerge.config import RunConfig
 from evomerge.pareto import front_positions, pareto_records
 from evomerge.store import RunStore, read_run_meta
+from evomerge.tracking import RUN_ID_NOTE
 
 MAX_GENE_COLUMNS = 100
 
@@ -110,6 +111,12 @@ def summary(folder: Path) -> str:
     store = RunStore.open(folder)
     frame = frame_of(store, config)
     lines = [f"run {folder} (evomerge {meta.get('evomerge')}, store {meta.get('store')})"]
+    if config.tracking is not None:
+        run_id = store.note(RUN_ID_NOTE) or "none yet"
+        lines.append(
+            f"tracking: MLflow {config.tracking.mlflow}, experiment "
+            f"{config.tracking.experiment}, run {run_id}"
+        )
     checkpoint = store.load_checkpoint()
     opt = config.optimizer.name
     if checkpoint is not None:

@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,10 +30,10 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from evomerge import __version__
 from evomerge.errors import EvomergeError
-from evomerge.optim.state import read_state, write_state
+from evomerge.optim.state import PART_PREFIX, read_state, referenced_parts, write_state
 
 FORMAT = 1
-STUDY = "evomerge"
+STUDY = "evomerge"  # the study of a run with its own SQLite file (and of runs before names)
 MAX_PARAM_GENES = 100  # genomes up to this size also appear as Optuna params (dashboard plots)
 KEEP_CHECKPOINTS = 2
 log = logging.getLogger("evomerge")
@@ -94,6 +95,7 @@ class RunStore:
         self.gene_names = gene_names
         self.objectives: list[str] = study.user_attrs.get("objectives", [])
         self.checkpoints = folder / "checkpoints"
+        self._parts: dict[str, list[str]] = {}  # checkpoint file -> the frozen parts it needs
 
     # ----- opening ----------------------------------------------------------------------------
     @classmethod
@@ -104,13 +106,15 @@ class RunStore:
         objectives: list[tuple[str, str]],
         gene_names: list[str],
     ) -> RunStore:
+        # a shared database (PostgreSQL on a cluster) holds many runs: each is its own study
+        study_name = f"{STUDY}-{folder.name}-{uuid.uuid4().hex[:8]}" if url else STUDY
         try:
             folder.mkdir(parents=True, exist_ok=True)
             (folder / "checkpoints").mkdir(exist_ok=True)
             storage = _storage(url or _sqlite_url(folder))
             study = optuna.create_study(
                 storage=storage,
-                study_name=STUDY,
+                study_name=study_name,
                 directions=[direction for _, direction in objectives],
             )
             study.set_user_attr("objectives", [name for name, _ in objectives])
@@ -122,6 +126,7 @@ class RunStore:
                     "evomerge": __version__,
                     "created": time.time(),
                     "store": url or "sqlite:store.sqlite",
+                    "study": study_name,
                 },
             )
         except optuna.exceptions.DuplicatedStudyError:
@@ -141,7 +146,7 @@ class RunStore:
         if url == "sqlite:store.sqlite":
             url = _sqlite_url(folder)
         try:
-            study = optuna.load_study(study_name=STUDY, storage=_storage(url))
+            study = optuna.load_study(study_name=meta.get("study", STUDY), storage=_storage(url))
         except KeyError:
             raise EvomergeError(f"{folder}: its store holds no evomerge study") from None
         return cls(folder, study, study.user_attrs.get("gene_names", []))
@@ -257,6 +262,14 @@ class RunStore:
     def baselines(self) -> dict[str, dict[str, Any]]:
         return self._named("baseline:")
 
+    def set_note(self, key: str, value: Any) -> None:
+        """A small JSON value the run keeps about itself (e.g. its MLflow run id)."""
+        with self._writing():
+            self.study.set_user_attr(f"note:{key}", value)
+
+    def note(self, key: str) -> Any:
+        return self.study.user_attrs.get(f"note:{key}")
+
     def _named(self, prefix: str) -> dict[str, dict[str, Any]]:
         return {
             key.removeprefix(prefix): value
@@ -267,9 +280,25 @@ class RunStore:
     # ----- optimizer checkpoints ------------------------------------------------------------
     def save_checkpoint(self, state: dict[str, Any], sequence: int) -> None:
         with self._writing():
-            write_state(self.checkpoints / f"optimizer-{sequence:08d}.npz", state)
+            path = self.checkpoints / f"optimizer-{sequence:08d}.npz"
+            self._parts[path.name] = write_state(path, state)
             for old in sorted(self.checkpoints.glob("optimizer-*.npz"))[:-KEEP_CHECKPOINTS]:
                 old.unlink(missing_ok=True)
+                self._parts.pop(old.name, None)
+            self._drop_unreferenced_parts()
+
+    def _drop_unreferenced_parts(self) -> None:
+        """Frozen parts no kept checkpoint refers to (a finished generation's covariance once
+        two newer checkpoints exist)."""
+        kept = sorted(self.checkpoints.glob("optimizer-*.npz"))
+        needed: set[str] = set()
+        for path in kept:
+            if path.name not in self._parts:
+                self._parts[path.name] = referenced_parts(path)
+            needed.update(self._parts[path.name])
+        for part in self.checkpoints.glob(f"{PART_PREFIX}*.npz"):
+            if part.stem.removeprefix(PART_PREFIX) not in needed:
+                part.unlink(missing_ok=True)
 
     def load_checkpoint(self) -> Optional[tuple[dict[str, Any], int]]:
         """The newest readable checkpoint and its sequence number, or None."""
@@ -302,11 +331,33 @@ def _sqlite_url(folder: Path) -> str:
 
 
 def _storage(url: str) -> optuna.storages.RDBStorage:
-    kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
+    # a server's connections are checked before use, so one restarted between two commits is
+    # reconnected to rather than failing the run
+    kwargs = (
+        {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
+    )
     try:
         return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
     except Exception as exc:  # SQLAlchemy raises many kinds for a bad URL or server
-        raise EvomergeError(f"store {url}: cannot open ({type(exc).__name__}: {exc})") from None
+        shown = _without_password(url)
+        if isinstance(exc, ImportError) or "DB access module" in str(exc):
+            raise EvomergeError(
+                f"store {shown}: no database driver for it; pip install 'evomerge[postgres]' "
+                "(psycopg 3), or name an installed driver in the URL (postgresql+psycopg2://)"
+            ) from None
+        reason = (str(exc).splitlines() or [""])[0][:300]
+        raise EvomergeError(
+            f"store {shown}: cannot open ({type(exc).__name__}: {reason})"
+        ) from None
+
+
+def _without_password(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # not a URL SQLAlchemy can parse: nothing to hide in it
+        return url
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
+from huggingface_hub import ModelCard
 
 from evomerge.cli import main
 from evomerge.config import Objective
 from evomerge.evaluator import Evaluator
+from evomerge.export import shared_license
 from evomerge.pareto import hypervolume, hypervolume_curve, losses_of, non_dominated
 from evomerge.recipe import Recipe
 from evomerge.store import RunStore
@@ -54,6 +57,11 @@ def test_exported_models_equal_the_scored_ones(llama, tmp_path, capsys):
             assert torch.equal(tensor, scored[name]), (folder.name, name)
         card = (folder / "README.md").read_text()
         assert f"evaluation {record.index}" in card and f"{record.values['nll']:.6g}" in card
+        data = ModelCard.load(folder / "README.md").data.to_dict()  # as the Hub reads it
+        assert data["base_model"] == [llama[k].name for k in ("base", "ft0", "ft1")]
+        assert data["base_model_relation"] == "merge"
+        assert {"merge", "evomerge"} <= set(data["tags"]) and "license" not in data
+        assert record.recipe.strip().splitlines()[0] in card  # the recipe rides along
         assert (folder / "evomerge_recipe.yaml").exists() and (folder / "config.json").exists()
     best = min(records.values(), key=lambda r: r.values["nll"])
     assert (
@@ -99,3 +107,42 @@ def test_surrogate_step_on_a_finished_run(llama, tmp_path):
     assert len(records) == 15 and len(extra) == 3 and all(r.index < 0 for r in extra)
     assert main(["resume", str(run), "--quiet"]) == 0  # the budget is still the optimizer's
     assert len(RunStore.open(run).records()) == 15
+
+
+def test_the_card_names_a_license_only_when_every_source_shares_it(tmp_path):
+    for name, license_ in (("a", "apache-2.0"), ("b", "apache-2.0"), ("c", "mit"), ("d", None)):
+        (tmp_path / name).mkdir()
+        if license_:
+            (tmp_path / name / "README.md").write_text(f"---\nlicense: {license_}\n---\n# {name}\n")
+    assert shared_license([str(tmp_path / "a"), str(tmp_path / "b")]) == "apache-2.0"
+    assert shared_license([str(tmp_path / "a"), str(tmp_path / "c")]) is None
+    assert shared_license([str(tmp_path / "a"), str(tmp_path / "d")]) is None  # no card: unknown
+
+
+@pytest.fixture
+def no_hub_login(tmp_path, monkeypatch):
+    """No stored token and no HF_TOKEN; offline mode off (the upload path is what is tested)."""
+    import huggingface_hub.constants as constants
+
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
+    monkeypatch.setattr(constants, "HF_STORED_TOKENS_PATH", str(tmp_path / "no-tokens"))
+
+
+def test_push_to_hub_fails_before_any_work(llama, tmp_path, capsys, monkeypatch, no_hub_login):
+    config = run_config(llama, budget=2, optimizer={"name": "random"}, score_sources=False)
+    run = tmp_path / "run"
+    assert main(["run", str(write(tmp_path, config)), "--out", str(run), "--quiet"]) == 0
+    out = tmp_path / "exports"
+    push = ["export", str(run), "--to", str(out), "--quiet", "--push-to-hub"]
+    expect_error([*push, "org/name"], capsys, "--push-to-hub", "no Hugging Face token")
+    expect_error([*push, "no-org"], capsys, "--push-to-hub no-org", "ORG/NAME")
+    monkeypatch.setenv("HF_TOKEN", "hf_not_a_real_token")
+    import huggingface_hub.constants as constants
+
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens there
+    expect_error([*push, "org/name"], capsys, "--push-to-hub", "cannot reach the Hub")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    expect_error([*push, "org/name"], capsys, "--push-to-hub", "HF_HUB_OFFLINE")
+    assert not out.exists()  # nothing was merged for an upload that could not happen

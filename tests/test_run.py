@@ -132,6 +132,32 @@ def checkpoints(folder: Path) -> int:
     return int(found[-1].stem.split("-")[1]) if found else 0
 
 
+def kill_and_resume(
+    config: Path, out: Path, rng: random.Random, kills: int, most_evals: int, pause: float
+) -> int:
+    """`evomerge run`, SIGKILLed up to `kills` times after 1..`most_evals` more checkpoints
+    (mid-evaluation, mid-commit or mid-checkpoint) and resumed each time, to the end; returns
+    how many kills landed."""
+    killed, command = 0, ["run", str(config), "--out", str(out)]
+    while True:
+        proc = cli(*command)
+        command = ["resume", str(out)]
+        if killed < kills:
+            start = checkpoints(out) if out.exists() else 0
+            target = start + rng.randint(1, most_evals)
+            while proc.poll() is None and (not out.exists() or checkpoints(out) < target):
+                time.sleep(0.01)
+            time.sleep(rng.uniform(0, pause))
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGKILL)
+                proc.wait()
+                killed += 1
+                continue
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err.decode()[-2000:]
+        return killed
+
+
 def test_sigkill_and_resume_equals_an_uninterrupted_run(llama, tmp_path):
     config = run_config(
         llama,
@@ -143,25 +169,7 @@ def test_sigkill_and_resume_equals_an_uninterrupted_run(llama, tmp_path):
     assert main(["run", str(path), "--out", str(reference), "--quiet"]) == 0
 
     chaos = tmp_path / "chaos"
-    rng = random.Random(7)
-    kills, command = 0, ["run", str(path), "--out", str(chaos)]
-    while True:
-        proc = cli(*command)
-        command = ["resume", str(chaos)]
-        if kills < 4:
-            start = checkpoints(chaos) if chaos.exists() else 0
-            target = start + rng.randint(1, 5)
-            while proc.poll() is None and (not chaos.exists() or checkpoints(chaos) < target):
-                time.sleep(0.01)
-            time.sleep(rng.uniform(0, 0.08))  # mid-evaluation, mid-commit or mid-checkpoint
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGKILL)
-                proc.wait()
-                kills += 1
-                continue
-        _, err = proc.communicate(timeout=300)
-        assert proc.returncode == 0, err.decode()[-2000:]
-        break
+    kills = kill_and_resume(path, chaos, random.Random(7), kills=4, most_evals=5, pause=0.08)
     assert kills >= 3
     got, want = stored(chaos), stored(reference)
     assert len(got) == 14  # nothing committed was lost, nothing was committed twice

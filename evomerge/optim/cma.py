@@ -4,6 +4,9 @@ cmaes objects expose their state through __getstate__ (everything but the RNG); 
 dict as JSON values and arrays and the RNG state beside it, so a restored optimizer asks the
 same points as one that never stopped. Above ~100 dimensions a full covariance learns slowly
 and costs O(n^2) memory: use Sep-CMA-ES there (`sep_cma`), or CMA with n_max_resampling=1.
+
+The strategy's arrays change only when a generation is asked or told, so they are checkpointed
+as a frozen part once per change, not on every tell (a 2,000-gene covariance is 32 MB).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from cmaes import CMA, SepCMA
 
 from evomerge.errors import EvomergeError
 from evomerge.optim.base import Evaluation, Optimizer, rng_state, set_rng_state
+from evomerge.optim.state import Frozen
 
 
 class CMAES(Optimizer):
@@ -50,6 +54,7 @@ class CMAES(Optimizer):
             "n_max_resampling": n_max_resampling,
         }
         self.es = self._strategy_at(self.x0)
+        self.frozen_es: Optional[Frozen] = None  # the strategy as last saved; None once changed
         self.generation_asked = 0
         self.results: list[tuple[np.ndarray, float]] = []
         self.seed_results: list[tuple[np.ndarray, float]] = []
@@ -73,6 +78,7 @@ class CMAES(Optimizer):
         if len(self.seed_results) == len(self.seeds):
             best = min(self.seed_results, key=lambda pair: pair[1])[0]
             self.es = self._strategy_at(np.clip(best, self.lower, self.upper))
+            self.frozen_es = None
 
     @property
     def population_size(self) -> int:
@@ -81,25 +87,30 @@ class CMAES(Optimizer):
     def _propose(self, n: int) -> list[np.ndarray]:
         if len(self.seed_results) < len(self.seeds):
             return []  # the first generation is sampled around the best seed: wait for them
-        room = min(n, self.population_size - self.generation_asked)
-        self.generation_asked += max(room, 0)
-        return [self.es.ask() for _ in range(max(room, 0))]
+        room = max(0, min(n, self.population_size - self.generation_asked))
+        self.generation_asked += room
+        if room:
+            self.frozen_es = None  # asking caches the eigen decomposition inside the strategy
+        return [self.es.ask() for _ in range(room)]
 
     def _learn(self, evaluation: Evaluation) -> None:
         loss = float(self.losses_of(evaluation)[0])
         self.results.append((np.asarray(evaluation.genome, dtype=float), loss))
         if len(self.results) == self.population_size:
             self.es.tell(self.results)
+            self.frozen_es = None
             self.results = []
             self.generation_asked = 0
 
     def _state(self) -> dict[str, Any]:
-        es = self.es.__getstate__()
-        if "_c_1d" in es:  # keep C whole: a symmetrised copy would drift from the original
-            es["_c_1d"] = np.zeros(0)
-            es["_C_full"] = self.es._C
+        if self.frozen_es is None:
+            es = self.es.__getstate__()
+            if "_c_1d" in es:  # keep C whole: a symmetrised copy would drift from the original
+                es["_c_1d"] = np.zeros(0)
+                es["_C_full"] = self.es._C
+            self.frozen_es = Frozen(es)
         return {
-            "es": es,
+            "es": self.frozen_es,
             "rng": rng_state(self.es._rng),
             "generation_asked": self.generation_asked,
             "results": [[x, f] for x, f in self.results],
@@ -117,6 +128,7 @@ class CMAES(Optimizer):
             es._C = np.array(full_c)
         set_rng_state(es._rng, state["rng"])
         self.es = es
+        self.frozen_es = None
         self.generation_asked = int(state["generation_asked"])
         self.results = [(np.asarray(x), float(f)) for x, f in state["results"]]
         self.seed_results = [(np.asarray(x), float(f)) for x, f in state.get("seed_results", [])]

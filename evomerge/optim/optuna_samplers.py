@@ -3,7 +3,9 @@
 The sampler works on an in-memory study that mirrors what it was told. Its state (every trial
 with its parameters, values and the sampler's bookkeeping attributes, the study's attributes,
 and each random state inside the sampler) is saved as JSON values, and a restored sampler sees
-the same study and draws the same numbers.
+the same study and draws the same numbers. Told trials and the samplers' cached study attributes
+never change again, so they are saved in frozen chunks: a checkpoint writes the open trials and
+the newest chunk, not the whole history.
 """
 
 from __future__ import annotations
@@ -18,8 +20,11 @@ from optuna.trial import FrozenTrial, TrialState
 
 from evomerge.errors import EvomergeError
 from evomerge.optim.base import Evaluation, Optimizer, rng_state, set_rng_state
+from evomerge.optim.state import Frozen
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
+CHUNK = 256  # trials (or study attributes) per frozen part
+FINISHED = (TrialState.COMPLETE, TrialState.FAIL, TrialState.PRUNED)
 
 
 class OptunaOptimizer(Optimizer):
@@ -38,6 +43,8 @@ class OptunaOptimizer(Optimizer):
         }
         self.running: dict[int, optuna.Trial] = {}
         self.enqueued_x0 = False
+        self.frozen_trials: list[Frozen] = []  # chunk k: trials k*CHUNK .. (k+1)*CHUNK-1
+        self.frozen_attrs: list[Frozen] = []  # chunk k: study attributes in insertion order
 
     def _make_sampler(self, seed: int, options: dict[str, Any]) -> optuna.samplers.BaseSampler:
         raise NotImplementedError
@@ -69,26 +76,39 @@ class OptunaOptimizer(Optimizer):
     # ----- state ---------------------------------------------------------------------------
     def _state(self) -> dict[str, Any]:
         storage, sid = self.study._storage, self.study._study_id
-        trials = []
-        for t in self.study.get_trials(deepcopy=False):
-            trials.append(
-                {
-                    "number": t.number,
-                    "state": t.state.name,
-                    "params": [t.params[name] for name in self.distributions] if t.params else None,
-                    "values": t.values,
-                    "system_attrs": t.system_attrs,
-                    "index": next(
-                        (i for i, r in self.running.items() if r.number == t.number), None
-                    ),
-                }
-            )
+        trials = storage.get_all_trials(sid, deepcopy=False)
+        index_of = {r.number: i for i, r in self.running.items()}
+        start = len(self.frozen_trials) * CHUNK  # rows only for the trials not frozen yet
+        rows = [self._trial_row(t, index_of.get(t.number)) for t in trials[start:]]
+        attrs = list(storage.get_study_system_attrs(sid).items())
         return {
-            "trials": trials,
-            "study_system_attrs": storage.get_study_system_attrs(sid),
+            "trials": self._freeze(rows, self.frozen_trials, start, _told),
+            # the samplers' study attributes are caches written once (NSGA-II's parents)
+            "study_system_attrs": self._freeze(attrs, self.frozen_attrs, 0, lambda item: True),
             "rngs": {path: rng_state(r.rng) for path, r in _random_states(self.sampler)},
             "enqueued_x0": self.enqueued_x0,
         }
+
+    def _trial_row(self, trial: FrozenTrial, index: Optional[int]) -> dict[str, Any]:
+        return {
+            "number": trial.number,
+            "state": trial.state.name,
+            "params": [trial.params[name] for name in self.distributions] if trial.params else None,
+            "values": trial.values,
+            "system_attrs": trial.system_attrs,
+            "index": index,
+        }
+
+    @staticmethod
+    def _freeze(items: list, frozen: list[Frozen], start: int, settled) -> list:
+        """`items` (everything from item `start` on) as the frozen chunks so far, then full
+        chunks of settled items frozen now (kept for later checkpoints), then the rest as they
+        are. Settled items (told trials, cached attributes) never change again."""
+        items = items[len(frozen) * CHUNK - start :]
+        while len(items) >= CHUNK and all(settled(item) for item in items[:CHUNK]):
+            frozen.append(Frozen(items[:CHUNK]))
+            items = items[CHUNK:]
+        return [*frozen, *items]
 
     def _load(self, state: dict[str, Any]) -> None:
         self.sampler = self._make_sampler(self.seed, self.options)
@@ -96,10 +116,12 @@ class OptunaOptimizer(Optimizer):
             directions=["minimize"] * self.n_objectives, sampler=self.sampler
         )
         storage, sid = self.study._storage, self.study._study_id
-        for key, value in state["study_system_attrs"].items():
+        attrs = state["study_system_attrs"]
+        for key, value in _unchunked(attrs.items() if isinstance(attrs, dict) else attrs):
             storage.set_study_system_attr(sid, key, value)
         self.running = {}
-        for t in state["trials"]:
+        self.frozen_trials, self.frozen_attrs = [], []
+        for t in _unchunked(state["trials"]):
             params = (
                 {name: float(v) for name, v in zip(self.distributions, t["params"])}
                 if t["params"] is not None
@@ -127,6 +149,21 @@ class OptunaOptimizer(Optimizer):
         for path, value in state["rngs"].items():
             set_rng_state(states[path].rng, value)
         self.enqueued_x0 = bool(state["enqueued_x0"])
+
+
+def _told(row: dict[str, Any]) -> bool:
+    return row["state"] in {state.name for state in FINISHED}
+
+
+def _unchunked(items) -> list:
+    """Saved items with frozen chunks (read back as lists) spliced in."""
+    out: list = []
+    for item in items:
+        if isinstance(item, list) and item and isinstance(item[0], (dict, list)):
+            out.extend(item)  # a chunk of trials (dicts) or of attribute pairs (lists)
+        else:
+            out.append(item)
+    return out
 
 
 def _random_states(obj: Any, prefix: str = "", depth: int = 0) -> list[tuple[str, Any]]:

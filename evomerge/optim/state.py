@@ -1,12 +1,19 @@
-"""Optimizer state on disk: JSON for values, .npz (allow_pickle=False) for arrays, one file.
+"""Optimizer state on disk: JSON for values, .npz (allow_pickle=False) for arrays.
 
 A checkpoint is a zip written next to its final name, fsynced and renamed in, so a reader sees
 the old file or the new one; zip CRCs catch a torn or tampered file, and the previous
 checkpoint is kept as a fallback.
+
+A run checkpoints after every tell, so a checkpoint must cost the same at evaluation 5,000 as
+at 100. Parts of a state that no longer change (a full chunk of told trials, the covariance of
+a finished generation) are `Frozen`: serialised and hashed once, written once to a part file
+named by that hash, and referenced from every later checkpoint; a checkpoint then writes only
+what changed since.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -19,10 +26,31 @@ import numpy as np
 from evomerge.errors import EvomergeError
 
 ARRAY_KEY = "__array__"
+FROZEN_KEY = "__frozen__"
+PART_PREFIX = "part-"
 
 
-def split_arrays(value: Any, arrays: dict[str, np.ndarray]) -> Any:
-    """`value` with every numpy array replaced by a reference into `arrays`."""
+class Frozen:
+    """A state value that will not change again, serialised and named by its content once.
+
+    Keep the Frozen object while the value stays the same: writing a checkpoint that holds it
+    again costs a file-exists check."""
+
+    def __init__(self, value: Any) -> None:
+        self.payload = _npz_bytes(value)
+        self.name = hashlib.sha256(self.payload).hexdigest()[:32]
+
+
+def split_arrays(
+    value: Any, arrays: dict[str, np.ndarray], frozen: dict[str, Frozen] | None = None
+) -> Any:
+    """`value` with every numpy array replaced by a reference into `arrays` (and every Frozen
+    part by its name, collected in `frozen`)."""
+    if isinstance(value, Frozen):
+        if frozen is None:
+            raise TypeError("a frozen part cannot be nested in another")
+        frozen[value.name] = value
+        return {FROZEN_KEY: value.name}
     if isinstance(value, np.ndarray):
         if value.dtype == object:
             raise TypeError("object arrays cannot be saved without pickle")
@@ -30,9 +58,9 @@ def split_arrays(value: Any, arrays: dict[str, np.ndarray]) -> Any:
         arrays[key] = value
         return {ARRAY_KEY: key}
     if isinstance(value, dict):
-        return {str(k): split_arrays(v, arrays) for k, v in value.items()}
+        return {str(k): split_arrays(v, arrays, frozen) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [split_arrays(v, arrays) for v in value]
+        return [split_arrays(v, arrays, frozen) for v in value]
     if isinstance(value, np.generic):
         return value.item()
     if value is None or isinstance(value, (bool, int, float, str)):
@@ -40,25 +68,56 @@ def split_arrays(value: Any, arrays: dict[str, np.ndarray]) -> Any:
     raise TypeError(f"cannot save {type(value).__name__} in optimizer state")
 
 
-def join_arrays(value: Any, arrays: dict[str, np.ndarray]) -> Any:
+def join_arrays(value: Any, arrays: dict[str, np.ndarray], folder: Path | None = None) -> Any:
     if isinstance(value, dict):
         if set(value) == {ARRAY_KEY}:
             return arrays[value[ARRAY_KEY]]
-        return {k: join_arrays(v, arrays) for k, v in value.items()}
+        if set(value) == {FROZEN_KEY} and folder is not None:
+            return _read(folder / f"{PART_PREFIX}{value[FROZEN_KEY]}.npz")[0]
+        return {k: join_arrays(v, arrays, folder) for k, v in value.items()}
     if isinstance(value, list):
-        return [join_arrays(v, arrays) for v in value]
+        return [join_arrays(v, arrays, folder) for v in value]
     return value
 
 
-def write_state(path: Path, state: dict[str, Any]) -> None:
+def _npz_bytes(value: Any) -> bytes:
     arrays: dict[str, np.ndarray] = {}
-    doc = json.dumps(split_arrays(state, arrays))
+    doc = json.dumps(split_arrays(value, arrays))
     buffer = io.BytesIO()
-    np.savez(buffer, __state__=np.frombuffer(doc.encode(), dtype=np.uint8), **arrays)
+    np.savez(buffer, __state__=_utf8(doc), **arrays)
+    return buffer.getvalue()
+
+
+def _utf8(text: str) -> np.ndarray:
+    return np.frombuffer(text.encode(), dtype=np.uint8)
+
+
+def write_state(path: Path, state: dict[str, Any]) -> list[str]:
+    """Write a checkpoint (and each of its frozen parts not yet on disk, beside it); returns
+    the names of the parts it references."""
+    frozen: dict[str, Frozen] = {}
+    arrays: dict[str, np.ndarray] = {}
+    doc = split_arrays(state, arrays, frozen)
+    for name, part in frozen.items():
+        part_path = path.parent / f"{PART_PREFIX}{name}.npz"
+        if not part_path.exists():
+            _write_atomic(part_path, part.payload)
+    buffer = io.BytesIO()
+    np.savez(
+        buffer,
+        __state__=_utf8(json.dumps(doc)),
+        __parts__=_utf8(json.dumps(sorted(frozen))),
+        **arrays,
+    )
+    _write_atomic(path, buffer.getvalue())
+    return sorted(frozen)
+
+
+def _write_atomic(path: Path, payload: bytes) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
-            f.write(buffer.getvalue())
+            f.write(payload)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -69,6 +128,23 @@ def write_state(path: Path, state: dict[str, Any]) -> None:
 
 
 def read_state(path: Path) -> dict[str, Any]:
+    """A checkpoint with its frozen parts read back in (a missing or damaged part makes the
+    whole checkpoint unreadable, so the previous one is used)."""
+    return _read(path)[0]
+
+
+def referenced_parts(path: Path) -> list[str]:
+    """The frozen parts a checkpoint needs (read without loading its arrays)."""
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            if "__parts__" not in npz.files:
+                return []
+            return json.loads(npz["__parts__"].tobytes().decode())
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError, KeyError):
+        return []
+
+
+def _read(path: Path) -> tuple[Any, list[str]]:
     try:
         with np.load(path, allow_pickle=False) as npz:
             arrays = {k: npz[k] for k in npz.files}
@@ -77,7 +153,8 @@ def read_state(path: Path) -> dict[str, Any]:
     if "__state__" not in arrays:
         raise EvomergeError(f"{path}: not an evomerge checkpoint")
     doc = arrays.pop("__state__").tobytes().decode()
-    return join_arrays(json.loads(doc), arrays)
+    parts = json.loads(arrays.pop("__parts__").tobytes().decode()) if "__parts__" in arrays else []
+    return join_arrays(json.loads(doc), arrays, path.parent), parts
 
 
 def _fsync_dir(folder: Path) -> None:
