@@ -17,6 +17,7 @@ import logging
 import os
 import time
 import uuid
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -118,6 +119,9 @@ class RunStore:
                 directions=[direction for _, direction in objectives],
             )
             study.set_user_attr("objectives", [name for name, _ in objectives])
+            with warnings.catch_warnings():  # experimental in Optuna 3-5, stable in use
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                study.set_metric_names([name for name, _ in objectives])  # dashboard axes
             study.set_user_attr("gene_names", gene_names)
             _write_json(
                 folder / "run.json",

@@ -107,6 +107,7 @@ def test_a_scaled_down_demo_is_measured_against_sources_and_baselines(real_zoo, 
     config.update(budget=3, baselines=["task_arithmetic"], pool="local")
     config["optimizer"]["options"] = {"population_size": 4}
     config["fitness"].update(include_path=str(tasks), limit=4, batch_size=8)
+    config["fitness"]["fidelity"] = {"stages": [2, "full"], "promote": 0.5, "window": 2}
     config["fitness"]["held_out"].update(limit=4)
     config["fitness"]["held_out"]["tasks"] = ["sm2_dec_add_heldout", "sm2_add_gen_heldout"]
     (tmp_path / "demo.yaml").write_text(yaml.safe_dump(config))

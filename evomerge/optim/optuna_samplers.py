@@ -23,7 +23,8 @@ from evomerge.optim.base import Evaluation, Optimizer, rng_state, set_rng_state
 from evomerge.optim.state import Frozen
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
-CHUNK = 256  # trials (or study attributes) per frozen part
+CHUNK = 256  # most trials (or study attributes) per frozen part
+CHUNK_VALUES = 65_536  # most parameter values per frozen part (512 KB): big genomes, fewer trials
 FINISHED = (TrialState.COMPLETE, TrialState.FAIL, TrialState.PRUNED)
 
 
@@ -59,7 +60,7 @@ class OptunaOptimizer(Optimizer):
                 self.enqueued_x0 = True
             trial = self.study.ask(self.distributions)
             self.running[self.asked + k] = trial
-            out.append(np.array([trial.params[name] for name in self.distributions]))
+            out.append(self._genome(trial))
         return out
 
     def _ask_seed(self, genome: np.ndarray) -> np.ndarray:
@@ -67,7 +68,11 @@ class OptunaOptimizer(Optimizer):
         self.study.enqueue_trial({name: float(v) for name, v in zip(self.distributions, genome)})
         trial = self.study.ask(self.distributions)
         self.running[self.asked] = trial
-        return np.array([trial.params[name] for name in self.distributions])
+        return self._genome(trial)
+
+    def _genome(self, trial: optuna.Trial) -> np.ndarray:
+        params = trial.params  # a fresh deep copy on every access: take it once
+        return np.array([params[name] for name in self.distributions])
 
     def _learn(self, evaluation: Evaluation) -> None:
         trial = self.running.pop(evaluation.index)
@@ -78,36 +83,41 @@ class OptunaOptimizer(Optimizer):
         storage, sid = self.study._storage, self.study._study_id
         trials = storage.get_all_trials(sid, deepcopy=False)
         index_of = {r.number: i for i, r in self.running.items()}
-        start = len(self.frozen_trials) * CHUNK  # rows only for the trials not frozen yet
+        chunk = max(1, min(CHUNK, CHUNK_VALUES // self.dim))
+        start = len(self.frozen_trials) * chunk  # rows only for the trials not frozen yet
         rows = [self._trial_row(t, index_of.get(t.number)) for t in trials[start:]]
         attrs = list(storage.get_study_system_attrs(sid).items())
         return {
-            "trials": self._freeze(rows, self.frozen_trials, start, _told),
+            "trials": self._freeze(rows, self.frozen_trials, start, chunk, _told),
             # the samplers' study attributes are caches written once (NSGA-II's parents)
-            "study_system_attrs": self._freeze(attrs, self.frozen_attrs, 0, lambda item: True),
+            "study_system_attrs": self._freeze(
+                attrs, self.frozen_attrs, 0, CHUNK, lambda item: True
+            ),
             "rngs": {path: rng_state(r.rng) for path, r in _random_states(self.sampler)},
             "enqueued_x0": self.enqueued_x0,
         }
 
     def _trial_row(self, trial: FrozenTrial, index: Optional[int]) -> dict[str, Any]:
+        params = trial.params
         return {
             "number": trial.number,
             "state": trial.state.name,
-            "params": [trial.params[name] for name in self.distributions] if trial.params else None,
+            # an array (binary in the checkpoint), not a JSON list: genomes can be long
+            "params": np.array([params[name] for name in self.distributions]) if params else None,
             "values": trial.values,
             "system_attrs": trial.system_attrs,
             "index": index,
         }
 
     @staticmethod
-    def _freeze(items: list, frozen: list[Frozen], start: int, settled) -> list:
+    def _freeze(items: list, frozen: list[Frozen], start: int, chunk: int, settled) -> list:
         """`items` (everything from item `start` on) as the frozen chunks so far, then full
         chunks of settled items frozen now (kept for later checkpoints), then the rest as they
         are. Settled items (told trials, cached attributes) never change again."""
-        items = items[len(frozen) * CHUNK - start :]
-        while len(items) >= CHUNK and all(settled(item) for item in items[:CHUNK]):
-            frozen.append(Frozen(items[:CHUNK]))
-            items = items[CHUNK:]
+        items = items[len(frozen) * chunk - start :]
+        while len(items) >= chunk and all(settled(item) for item in items[:chunk]):
+            frozen.append(Frozen(items[:chunk]))
+            items = items[chunk:]
         return [*frozen, *items]
 
     def _load(self, state: dict[str, Any]) -> None:
