@@ -164,6 +164,11 @@ class RunConfig(BaseModel):
     # Ray actors; default: one per GPU of the cluster, else one per threads_per_worker CPUs
     workers: Optional[int] = Field(default=None, gt=0)
     threads_per_worker: Optional[int] = Field(default=None, gt=0)  # CPU actors; default 2
+    # GPUs each worker reserves on a GPU cluster: 0.5 puts two small-model workers on a GPU
+    gpus_per_worker: float = Field(default=1.0, gt=0, le=1)
+    # seconds to wait for Ray to place every worker (and for it to load its sources) before the
+    # run ends with what was asked and what the cluster has
+    placement_timeout: float = Field(default=600.0, gt=0)
     candidate_timeout: Optional[float] = Field(default=None, gt=0)  # seconds per candidate
     # stop (exit 2, resumable) after this many evaluations in a row failed: a broken fitness or
     # task must not spend the budget

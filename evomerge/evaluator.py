@@ -19,6 +19,7 @@ import torch
 from evomerge.errors import EvomergeError
 from evomerge.merge.engine import load_source_tensors, merge_into_model, pick_device, plan_for
 from evomerge.merge.io import ModelSource
+from evomerge.merge.live import build_live_model
 from evomerge.recipe import Recipe
 
 
@@ -96,24 +97,20 @@ class Evaluator:
         self.live_model(dict(self.sources[refs[0]].config))
 
     def live_model(self, config: dict[str, Any]) -> torch.nn.Module:
-        """The live model, rebuilt only when the recipe changes its shape (DFS depth)."""
-        from transformers import AutoConfig, AutoModelForCausalLM
-
+        """The live model (uninitialised: the plan writes all of it), rebuilt only when the
+        recipe changes its shape (DFS depth)."""
         key = json.dumps(config, sort_keys=True, default=str)
         if self.model is None or key != self.model_key:
-            fields = dict(config)
-            cfg = AutoConfig.for_model(fields.pop("model_type"), **fields)
             dtype = (
-                self.score_dtype or fields.get("dtype") or fields.get("torch_dtype") or "float32"
+                self.score_dtype or config.get("dtype") or config.get("torch_dtype") or "float32"
             )
-            self.release_model()
-            with torch.device(self.device):
-                self.model = AutoModelForCausalLM.from_config(
-                    cfg,
-                    trust_remote_code=self.trust_remote_code,
-                    dtype=getattr(torch, str(dtype).removeprefix("torch.")),
-                )
-            self.model.eval()
+            self.release_model()  # the old model's memory is free before the new one exists
+            self.model = build_live_model(
+                config,
+                self.device,
+                getattr(torch, str(dtype).removeprefix("torch.")),
+                self.trust_remote_code,
+            )
             self.model_key = key
         return self.model
 

@@ -90,4 +90,6 @@ def make_pool(config: RunConfig) -> Pool:
         threads=config.threads_per_worker,
         timeout=config.candidate_timeout,
         env=config.offline_env(),
+        gpus_per_worker=config.gpus_per_worker,
+        placement_timeout=config.placement_timeout,
     )

@@ -81,12 +81,37 @@ def start_failure_reason(exc: Exception) -> str:
     return (lines[0] if lines else type(exc).__name__)[:300]
 
 
-def default_workers(nodes: list[dict[str, float]], use_gpu: bool, threads: int) -> int:
-    """One actor per GPU of the cluster, else one per `threads` CPUs of each node (at least
-    one): what fits, node by node, since an actor cannot span nodes."""
+def default_workers(
+    nodes: list[dict[str, float]], use_gpu: bool, threads: int, gpus_per_worker: float = 1.0
+) -> int:
+    """Every GPU of the cluster divided by `gpus_per_worker`, else one actor per `threads` CPUs
+    of each node (at least one): what fits, node by node, since an actor cannot span nodes."""
     if use_gpu:
-        return max(1, sum(int(node.get("GPU", 0)) for node in nodes))
+        fit = sum(int(node.get("GPU", 0) / gpus_per_worker + 1e-9) for node in nodes)
+        return max(1, fit)
     return max(1, sum(int(node.get("CPU", 0) // threads) for node in nodes))
+
+
+def unplaceable(ask: dict[str, float], workers: int, nodes: list[dict[str, float]]) -> str:
+    """Why `workers` actors asking `ask` each can never all be placed on `nodes` (empty when
+    they can): an actor needs one node with all of its resources."""
+    fit = sum(
+        int(min(node.get(key, 0) / need + 1e-9 for key, need in ask.items() if need > 0))
+        for node in nodes
+    )
+    if fit >= workers:
+        return ""
+    asked = ", ".join(f"{need:g} {key}" for key, need in ask.items())
+    have = (
+        "; ".join(", ".join(f"{node.get(key, 0):g} {key}" for key in ask) for node in nodes)
+        or "no live nodes"
+    )
+    return (
+        f"{workers} worker{'s' if workers != 1 else ''} asking {asked} each cannot be "
+        f"placed: the cluster's nodes have "
+        f"{have} (room for {fit}); lower workers, threads_per_worker or gpus_per_worker, or "
+        "add nodes"
+    )
 
 
 class RayPool:
@@ -98,6 +123,8 @@ class RayPool:
         threads: Optional[int] = None,
         timeout: Optional[float] = None,
         env: Optional[dict[str, str]] = None,
+        gpus_per_worker: float = 1.0,
+        placement_timeout: float = 600.0,
     ) -> None:
         import ray
 
@@ -108,25 +135,38 @@ class RayPool:
         self.use_gpu = gpus >= 1 and worker_kwargs.get("device", "auto") in ("auto", "cuda")
         cpus = int(sum(node.get("CPU", 0) for node in nodes)) or 1
         largest = max((int(node.get("CPU", 1)) for node in nodes), default=1)
+        self.gpus_per_worker = gpus_per_worker
+        self.placement_timeout = placement_timeout
         if n_workers is None:
             self.threads = threads or min(CPU_THREADS, largest)
-            n_workers = default_workers(nodes, self.use_gpu, self.threads)
+            n_workers = default_workers(nodes, self.use_gpu, self.threads, gpus_per_worker)
+            self.cpu_share = float(self.threads)
         else:  # a given number of workers shares the cluster's CPUs unless told otherwise
             self.threads = threads or max(1, cpus // n_workers)
+            self.cpu_share = float(threads) if threads else min(self.threads, cpus / n_workers)
+        self.ask = {"GPU": gpus_per_worker} if self.use_gpu else {"CPU": self.cpu_share}
+        problem = unplaceable(self.ask, n_workers, nodes)
+        self.actors: list[Any] = []
+        if problem:  # Ray would keep them pending for ever: say so before starting any
+            self.close()
+            raise EvomergeError(problem)
         self.worker_kwargs = dict(worker_kwargs)
         if self.use_gpu:
             self.worker_kwargs["device"] = "cuda"
         self.env = dict(env or {})
         self.timeout = timeout
-        self.actors: list[Any] = []
         self.served = [0] * n_workers
         self.generation = 0
         self.start_failures = 0
         self.jobs: dict[Any, Job] = {}
         self.backlog: deque[tuple[Candidate, str, bool, int, Optional[dict]]] = deque()
         self.submitted = 0
-        self.actors = [self._spawn(slot) for slot in range(n_workers)]
-        self._await_ready(list(range(n_workers)))
+        try:
+            self.actors = [self._spawn(slot) for slot in range(n_workers)]
+            self._await_ready(list(range(n_workers)))
+        except BaseException:
+            self.close()
+            raise
 
     def _spawn(self, slot: int) -> Any:
         self.generation += 1
@@ -134,9 +174,9 @@ class RayPool:
         if self.env:
             options["runtime_env"] = {"env_vars": self.env}
         if self.use_gpu:
-            options["num_gpus"] = 1
+            options["num_gpus"] = self.gpus_per_worker
         else:
-            options["num_cpus"] = self.threads
+            options["num_cpus"] = self.cpu_share
         remote = self.ray.remote(Evaluator).options(**options)
         name = f"worker-{slot}.{self.generation}"
         return remote.remote(**self.worker_kwargs, name=name, threads=self.threads)
@@ -144,13 +184,24 @@ class RayPool:
     def _await_ready(self, slots: list[int]) -> None:
         """Wait until the actors in `slots` have loaded their sources (so a candidate's timeout
         never counts a worker's start-up); replace ones that die starting, a few times."""
-        from ray.exceptions import RayActorError
+        from ray.exceptions import GetTimeoutError, RayActorError
 
         pending = list(slots)
+        deadline = time.monotonic() + self.placement_timeout
         while pending:
             slot = pending.pop(0)
             try:
-                self.ray.get(self.actors[slot].ping.remote())
+                left = max(1.0, deadline - time.monotonic())
+                self.ray.get(self.actors[slot].ping.remote(), timeout=left)
+            except GetTimeoutError:
+                asked = ", ".join(f"{need:g} {key}" for key, need in self.ask.items())
+                raise EvomergeError(
+                    f"worker {slot} (asking {asked}) was not placed and ready within "
+                    f"placement_timeout ({self.placement_timeout:g} s); the cluster has "
+                    f"{self.ray.available_resources()} free now: lower workers or "
+                    "threads_per_worker, free the cluster, or raise placement_timeout where "
+                    "loading the sources takes longer"
+                ) from None
             except RayActorError as exc:
                 self.start_failures += 1
                 reason = start_failure_reason(exc)

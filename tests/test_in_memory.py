@@ -42,3 +42,63 @@ def test_in_place_equals_disk_and_reuses_parameters(llama, tmp_path, method):
     assert before == {n: p.data_ptr() for n, p in live.named_parameters()}
     for ref in tensors:  # sources held by the worker are never modified
         assert all(torch.equal(tensors[ref][k], snapshot[ref][k]) for k in tensors[ref])
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])  # qwen2: tied embeddings
+def test_the_uninitialised_live_model_scores_what_the_checkpoint_does(families, tmp_path, arch):
+    """The worker's live model is built without initialisation (parameters on the meta device,
+    then empty storage) and written by the plan: its logits equal the exported checkpoint's."""
+    from transformers import AutoModelForCausalLM
+
+    from evomerge.evaluator import Evaluator
+
+    family = families[arch]
+    params = {"weight": 0.6, "density": 0.5}
+    recipe = Recipe.from_dict(
+        {
+            "merge_method": "ties",
+            "base_model": str(family["base"]),
+            "models": [{"model": str(family[f"ft{i}"]), "parameters": params} for i in (0, 1)],
+        }
+    )
+    refs = [str(family[name]) for name in ("base", "ft0", "ft1")]
+    worker = Evaluator(refs, {"function": "tests.fitness_fns:score"}, device="cpu")
+    live, _ = worker.materialize(recipe)
+    exported = AutoModelForCausalLM.from_pretrained(
+        merge_to_disk(recipe, tmp_path / "out", progress=False, device="cpu")
+    )
+    ids = torch.arange(0, 48).reshape(2, 24) % 250
+    with torch.no_grad():
+        assert torch.equal(live(ids).logits, exported(ids).logits)
+    if arch == "qwen2":
+        assert live.lm_head.weight is live.model.embed_tokens.weight  # still one tensor
+
+
+def test_a_recipe_that_leaves_a_tensor_unwritten_is_refused_by_name(families, tmp_path):
+    """Sources whose checkpoints lack a tensor of their architecture: the live model would
+    score uninitialised memory there, so the evaluation fails naming the tensor."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from evomerge.evaluator import Evaluator
+
+    refs = []
+    for name in ("base", "ft0", "ft1"):
+        folder = shutil.copytree(families["mistral"][name], tmp_path / name)
+        for shard in folder.glob("*.safetensors"):
+            state = load_file(shard)
+            state.pop("model.norm.weight", None)
+            save_file(state, shard, metadata={"format": "pt"})
+        refs.append(str(folder))
+    worker = Evaluator(refs, {"function": "tests.fitness_fns:score"}, device="cpu")
+    recipe = Recipe.from_dict(
+        {
+            "merge_method": "task_arithmetic",
+            "base_model": refs[0],
+            "models": [{"model": ref, "parameters": {"weight": 0.5}} for ref in refs[1:]],
+        }
+    )
+    outcome = worker.evaluate(recipe.to_yaml())
+    assert outcome.error is not None and "'model.norm.weight'" in outcome.error
+    assert "unwritten" in outcome.error

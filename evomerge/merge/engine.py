@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 
 from evomerge.errors import EvomergeError
 from evomerge.merge.io import ModelSource, ShardedWriter, copy_tokenizer
+from evomerge.merge.live import unwritten
 from evomerge.merge.memory import keep_freed_memory
 from evomerge.merge.ops import MergePlan, merge_tensor
 from evomerge.merge.plan import build_plan
@@ -165,6 +166,13 @@ def merge_into_model(
     if missing:
         raise EvomergeError(
             f"live model has no parameter {missing[0]!r}; is it the same architecture?"
+        )
+    left = unwritten(model, {op.name for op in plan.ops})
+    if left:  # the live model is uninitialised: an unwritten tensor would be scored as garbage
+        raise EvomergeError(
+            f"the recipe writes no value for the live model's {left[0]!r} ({len(left)} "
+            "tensor(s) unwritten): its sources lack that tensor; merge models whose "
+            "checkpoints hold every tensor of their architecture"
         )
 
     def fetch(model_ref: str, name: str) -> torch.Tensor:
