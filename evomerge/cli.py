@@ -35,6 +35,7 @@ def _cmd_merge(args: argparse.Namespace) -> int:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from evomerge.config import RunConfig
+    from evomerge.footprint import announce
     from evomerge.pool import make_pool
     from evomerge.run import create_run, drive
 
@@ -43,6 +44,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     folder = Path(args.out) if args.out else Path("results") / name
     run = create_run(config, folder)
     try:
+        print(announce(run.config, run.space), file=sys.stderr)  # refuses what cannot fit
         pool = make_pool(run.config)  # workers read every source: bad weights surface here
     except BaseException:
         shutil.rmtree(folder, ignore_errors=True)  # nothing was evaluated: leave no husk behind
@@ -55,10 +57,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_resume(args: argparse.Namespace) -> int:
+    from evomerge.footprint import announce
     from evomerge.pool import make_pool
     from evomerge.run import drive, open_run
 
     run = open_run(Path(args.folder))
+    print(announce(run.config, run.space), file=sys.stderr)
     drive(run, make_pool(run.config), progress=not args.quiet)
     print(f"run finished: {args.folder}")
     return 0
