@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib
 import json
 import math
+import socket
 import sys
 import time
 from collections.abc import Callable
@@ -66,6 +67,19 @@ def make_fitness(spec: dict[str, Any]) -> Callable[..., Any]:
     return lambda model, tokenizer: fn(model, tokenizer, **options)
 
 
+def node_name() -> str:
+    """This machine as a cluster user knows it: host name, and its address within Ray."""
+    host = socket.gethostname()
+    try:
+        import ray
+
+        if ray.is_initialized():
+            return f"{host} ({ray.util.get_node_ip_address()})"
+    except Exception:  # outside Ray, or Ray without a node address: the host name says enough
+        pass
+    return host
+
+
 class Evaluator:
     def __init__(
         self,
@@ -81,7 +95,10 @@ class Evaluator:
         if threads:
             torch.set_num_threads(threads)
         self.device = pick_device(device)
-        self.sources = {ref: ModelSource(ref, allow_pickle=allow_pickle) for ref in refs}
+        try:  # on a cluster each node resolves the paths (and hub names, via its own cache)
+            self.sources = {ref: ModelSource(ref, allow_pickle=allow_pickle) for ref in refs}
+        except EvomergeError as exc:
+            raise EvomergeError(f"worker {name} on node {node_name()}: {exc}") from None
         self.tensors = load_source_tensors(self.sources, self.device)
         self.fitness = make_fitness(fitness)
         self.fitness_spec = fitness

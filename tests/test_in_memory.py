@@ -102,3 +102,23 @@ def test_a_recipe_that_leaves_a_tensor_unwritten_is_refused_by_name(families, tm
     outcome = worker.evaluate(recipe.to_yaml())
     assert outcome.error is not None and "'model.norm.weight'" in outcome.error
     assert "unwritten" in outcome.error
+
+
+def test_a_worker_that_cannot_find_a_source_names_its_node_and_the_path(llama, tmp_path):
+    """On a cluster a local path must exist on every node that runs a worker: a worker that
+    cannot open one says which node it runs on and which path it looked for."""
+    import socket
+
+    from evomerge.errors import EvomergeError
+    from evomerge.evaluator import Evaluator
+
+    missing = tmp_path / "only-on-the-head-node"
+    with pytest.raises(EvomergeError) as caught:
+        Evaluator(
+            [str(llama["base"]), str(missing)],
+            {"function": "tests.fitness_fns:score"},
+            name="worker-3.1",
+        )
+    message = str(caught.value)
+    assert f"worker worker-3.1 on node {socket.gethostname()}" in message
+    assert str(missing) in message and "no such folder" in message
