@@ -25,7 +25,6 @@ import copy
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +34,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.chdir(ROOT)
 
-CONFIG = ROOT / "search_spaces" / "examples" / "demo_run.yaml"
+from benchmarks.demo_headline import CONFIG, run_search  # noqa: E402  (one way to run a search)
+
 STAGES = [8, 16, "full"]
 ARMS = {
     "full": None,
@@ -59,23 +59,6 @@ def arm_config(arm: str, seed: int, budget: int, references: Path | None) -> dic
     if references is not None:
         config["references_from"] = str(references.resolve())
     return config
-
-
-def run_arm(config: dict, folder: Path, progress: bool) -> float:
-    from evomerge.config import RunConfig
-    from evomerge.pool import make_pool
-    from evomerge.run import create_run, drive, open_run
-
-    start = time.perf_counter()
-    if (folder / "run.json").exists():
-        run = open_run(folder)
-    else:
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        path = folder.parent / f"{folder.name}.yaml"
-        path.write_text(yaml.safe_dump(config, sort_keys=False))
-        run = create_run(RunConfig.load(path), folder)
-    drive(run, make_pool(run.config), progress=progress)
-    return time.perf_counter() - start
 
 
 def curve(folder: Path) -> list[tuple[float, float]]:
@@ -213,7 +196,7 @@ def main() -> None:
         for arm in ARMS:
             folder = args.runs / f"{arm}_{seed}"
             config = arm_config(arm, seed, args.budget, references)
-            wall = run_arm(config, folder, not args.quiet)
+            wall = run_search(config, folder, not args.quiet)
             references = references or folder
             curves[arm][seed] = curve(folder)
             fitness, held = best_held_out(folder)

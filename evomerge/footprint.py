@@ -102,7 +102,7 @@ def _element_size(dtype: str) -> int:
 def check_fits(footprint: Footprint, config: RunConfig) -> Optional[str]:
     """Why the run's workers cannot fit this machine (empty when they can, or when the workers
     run on a cluster this driver cannot see into)."""
-    if config.ray_address or (config.pool == "ray" and _remote_ray()):
+    if config.ray_address or (config.pool == "ray" and os.environ.get("RAY_ADDRESS")):
         return None
     if config.device.startswith("cuda") or (config.device == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
@@ -127,10 +127,6 @@ def check_fits(footprint: Footprint, config: RunConfig) -> Optional[str]:
         f"{footprint.describe()}; {where} needs {need / GIB:.2f} GiB for its workers and has "
         f"{have / GIB:.2f} GiB free: use fewer workers, score_dtype bfloat16, or fewer models"
     )
-
-
-def _remote_ray() -> bool:
-    return bool(os.environ.get("RAY_ADDRESS"))
 
 
 def announce(config: RunConfig, space: SearchSpace) -> str:

@@ -362,7 +362,8 @@ class SearchLoop:
         self.sources = self.store.sources()
         self.baselines = self.store.baselines()
         self.scored = {recipe_key(r.recipe): r for r in records if not r.failed}
-        self.racer, self.racing, self.pending = self.restore_races(records)
+        self.racer, self.pending = self.restore_races(records)
+        self.racing: dict[int, tuple[Candidate, Race]] = {}  # index -> its race, in the pool
         self.done = len(self.replayable)
         self.failing: list[str] = []  # errors of the evaluations failed in a row just now
         self.optimizer, self.sequence = self.restore()
@@ -376,14 +377,12 @@ class SearchLoop:
             dynamic_ncols=True,
         )
 
-    def restore_races(
-        self, records: list[Record]
-    ) -> tuple[Optional[Racer], dict[int, tuple[Candidate, Race]], dict[int, Race]]:
+    def restore_races(self, records: list[Record]) -> tuple[Optional[Racer], dict[int, Race]]:
         """Racing state from the store: every stage result committed or saved between stages
         (the promotion windows), and the races a crash cut short (finished on re-ask)."""
         plan = self.run.document_plan
         if plan is None:
-            return None, {}, {}
+            return None, {}
         fitness = self.run.config.fitness
         racer = Racer(fitness.fidelity, plan, self.run.config.objectives)
         committed = {r.index for r in records}
@@ -407,7 +406,7 @@ class SearchLoop:
                 racer.know(pending[index])
         for result in [*self.sources.values(), *self.baselines.values()]:
             racer.know_reference(result.get("per_document"))
-        return racer, {}, pending
+        return racer, pending
 
     def restore(self) -> tuple[Optimizer, int]:
         """The optimizer as last checkpointed (a fresh one before the first tell), and the
@@ -586,29 +585,25 @@ class SearchLoop:
             per_example=self.racer.per_example(race.documents),
             seconds=sum(s.seconds for s in race.stages),
             worker=last.worker,
-            stages=[s for s in race.to_json()["stages"]],
+            stages=race.to_json()["stages"],
             final=len(race.stages) == self.racer.plan.n_stages,
             per_document=race.documents,
         )
-        label = self.run.seed_source(candidate.index)
-        if label is not None:
-            record.origin = "baseline" if label.startswith(BASELINE) else "source"
-        self.commit(record)
-        self.scored.setdefault(recipe_key(race.recipe), record)
-        self.bar.set_postfix_str(_postfix(record), refresh=False)
-        self.tell(candidate, record)
-        self.fail_fast(record)
+        self.settle(candidate, record)
 
     # ----- results -----------------------------------------------------------------------------
     def record(self, candidate: Candidate, recipe: str, outcome: Outcome) -> None:
         """Commit a scored candidate, then tell the optimizer (never the other way round)."""
-        record = to_record(self.run, candidate, recipe, outcome)
+        self.settle(candidate, to_record(self.run, candidate, recipe, outcome))
+
+    def settle(self, candidate: Candidate, record: Record) -> None:
+        """Label a seed's record, commit it, then tell the optimizer and watch for failures."""
         label = self.run.seed_source(candidate.index)
         if label is not None:
             record.origin = "baseline" if label.startswith(BASELINE) else "source"
         self.commit(record)
         if not record.failed:
-            self.scored.setdefault(recipe_key(recipe), record)
+            self.scored.setdefault(recipe_key(record.recipe), record)
         self.bar.set_postfix_str(_postfix(record), refresh=False)
         if record.error and record.error.startswith(MISSING_METRIC):
             raise EvomergeError(f"field 'objectives': {record.error}")

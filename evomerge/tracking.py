@@ -50,8 +50,7 @@ def check_tracking(spec) -> None:
 
 class MlflowTracker:
     def __init__(self, run: Run) -> None:
-        spec = run.config.tracking
-        check_tracking(spec)
+        spec = run.config.tracking  # prepare() has checked that MLflow imports
         from mlflow.entities import Metric, Param
         from mlflow.tracking import MlflowClient
 

@@ -37,7 +37,8 @@ class Frozen:
     again costs a file-exists check."""
 
     def __init__(self, value: Any) -> None:
-        self.payload = _npz_bytes(value)
+        arrays: dict[str, np.ndarray] = {}
+        self.payload = _npz(split_arrays(value, arrays), arrays)
         self.name = hashlib.sha256(self.payload).hexdigest()[:32]
 
 
@@ -73,18 +74,18 @@ def join_arrays(value: Any, arrays: dict[str, np.ndarray], folder: Path | None =
         if set(value) == {ARRAY_KEY}:
             return arrays[value[ARRAY_KEY]]
         if set(value) == {FROZEN_KEY} and folder is not None:
-            return _read(folder / f"{PART_PREFIX}{value[FROZEN_KEY]}.npz")[0]
+            return read_state(folder / f"{PART_PREFIX}{value[FROZEN_KEY]}.npz")
         return {k: join_arrays(v, arrays, folder) for k, v in value.items()}
     if isinstance(value, list):
         return [join_arrays(v, arrays, folder) for v in value]
     return value
 
 
-def _npz_bytes(value: Any) -> bytes:
-    arrays: dict[str, np.ndarray] = {}
-    doc = json.dumps(split_arrays(value, arrays))
+def _npz(doc: Any, arrays: dict[str, np.ndarray], **documents: Any) -> bytes:
+    """One .npz: the JSON document, further JSON documents by name, then the arrays."""
+    texts = {f"__{name}__": _utf8(json.dumps(v)) for name, v in documents.items()}
     buffer = io.BytesIO()
-    np.savez(buffer, __state__=_utf8(doc), **arrays)
+    np.savez(buffer, __state__=_utf8(json.dumps(doc)), **texts, **arrays)
     return buffer.getvalue()
 
 
@@ -102,14 +103,7 @@ def write_state(path: Path, state: dict[str, Any]) -> list[str]:
         part_path = path.parent / f"{PART_PREFIX}{name}.npz"
         if not part_path.exists():
             _write_atomic(part_path, part.payload)
-    buffer = io.BytesIO()
-    np.savez(
-        buffer,
-        __state__=_utf8(json.dumps(doc)),
-        __parts__=_utf8(json.dumps(sorted(frozen))),
-        **arrays,
-    )
-    _write_atomic(path, buffer.getvalue())
+    _write_atomic(path, _npz(doc, arrays, parts=sorted(frozen)))
     return sorted(frozen)
 
 
@@ -127,10 +121,19 @@ def _write_atomic(path: Path, payload: bytes) -> None:
     _fsync_dir(path.parent)
 
 
-def read_state(path: Path) -> dict[str, Any]:
+def read_state(path: Path) -> Any:
     """A checkpoint with its frozen parts read back in (a missing or damaged part makes the
     whole checkpoint unreadable, so the previous one is used)."""
-    return _read(path)[0]
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            arrays = {k: npz[k] for k in npz.files}
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError, KeyError) as exc:
+        raise EvomergeError(f"{path}: unreadable checkpoint ({type(exc).__name__})") from None
+    if "__state__" not in arrays:
+        raise EvomergeError(f"{path}: not an evomerge checkpoint")
+    doc = arrays.pop("__state__").tobytes().decode()
+    arrays.pop("__parts__", None)  # what the store's clean-up reads (referenced_parts)
+    return join_arrays(json.loads(doc), arrays, path.parent)
 
 
 def referenced_parts(path: Path) -> list[str]:
@@ -142,19 +145,6 @@ def referenced_parts(path: Path) -> list[str]:
             return json.loads(npz["__parts__"].tobytes().decode())
     except (OSError, ValueError, zipfile.BadZipFile, EOFError, KeyError):
         return []
-
-
-def _read(path: Path) -> tuple[Any, list[str]]:
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            arrays = {k: npz[k] for k in npz.files}
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError, KeyError) as exc:
-        raise EvomergeError(f"{path}: unreadable checkpoint ({type(exc).__name__})") from None
-    if "__state__" not in arrays:
-        raise EvomergeError(f"{path}: not an evomerge checkpoint")
-    doc = arrays.pop("__state__").tobytes().decode()
-    parts = json.loads(arrays.pop("__parts__").tobytes().decode()) if "__parts__" in arrays else []
-    return join_arrays(json.loads(doc), arrays, path.parent), parts
 
 
 def _fsync_dir(folder: Path) -> None:
