@@ -44,8 +44,16 @@ def _cmd_run(args: argparse.Namespace) -> int:
     folder = Path(args.out) if args.out else Path("results") / name
     run = create_run(config, folder)
     try:
-        print(announce(run.config, run.space), file=sys.stderr)  # refuses what cannot fit
-        pool = make_pool(run.config)  # workers read every source: bad weights surface here
+        footprint = announce(run.config, run.space)  # refuses what cannot fit
+        print(footprint.describe(), file=sys.stderr)
+        unused = [name for name in config.models if name not in run.config.models]
+        if unused:
+            print(
+                f"not loaded or scored (no candidate or baseline merges them): {', '.join(unused)}",
+                file=sys.stderr,
+            )
+        # workers read every source: bad weights surface here
+        pool = make_pool(run.config, reserve_bytes=footprint.reserve)
     except BaseException:
         shutil.rmtree(folder, ignore_errors=True)  # nothing was evaluated: leave no husk behind
         raise
@@ -62,8 +70,9 @@ def _cmd_resume(args: argparse.Namespace) -> int:
     from evomerge.run import drive, open_run
 
     run = open_run(Path(args.folder))
-    print(announce(run.config, run.space), file=sys.stderr)
-    drive(run, make_pool(run.config), progress=not args.quiet)
+    footprint = announce(run.config, run.space)
+    print(footprint.describe(), file=sys.stderr)
+    drive(run, make_pool(run.config, footprint.reserve), progress=not args.quiet)
     print(f"run finished: {args.folder}")
     return 0
 

@@ -169,6 +169,12 @@ class RunConfig(BaseModel):
     # seconds to wait for Ray to place every worker (and for it to load its sources) before the
     # run ends with what was asked and what the cluster has
     placement_timeout: float = Field(default=600.0, gt=0)
+    # where a GPU worker keeps the source tensors: device, host (pinned, streamed to the device
+    # tensor by tensor) or auto (the device when everything fits it with headroom)
+    sources: Literal["auto", "device", "host"] = "auto"
+    # a tensor larger than this (fp32, per input) is merged in row chunks where its method
+    # merges entry by entry: bounds the merge temporaries; the weights are the same
+    merge_chunk_mib: int = Field(default=256, gt=0)
     candidate_timeout: Optional[float] = Field(default=None, gt=0)  # seconds per candidate
     # stop (exit 2, resumable) after this many evaluations in a row failed: a broken fitness or
     # task must not spend the budget

@@ -18,9 +18,11 @@ from typing import Any, Optional
 import torch
 
 from evomerge.errors import EvomergeError
+from evomerge.footprint import sources_placement
 from evomerge.merge.engine import load_source_tensors, merge_into_model, pick_device, plan_for
 from evomerge.merge.io import ModelSource
 from evomerge.merge.live import build_live_model
+from evomerge.merge.ops import CHUNK_BYTES
 from evomerge.recipe import Recipe
 
 
@@ -91,6 +93,9 @@ class Evaluator:
         name: str = "local",
         threads: Optional[int] = None,
         score_dtype: Optional[str] = None,
+        sources_on: str = "auto",
+        reserve_bytes: int = 0,
+        chunk_bytes: Optional[int] = CHUNK_BYTES,
     ) -> None:
         if threads:
             torch.set_num_threads(threads)
@@ -99,7 +104,17 @@ class Evaluator:
             self.sources = {ref: ModelSource(ref, allow_pickle=allow_pickle) for ref in refs}
         except EvomergeError as exc:
             raise EvomergeError(f"worker {name} on node {node_name()}: {exc}") from None
-        self.tensors = load_source_tensors(self.sources, self.device)
+        held = sum(info.nbytes for s in self.sources.values() for info in s.index.values())
+        largest = max(sum(info.nbytes for info in s.index.values()) for s in self.sources.values())
+        # where the driver could not say (no footprint), the live model is about one source
+        self.sources_on = sources_placement(sources_on, self.device, held, reserve_bytes or largest)
+        host = self.sources_on == "host" and self.device.type != "cpu"
+        self.tensors = load_source_tensors(
+            self.sources,
+            "cpu" if host else self.device,
+            pin=host and self.device.type == "cuda",
+        )
+        self.chunk_bytes = chunk_bytes
         self.fitness = make_fitness(fitness)
         self.fitness_spec = fitness
         self.held_out_fitness: Optional[Callable[..., Any]] = None
@@ -155,7 +170,7 @@ class Evaluator:
     def materialize(self, recipe: Recipe) -> tuple[torch.nn.Module, Any]:
         plan = plan_for(recipe, self.sources)
         model = self.live_model(plan.output_config())
-        merge_into_model(plan, self.tensors, model)
+        merge_into_model(plan, self.tensors, model, self.chunk_bytes)
         return model, self.tokenizer(plan.sources[plan.tokenizer_source].path)
 
     def held_out(self) -> Callable[..., Any]:

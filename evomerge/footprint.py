@@ -3,12 +3,15 @@ starts, so a run that cannot fit says so in its first line rather than as an out
 failure on every candidate.
 
     peak = sources + live model + merge temporaries
-    sources      = the bytes of every tensor of every model the worker loads (checkpoint dtype)
+    sources      = the bytes of every tensor of every model the worker loads (checkpoint dtype):
+                   on the device with `sources: device`, in pinned host memory with `host`
     live model   = the output model in the score dtype: the base's tensors for a parameter space;
                    for a layer-path space its tensors outside the layers plus `max_layers` of
                    its largest layer
-    temporaries  = (models + 3) x the largest tensor's elements x 4 bytes: each input upcast to
-                   fp32, the result and two work buffers (masks, signs) while it is merged
+    temporaries  = (models + 3) x the largest piece's elements x 4 bytes: each input upcast to
+                   fp32, the result and two work buffers (masks, signs) while it is merged; a
+                   piece is a whole tensor, or for a method that merges entry by entry a row
+                   chunk of at most `merge_chunk_mib` per input
 
 Read weights never reach the driver: the headers say every shape and dtype.
 """
@@ -38,17 +41,31 @@ class Footprint:
     sources: int
     live: int
     temporaries: int
+    sources_on: str = "device"  # where a worker keeps them: device, host, or auto (decided there)
 
     @property
     def peak(self) -> int:
         return self.sources + self.live + self.temporaries
 
+    @property
+    def reserve(self) -> int:
+        """What the device needs besides the sources: live model and merge temporaries."""
+        return self.live + self.temporaries
+
     def describe(self) -> str:
-        return (
+        head = (
             f"memory per worker: sources {self.sources / GIB:.2f} GiB + live model "
             f"{self.live / GIB:.2f} GiB + merge temporaries {self.temporaries / GIB:.2f} GiB "
             f"= {self.peak / GIB:.2f} GiB"
         )
+        if self.sources_on == "host":
+            return (
+                f"{head}; sources on the host: device {self.reserve / GIB:.2f} GiB, pinned "
+                f"host {self.sources / GIB:.2f} GiB"
+            )
+        if self.sources_on == "auto":
+            return f"{head}; sources on the device where it has that free, else on the host"
+        return head
 
 
 def predict(config: RunConfig, space: SearchSpace) -> Footprint:
@@ -61,12 +78,41 @@ def predict(config: RunConfig, space: SearchSpace) -> Footprint:
         base = sources[refs.index(base_ref)]
         score = _element_size(config.score_dtype) if config.score_dtype else None
         live = _live_bytes(base, _max_layers(space), score)
-        largest = max(math.prod(info.shape) for s in sources for info in s.index.values())
+        largest = _largest_piece(space, dict(zip(refs, sources)), config.merge_chunk_mib)
         temporaries = (len(sources) + 3) * largest * 4
     finally:
         for source in sources:
             source.close()
-    return Footprint(held, live, temporaries)
+    return Footprint(held, live, temporaries, _sources_on(config))
+
+
+def _largest_piece(space: SearchSpace, sources: dict[str, ModelSource], chunk_mib: int) -> int:
+    """Elements of the largest piece the start recipe merges at once (a whole tensor, or a
+    row chunk where its method merges entry by entry); every source's largest tensor where
+    the start recipe does not plan on its own (a layer path)."""
+    from evomerge.merge.engine import plan_for
+    from evomerge.merge.ops import row_chunks
+
+    whole = max(math.prod(info.shape) for s in sources.values() for info in s.index.values())
+    try:
+        plan = plan_for(space.decode(space.initial()), sources)
+    except EvomergeError:
+        return whole
+    largest = 0
+    for op in plan.ops:
+        rows = row_chunks(op, plan.method, chunk_mib * 2**20)[0]
+        span = op.shape[0] if rows is None else rows.stop - rows.start
+        largest = max(largest, span * math.prod(op.shape[1:]) if op.shape else 1)
+    return largest if plan.method.name != "dataflow" else whole
+
+
+def _sources_on(config: RunConfig) -> str:
+    """Where the workers keep their sources: what the config says; on a CPU worker the host is
+    its device."""
+    gpu = config.device.startswith("cuda") or (
+        config.device == "auto" and torch.cuda.is_available()
+    )
+    return config.sources if gpu else "device"
 
 
 def _max_layers(space: SearchSpace) -> Optional[int]:
@@ -109,7 +155,8 @@ def check_fits(footprint: Footprint, config: RunConfig) -> Optional[str]:
             return None
         free, _ = torch.cuda.mem_get_info()
         per_device = max(1, int(1 / config.gpus_per_worker + 1e-9)) if config.pool == "ray" else 1
-        where, need, have = "each GPU", footprint.peak * per_device, free
+        worker = footprint.peak if footprint.sources_on == "device" else footprint.reserve
+        where, need, have = "each GPU", worker * per_device, free
     else:
         import psutil
 
@@ -129,10 +176,21 @@ def check_fits(footprint: Footprint, config: RunConfig) -> Optional[str]:
     )
 
 
-def announce(config: RunConfig, space: SearchSpace) -> str:
-    """The footprint line a run prints first; raises when the workers cannot fit."""
+def announce(config: RunConfig, space: SearchSpace) -> Footprint:
+    """The footprint whose line a run prints first; raises when the workers cannot fit."""
     footprint = predict(config, space)
     problem = check_fits(footprint, config)
     if problem:
         raise EvomergeError(problem)
-    return footprint.describe()
+    return footprint
+
+
+def sources_placement(setting: str, device: torch.device, sources: int, reserve: int) -> str:
+    """Where a worker keeps its sources: `device` or `host`; `auto` is the device when the
+    sources, the live model and the merge temporaries fit its free memory with headroom."""
+    if setting != "auto":
+        return setting
+    if device.type != "cuda":
+        return "device"  # a CPU worker's host memory is its device
+    free, _ = torch.cuda.mem_get_info(device)
+    return "device" if sources + reserve <= HEADROOM * free else "host"

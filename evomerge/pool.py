@@ -68,9 +68,10 @@ class LocalPool:
         pass
 
 
-def make_pool(config: RunConfig) -> Pool:
+def make_pool(config: RunConfig, reserve_bytes: int = 0) -> Pool:
     """Ray actors (embedded Ray, or the cluster at ray_address / RAY_ADDRESS), or one
-    in-process evaluator with `pool: local`."""
+    in-process evaluator with `pool: local`. `reserve_bytes`: the device memory a worker needs
+    besides its sources (live model, merge temporaries), for `sources: auto`."""
     kwargs = {
         "refs": list(dict.fromkeys(config.models.values())),
         "fitness": config.fitness.model_dump(mode="json"),
@@ -78,6 +79,9 @@ def make_pool(config: RunConfig) -> Pool:
         "allow_pickle": config.allow_pickle,
         "trust_remote_code": config.trust_remote_code,
         "score_dtype": config.score_dtype,
+        "sources_on": config.sources,
+        "reserve_bytes": reserve_bytes,
+        "chunk_bytes": config.merge_chunk_mib * 2**20,
     }
     if config.pool == "local":
         return LocalPool(Evaluator(**kwargs, threads=config.threads_per_worker))

@@ -171,18 +171,32 @@ def prepare(config: RunConfig) -> tuple[RunConfig, SearchSpace]:
     resolved.baselines = [
         BaselineSpec(name=name, recipe=yaml.safe_load(recipe)) for name, recipe in baselines.items()
     ]
+    # workers load only what some candidate or baseline merges (and the base): a `models:` entry
+    # nothing reaches costs no memory, and is not scored as a source
+    reached = {*space.model_names(), *([config.base_model] if config.base_model else [])}
+    reached_refs = {ref for recipe in baselines.values() for ref in recipe_refs(recipe)}
+    resolved.models = {
+        name: ref for name, ref in models.items() if name in reached or ref in reached_refs
+    }
     optimizer_for(resolved, space)  # bad optimizer names and options fail here
     check_fitness(resolved)
     return resolved, space
 
 
-def _extra_sources(recipe: str, source) -> dict[str, ModelSource]:
-    """Models a baseline recipe names that are not the run's own (opened, headers only)."""
+def recipe_refs(recipe: str) -> list[str]:
+    """The model references (folders or hub names) a recipe's merge reads."""
     data = Recipe.from_yaml_text(recipe)
     refs = [m.model for m in data.models or [] if not isinstance(data.models, dict)]
+    if isinstance(data.models, dict):
+        refs += [ref for ref in data.models.values() if isinstance(ref, str)]
     refs += [p.model for s in data.slices or [] for p in s.sources]
     refs += [data.base_model] if data.base_model else []
-    return {ref: source(ref) for ref in refs}
+    return list(dict.fromkeys(refs))
+
+
+def _extra_sources(recipe: str, source) -> dict[str, ModelSource]:
+    """Models a baseline recipe names that are not the run's own (opened, headers only)."""
+    return {ref: source(ref) for ref in recipe_refs(recipe)}
 
 
 def check_space_recipes(space: SearchSpace, sources: dict[str, ModelSource]) -> None:

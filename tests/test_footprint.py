@@ -49,3 +49,27 @@ def test_a_run_prints_its_footprint_and_one_that_cannot_fit_stops(
     )
     assert "has 0.00 GiB free" in line and "fewer workers" in line
     assert not (tmp_path / "scarce").exists()  # nothing half-made
+
+
+def test_only_the_models_a_run_can_merge_are_loaded_and_scored(llama, tmp_path, capsys):
+    """A `models:` entry that no candidate and no baseline merges costs a worker no memory."""
+    data = run_config(llama, budget=2)
+    data["models"]["unused"] = str(llama["ft2"])
+    data["search_space"]["models"] = ["a", "b"]
+    resolved, space = prepare(RunConfig.from_dict(data))
+    assert sorted(resolved.models) == ["a", "b", "base"]
+    shown = predict(RunConfig.from_dict(data), space).sources
+    assert predict(resolved, space).sources == shown * 3 // 4  # four equal models, three held
+
+    data["baselines"] = [{"name": "with_unused", "preset": "average"}]  # every model: reached
+    assert sorted(prepare(RunConfig.from_dict(data))[0].models) == ["a", "b", "base", "unused"]
+
+    data.pop("baselines")
+    config = write(tmp_path, data)
+    assert main(["run", str(config), "--out", str(tmp_path / "run"), "--quiet"]) == 0
+    assert "not loaded or scored (no candidate or baseline merges them): unused" in (
+        capsys.readouterr().err
+    )
+    from evomerge.store import RunStore
+
+    assert sorted(RunStore.open(tmp_path / "run").sources()) == ["a", "b", "base"]

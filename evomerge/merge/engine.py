@@ -7,7 +7,7 @@ import os
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from tqdm.auto import tqdm
@@ -16,7 +16,16 @@ from evomerge.errors import EvomergeError
 from evomerge.merge.io import ModelSource, ShardedWriter, copy_tokenizer
 from evomerge.merge.live import unwritten
 from evomerge.merge.memory import keep_freed_memory
-from evomerge.merge.ops import MergePlan, merge_tensor
+from evomerge.merge.ops import (
+    CHUNK_BYTES,
+    Fetch,
+    MergePlan,
+    TensorOp,
+    fetch_inputs,
+    merge_tensor,
+    merge_whole,
+    row_chunks,
+)
 from evomerge.merge.plan import build_plan
 from evomerge.recipe import Recipe
 
@@ -47,6 +56,7 @@ def merge_to_disk(
     progress: bool = True,
     recipe_dir: Optional[Path] = None,
     extra_files: Optional[dict[str, str]] = None,
+    chunk_bytes: Optional[int] = CHUNK_BYTES,
 ) -> Path:
     """Materialize a recipe as a Hugging Face folder; nothing lands at `out` unless it succeeds."""
     out = Path(out)
@@ -70,7 +80,15 @@ def merge_to_disk(
         fetch = lambda model, name: plan.sources[model].get(name)  # noqa: E731
         bar = tqdm(plan.ops, desc="merging", unit="tensor", disable=not progress)
         for op in bar:
-            tensor = merge_tensor(op, plan.method, fetch, dev, recipe.seed, inputs_are_private=True)
+            tensor = merge_whole(
+                op,
+                plan.method,
+                fetch,
+                dev,
+                recipe.seed,
+                inputs_are_private=True,
+                chunk_bytes=chunk_bytes,
+            )
             writer.write(op.name, tensor)
             del tensor
         writer.finish()
@@ -139,8 +157,10 @@ def load_source_tensors(
     sources: Mapping[str, ModelSource],
     device: torch.device | str,
     dtype: Optional[torch.dtype] = None,
+    pin: bool = False,
 ) -> dict[str, dict[str, torch.Tensor]]:
-    """Every tensor of every source, once, on `device` (optionally cast to `dtype`)."""
+    """Every tensor of every source, once, on `device` (optionally cast to `dtype`); `pin`:
+    in page-locked host memory, so copies to a GPU can run while it computes."""
     loaded = {}
     for ref, source in sources.items():
         if not isinstance(source, ModelSource):
@@ -148,18 +168,52 @@ def load_source_tensors(
         tensors = {}
         for name in source.index:
             t = source.get(name)
-            tensors[name] = t.to(
-                device=device, dtype=dtype if dtype and t.is_floating_point() else t.dtype
-            )
+            t = t.to(device=device, dtype=dtype if dtype and t.is_floating_point() else t.dtype)
+            tensors[name] = t.pin_memory() if pin else t
         source.close()
         loaded[ref] = tensors
     return loaded
 
 
+class Stager:
+    """Brings the inputs of the next piece of a merge to the device while the current one is
+    merged (sources held on the host): on a GPU the copies run on a side stream from pinned
+    memory, so transfer and math overlap; elsewhere the inputs are used where they are."""
+
+    def __init__(self, fetch: Fetch, device: torch.device, copy: bool) -> None:
+        self.fetch, self.device = fetch, device
+        self.copy = copy and device.type != "cpu"
+        self.stream = torch.cuda.Stream(device) if self.copy and device.type == "cuda" else None
+
+    def start(self, op: TensorOp, rows: Optional[slice]) -> tuple[list[torch.Tensor], Any]:
+        raw = fetch_inputs(op, self.fetch, rows)
+        if not self.copy:
+            return raw, None
+        if self.stream is None:
+            return [t.to(self.device) for t in raw], None
+        with torch.cuda.stream(self.stream):
+            moved = [t.to(self.device, non_blocking=True) for t in raw]
+            return moved, self.stream.record_event()
+
+    def take(self, staged: tuple[list[torch.Tensor], Any]) -> list[torch.Tensor]:
+        tensors, ready = staged
+        if ready is not None:
+            current = torch.cuda.current_stream(self.device)
+            current.wait_event(ready)
+            for t in tensors:  # made on the side stream, used and freed on this one
+                t.record_stream(current)
+        return tensors
+
+
 def merge_into_model(
-    plan: MergePlan, tensors: Mapping[str, Mapping[str, torch.Tensor]], model: torch.nn.Module
+    plan: MergePlan,
+    tensors: Mapping[str, Mapping[str, torch.Tensor]],
+    model: torch.nn.Module,
+    chunk_bytes: Optional[int] = CHUNK_BYTES,
 ) -> None:
-    """Write every merged tensor of `plan` into `model`'s existing parameters, in place."""
+    """Write every merged tensor of `plan` into `model`'s existing parameters, in place: large
+    tensors in row chunks where the method allows, sources held on the host brought over piece
+    by piece, the next piece's copy overlapping the current piece's math."""
     targets = dict(model.named_parameters(remove_duplicate=False))
     targets.update(dict(model.named_buffers(remove_duplicate=False)))
     missing = [op.name for op in plan.ops if op.name not in targets]
@@ -174,6 +228,12 @@ def merge_into_model(
             "tensor(s) unwritten): its sources lack that tensor; merge models whose "
             "checkpoints hold every tensor of their architecture"
         )
+    for op in plan.ops:
+        if tuple(targets[op.name].shape) != op.shape:
+            raise EvomergeError(
+                f"live model's {op.name} has shape {list(targets[op.name].shape)}, "
+                f"the recipe gives {list(op.shape)}"
+            )
 
     def fetch(model_ref: str, name: str) -> torch.Tensor:
         held = tensors.get(model_ref)
@@ -182,20 +242,29 @@ def merge_into_model(
         return plan.sources[model_ref].make(name, fetch, device)  # a nested recipe's tensor
 
     device = next(iter(targets.values())).device
+    on_host = any(t.device != device for held in tensors.values() for t in held.values())
+    pieces = [(op, rows) for op in plan.ops for rows in row_chunks(op, plan.method, chunk_bytes)]
+    stager = Stager(fetch, device, copy=on_host)
     keep_freed_memory()
     with torch.no_grad():
-        for op in plan.ops:
+        staged = stager.start(*pieces[0]) if pieces else None
+        for i, (op, rows) in enumerate(pieces):
+            raw = stager.take(staged)
+            if i + 1 < len(pieces):
+                staged = stager.start(*pieces[i + 1])
             target = targets[op.name]
-            if tuple(target.shape) != op.shape:
-                raise EvomergeError(
-                    f"live model's {op.name} has shape {list(target.shape)}, "
-                    f"the recipe gives {list(op.shape)}"
-                )
             merged = merge_tensor(
-                op, plan.method, fetch, target.device, plan.recipe.seed, inputs_are_private=False
+                op,
+                plan.method,
+                fetch,
+                target.device,
+                plan.recipe.seed,
+                inputs_are_private=stager.copy,
+                rows=rows,
+                raw=raw,
             )
-            target.copy_(merged)
-            del merged
+            (target if rows is None else target[rows]).copy_(merged)
+            del merged, raw
 
 
 def plan_for(recipe: Recipe, sources: Mapping[str, ModelSource]) -> MergePlan:

@@ -65,6 +65,9 @@ class Method:
     max_non_base: Optional[int] = None
     stochastic: bool = False
     reference: str = ""
+    # true when, with these shared parameters, each output entry depends on the same entry of
+    # the inputs alone: such a tensor may be merged in row chunks with a bit-equal result
+    entrywise: Callable[[dict[str, Any]], bool] = lambda shared: False
     param_index: dict[str, Param] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -586,6 +589,12 @@ for _name, _sparse, _consensus, _norm, _rescale, _extra, _ref in (
             base="required",
             stochastic=_sparse in ("random", "della"),
             reference=_ref,
+            # magnitude and rank pruning look at the whole tensor, and so does L1 rescaling
+            entrywise=(lambda shared: True)
+            if _sparse is None
+            else (lambda shared: not shared.get("rescale", False))
+            if _sparse == "random"
+            else (lambda shared: False),
         )
     )
 
@@ -598,6 +607,7 @@ register(
             Param("normalize", bool, "shared", True),
         ),
         reference="arXiv:2203.05482",
+        entrywise=lambda shared: True,
     )
 )
 register(
@@ -646,7 +656,15 @@ register(
         reference="arXiv:2408.07990",
     )
 )
-register(Method("passthrough", passthrough, (Param("scale", float, "input", None),), max_inputs=1))
+register(
+    Method(
+        "passthrough",
+        passthrough,
+        (Param("scale", float, "input", None),),
+        max_inputs=1,
+        entrywise=lambda shared: True,
+    )
+)
 register(
     Method(
         "nearswap",
@@ -656,6 +674,7 @@ register(
         min_inputs=2,
         max_inputs=2,
         reference="huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001",
+        entrywise=lambda shared: True,
     )
 )
 register(Method("arcee_fusion", arcee_fusion, (), base="required", min_inputs=2, max_inputs=2))

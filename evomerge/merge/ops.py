@@ -8,6 +8,7 @@ bottom-up: methods -> ops -> nested / dataflow -> plan -> engine.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ LAYER_NAME = re.compile(r"^(?P<prefix>(?:.*\.)?(?:layers|h|blocks)\.)(?P<index>\
 POST_NAME = re.compile(r"(^|\.)(lm_head|norm|ln_f|final_layernorm|final_layer_norm|final_norm)\.")
 
 Fetch = Callable[[str, str], torch.Tensor]  # (source key, tensor name) -> tensor
+CHUNK_BYTES = 256 * 2**20  # default cap on one input's fp32 piece of a large tensor's merge
 
 
 def split_layer_name(name: str) -> Optional[tuple[str, int, str]]:
@@ -92,6 +94,29 @@ class MergePlan:
             source.close()
 
 
+def row_chunks(op: TensorOp, method: Method, chunk_bytes: Optional[int]) -> list[Optional[slice]]:
+    """The pieces `op` is merged in: [None] (the whole tensor at once), or row ranges whose fp32
+    inputs hold at most `chunk_bytes` each when the method works entry by entry (a method that
+    looks at the whole tensor, such as a magnitude top-k, is always merged whole)."""
+    if (
+        not chunk_bytes
+        or op.copy_only
+        or len(op.shape) == 0
+        or math.prod(op.shape) * 4 <= chunk_bytes
+        or not method.entrywise(op.shared)
+    ):
+        return [None]
+    rows = max(1, chunk_bytes // (math.prod(op.shape[1:]) * 4))
+    return [slice(lo, min(lo + rows, op.shape[0])) for lo in range(0, op.shape[0], rows)]
+
+
+def fetch_inputs(op: TensorOp, fetch: Fetch, rows: Optional[slice] = None) -> list[torch.Tensor]:
+    """The op's input tensors (or the rows of them that one piece merges), wherever they are
+    held."""
+    raw = [fetch(model, name) for model, name in op.inputs]
+    return raw if rows is None else [t[rows] for t in raw]
+
+
 def merge_tensor(
     op: TensorOp,
     method: Method,
@@ -99,10 +124,14 @@ def merge_tensor(
     device: torch.device,
     seed: int,
     inputs_are_private: bool,
+    rows: Optional[slice] = None,
+    raw: Optional[list[torch.Tensor]] = None,
 ) -> torch.Tensor:
-    """One output tensor, in its output dtype, on `device` (`inputs_are_private`: the fetched
-    tensors are the caller's to overwrite, so the method may work in them)."""
-    raw = [fetch(model, name) for model, name in op.inputs]
+    """One output tensor (or its `rows`), in its output dtype, on `device`
+    (`inputs_are_private`: the fetched tensors are the caller's to overwrite, so the method may
+    work in them; `raw`: the inputs, already fetched)."""
+    if raw is None:
+        raw = fetch_inputs(op, fetch, rows)
     if op.copy_only:
         return raw[op.base_index or 0].to(device)
     work = [r.to(device=device, dtype=torch.float32) for r in raw]
@@ -110,6 +139,31 @@ def merge_tensor(
     del raw
     base = work[op.base_index] if op.base_index is not None else None
     others = [w for i, w in enumerate(work) if i != op.base_index]
-    rng = TensorRng(seed, op.name) if method.stochastic else None
+    rng = None
+    if method.stochastic:  # a chunk's draws are the ones its entries get in the whole tensor
+        start = 0 if rows is None else rows.start * math.prod(op.shape[1:])
+        rng = TensorRng(seed, op.name, start=start)
     merged = method.fn(MergeInputs(base, others, op.shared, op.per_input, rng, scratch))
     return merged.to(op.out_dtype)
+
+
+def merge_whole(
+    op: TensorOp,
+    method: Method,
+    fetch: Fetch,
+    device: torch.device,
+    seed: int,
+    inputs_are_private: bool,
+    chunk_bytes: Optional[int] = None,
+) -> torch.Tensor:
+    """One output tensor, merged in row chunks where the method allows and the tensor is larger
+    than `chunk_bytes`, so merge temporaries stay bounded; the result is the same either way."""
+    pieces = row_chunks(op, method, chunk_bytes)
+    if pieces == [None]:
+        return merge_tensor(op, method, fetch, device, seed, inputs_are_private)
+    whole = fetch_inputs(op, fetch)  # read once (a disk read is of the whole tensor)
+    out = torch.empty(op.shape, dtype=op.out_dtype, device=device)
+    for rows in pieces:
+        raw = [t[rows] for t in whole]
+        out[rows] = merge_tensor(op, method, fetch, device, seed, inputs_are_private, rows, raw)
+    return out

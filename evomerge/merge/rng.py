@@ -84,10 +84,13 @@ def _halves(x: np.ndarray) -> np.ndarray:
 class TensorRng:
     """16-bit draws for one tensor; each call continues the same stream where the last ended."""
 
-    def __init__(self, recipe_seed: int, tensor_name: str, stream: str = "") -> None:
+    def __init__(
+        self, recipe_seed: int, tensor_name: str, stream: str = "", start: int = 0
+    ) -> None:
         self.seed = tensor_seed(recipe_seed, tensor_name, stream)
         self.keys = (self.seed & MASK32, (self.seed >> 32) & MASK32)
-        self.position = 0  # draws consumed so far
+        # draws consumed so far; a row chunk of a tensor starts at its first element's draw
+        self.start = self.position = start
 
     def _chunks(
         self, count: int, device: torch.device, use_numpy: Optional[bool] = None
@@ -149,4 +152,4 @@ class TensorRng:
 
     def fork(self, label: str) -> TensorRng:
         """An independent stream for the next input of the same tensor."""
-        return TensorRng(self.seed, label)
+        return TensorRng(self.seed, label, start=self.start)

@@ -35,6 +35,11 @@ class SearchSpace(ABC):
         may start: the start, and wherever a space can reach values a merge method refuses."""
         return [("the start genome", self, self.initial())]
 
+    @abstractmethod
+    def model_names(self) -> list[str]:
+        """The run's models (by name) that some genome of this space merges: a worker loads
+        these and no others."""
+
     def source_genomes(self) -> list[tuple[str, np.ndarray]]:
         """(run model name, genome) for each source model this space expresses exactly: the
         genome's merge is that model, unchanged. The run starts its search from them."""

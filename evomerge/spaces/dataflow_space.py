@@ -87,6 +87,9 @@ class DataflowSpace(SearchSpace):
         depth = dict(self.genome.models)[name]
         return self.genome.encode([PathStep(model=name, layer=k) for k in range(depth)])
 
+    def model_names(self) -> list[str]:
+        return [n for n in dict.fromkeys([*self.spec.models, self.embed_from]) if n != MERGED]
+
     def source_genomes(self) -> list[tuple[str, np.ndarray]]:
         """A path keeps the embeddings, final norm and head of `embed_from`, so only that model
         is a source here: its own layers, in order, unscaled."""
@@ -151,6 +154,12 @@ class CombinedSpace(SearchSpace):
 
     def initial(self) -> np.ndarray:
         return np.concatenate([self.ps.initial(), self.dfs.initial()])
+
+    def model_names(self) -> list[str]:
+        names = self.dfs.model_names()
+        if MERGED in self.dfs.spec.models or self.dfs.embed_from == MERGED:
+            names += self.ps.model_names()
+        return list(dict.fromkeys(names))
 
     def must_plan(self) -> list[tuple[str, SearchSpace, np.ndarray]]:
         return [*super().must_plan(), *self.ps.must_plan()[1:]]  # the PS ranges' ends

@@ -155,6 +155,9 @@ class ParameterSpace(SearchSpace):
     def initial(self) -> np.ndarray:
         return np.array([self.spec.parameters[p].start for _, p, _, _ in self._genes()])
 
+    def model_names(self) -> list[str]:
+        return [*([self.base] if self.base is not None else []), *self.models]
+
     def must_plan(self) -> list[tuple[str, SearchSpace, np.ndarray]]:
         low, high = self.bounds()
         return [
