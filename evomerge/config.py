@@ -65,6 +65,9 @@ class PythonFitness(BaseModel):
     kind: Literal["python"] = "python"
     function: str = Field(pattern=r"^[\w.]+:\w+$")
     options: dict[str, Any] = Field(default_factory=dict)  # passed as keyword arguments
+    # the folder the module is imported from besides the current one: the run config's, when
+    # the module sits next to it (set on load); on a cluster it is shipped to every node
+    path: Optional[str] = None
 
 
 class HeldOut(BaseModel):
@@ -269,6 +272,12 @@ class RunConfig(BaseModel):
                     spec.recipe = _beside(spec.recipe, base_dir)
             if isinstance(config.fitness, LmEvalFitnessSpec) and config.fitness.include_path:
                 config.fitness.include_path = _beside(config.fitness.include_path, base_dir)
+            if isinstance(config.fitness, PythonFitness) and config.fitness.path is None:
+                top = config.fitness.function.partition(":")[0].split(".")[0]
+                beside = [base_dir / top, base_dir / f"{top}.py"]
+                here = [Path(top), Path(f"{top}.py")]
+                if any(p.exists() for p in beside) and not any(p.exists() for p in here):
+                    config.fitness.path = str(base_dir.resolve())
         return config
 
 

@@ -64,7 +64,7 @@ def make_fitness(spec: dict[str, Any]) -> Callable[..., Any]:
 
         options = {k: v for k, v in spec.items() if k not in ("kind", "held_out", "fidelity")}
         return LmEvalFitness(**options)
-    fn = load_callable(spec["function"])
+    fn = load_callable(spec["function"], (Path(spec["path"]),) if spec.get("path") else ())
     options = spec.get("options") or {}
     return lambda model, tokenizer: fn(model, tokenizer, **options)
 

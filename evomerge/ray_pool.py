@@ -16,6 +16,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
+import tempfile
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -25,6 +27,7 @@ from typing import Any, Optional
 from evomerge.errors import EvomergeError
 from evomerge.evaluator import Evaluator, Outcome
 from evomerge.optim import Candidate
+from evomerge.shipping import stage
 
 log = logging.getLogger("evomerge")
 MAX_ATTEMPTS = 3  # dispatches of one candidate whose worker died before it is recorded failed
@@ -51,17 +54,22 @@ class Job:
         return (self.candidate, self.recipe, self.held_out, attempt, self.docs)
 
 
-def start_ray(address: Optional[str]) -> bool:
-    """Connect to `address` (or RAY_ADDRESS), else start Ray on this machine. True if started
-    here. Token authentication is left as Ray configures it (on for local clusters)."""
+def start_ray(address: Optional[str], working_dir: Optional[Path] = None) -> bool:
+    """Connect to `address` (or RAY_ADDRESS), else start Ray on this machine. True if this call
+    connected (the pool disconnects when it closes; a cluster it connected to keeps running). `working_dir`: files every node's workers get (Ray ships a local folder only for a
+    whole job, so it is given here). Token authentication is left as Ray configures it (on for
+    local clusters)."""
     import ray
 
     if ray.is_initialized():
         return False
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, logging_level=logging.ERROR, log_to_driver=False)
-        return False
+        env = {"working_dir": str(working_dir)} if working_dir is not None else None
+        ray.init(
+            address=address, logging_level=logging.ERROR, log_to_driver=False, runtime_env=env
+        )
+        return True
     # local workers import the fitness module from the folder the run was started in
     path = os.environ.get("PYTHONPATH", "")
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(Path.cwd()), path) if p)
@@ -129,7 +137,11 @@ class RayPool:
         import ray
 
         self.ray = ray
-        self.started_ray = start_ray(address)
+        self.worker_kwargs = dict(worker_kwargs)
+        self.shipped: Optional[Path] = None
+        if address or os.environ.get("RAY_ADDRESS"):  # other machines: send the fitness along
+            self._ship()
+        self.connected = start_ray(address, self.shipped)
         nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
         gpus = sum(node.get("GPU", 0) for node in nodes)
         self.use_gpu = gpus >= 1 and worker_kwargs.get("device", "auto") in ("auto", "cuda")
@@ -150,7 +162,6 @@ class RayPool:
         if problem:  # Ray would keep them pending for ever: say so before starting any
             self.close()
             raise EvomergeError(problem)
-        self.worker_kwargs = dict(worker_kwargs)
         if self.use_gpu:
             self.worker_kwargs["device"] = "cuda"
         self.env = dict(env or {})
@@ -167,6 +178,17 @@ class RayPool:
         except BaseException:
             self.close()
             raise
+
+    def _ship(self) -> None:
+        """Stage the fitness module or task folder for Ray to send to every node (as the
+        job's working dir); the fitness spec the actors get points into it."""
+        root = Path(tempfile.mkdtemp(prefix="evomerge-ship-"))
+        staged, spec = stage(self.worker_kwargs["fitness"], root)
+        if not staged:
+            shutil.rmtree(root, ignore_errors=True)
+            return
+        self.shipped = root
+        self.worker_kwargs["fitness"] = spec
 
     def _spawn(self, slot: int) -> Any:
         self.generation += 1
@@ -337,5 +359,8 @@ class RayPool:
             with contextlib.suppress(Exception):  # already gone
                 self.ray.kill(actor, no_restart=True)
         self.actors = []
-        if self.started_ray:
+        if getattr(self, "shipped", None) is not None:
+            shutil.rmtree(self.shipped, ignore_errors=True)
+            self.shipped = None
+        if self.connected:
             self.ray.shutdown()

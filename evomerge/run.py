@@ -128,6 +128,8 @@ def prepare(config: RunConfig) -> tuple[RunConfig, SearchSpace]:
         for name, ref in config.models.items()
     }
     fitness = config.fitness
+    if isinstance(fitness, PythonFitness) and fitness.path:
+        fitness = fitness.model_copy(update={"path": str(Path(fitness.path).resolve())})
     if not isinstance(fitness, PythonFitness) and fitness.include_path:
         include = Path(fitness.include_path)
         fitness = fitness.model_copy(
@@ -217,7 +219,7 @@ def check_fitness(config: RunConfig) -> None:
     unknown lm-eval task or task folder."""
     fitness = config.fitness
     if isinstance(fitness, PythonFitness):
-        load_callable(fitness.function)
+        load_callable(fitness.function, (Path(fitness.path),) if fitness.path else ())
         return
     if fitness.include_path and not Path(fitness.include_path).is_dir():
         raise EvomergeError(f"field 'fitness.include_path': {fitness.include_path} is not a folder")
