@@ -1,6 +1,7 @@
 """Candidate turnaround on a ~100M-parameter model: the worker's in-place materialization
-against writing the merge to disk and loading it back (mergekit-evolve's default path), and
-both as a fraction of one lm-eval evaluation of the candidate.
+against mergekit's in-memory path (mergekit-evolve --in-memory: its planner and executor
+writing into a live model), against writing the merge to disk and loading it back
+(mergekit-evolve's default path), and each as a fraction of one lm-eval evaluation.
 
     python benchmarks/turnaround.py [--repeats 3] [--docs 200] [--out results/bench]
 """
@@ -38,6 +39,47 @@ def write_task(folder: Path, docs: int) -> Path:
             }
             f.write(json.dumps(doc) + "\n")
     return folder
+
+
+class MergekitInMemory:
+    """mergekit-evolve's `--in-memory` path without its lm-eval part: plan the merge with
+    mergekit's planner and executor and copy each tensor into one live model it keeps."""
+
+    def __init__(self, mergekit_yaml: str) -> None:
+        import yaml
+        from mergekit.architecture import arch_info_for_config
+        from mergekit.config import MergeConfiguration
+        from mergekit.merge import _model_out_config
+        from mergekit.options import MergeOptions
+        from transformers import AutoModelForCausalLM
+
+        self.config = MergeConfiguration.model_validate(yaml.safe_load(mergekit_yaml))
+        self.info = arch_info_for_config(self.config.base_model.config())
+        self.out_config = _model_out_config(self.config, self.info)
+        self.options = MergeOptions(device="cpu", allow_crimes=True)
+        self.model = AutoModelForCausalLM.from_config(self.out_config).eval()
+        self.params = dict(self.model.named_parameters())
+
+    def materialize(self) -> None:
+        from mergekit.graph import Executor
+        from mergekit.plan import MergePlanner
+
+        from mergekit.io.tasks import ReturnTensor
+
+        planner = MergePlanner(self.config, self.info, self.options, self.out_config)
+        # plan_in_memory() itself, less the pydantic validation of ReturnTensor that fails on
+        # mergekit 0.1.5 with current pydantic ("Can't instantiate abstract class Task")
+        planner._plan()
+        tasks = [
+            ReturnTensor.model_construct(
+                weight_info=w, tensor_task=t, dtype=w.force_dtype or self.config.out_dtype
+            )
+            for w, t in planner._tensors
+        ]
+        executor = Executor(tasks, math_device="cpu", storage_device="cpu")
+        with torch.no_grad():
+            for task, value in executor.run(quiet=True):
+                self.params[task.weight_info.name].data.copy_(value)
 
 
 def main() -> None:
@@ -90,10 +132,15 @@ def main() -> None:
             "batch_size": 16,
         }
         worker = Evaluator([str(models[k]) for k in ("base", "ft0", "ft1")], fitness, device="cpu")
-        in_place, disk, evaluation, mergekit = [], [], [], []
+        in_place, disk, evaluation, mergekit, mergekit_memory = [], [], [], [], []
         mergekit_cli = Path(sys.executable).with_name("mergekit-yaml")
         (tmp / "mergekit.yml").write_text(recipe.to_mergekit_yaml())
+        peer = MergekitInMemory(recipe.to_mergekit_yaml()) if mergekit_cli.exists() else None
         for _ in range(args.repeats):
+            if peer is not None:  # its live model built once, like the worker's
+                start = time.perf_counter()
+                peer.materialize()
+                mergekit_memory.append(time.perf_counter() - start)
             start = time.perf_counter()
             model, tokenizer = worker.materialize(recipe)
             in_place.append(time.perf_counter() - start)
@@ -126,6 +173,10 @@ def main() -> None:
         k: statistics.median(v)
         for k, v in (("in_place_s", in_place), ("disk_s", disk), ("evaluation_s", evaluation))
     }
+    if mergekit_memory:
+        row["mergekit_in_memory_s"] = statistics.median(mergekit_memory)
+        row["mergekit_in_memory_speedup"] = row["mergekit_in_memory_s"] / row["in_place_s"]
+        row["mergekit_in_memory_fraction"] = row["mergekit_in_memory_s"] / row["evaluation_s"]
     if mergekit:
         row["mergekit_disk_s"] = statistics.median(mergekit)
         row["mergekit_speedup"] = row["mergekit_disk_s"] / row["in_place_s"]
@@ -149,6 +200,12 @@ def main() -> None:
         f"| evomerge merge to disk + reload | {row['disk_s']:.2f} | {row['speedup']:.1f}x | "
         f"{row['disk_fraction']:.1%} |",
     ]
+    if mergekit_memory:
+        lines.append(
+            f"| mergekit planner + executor into a live model (mergekit-evolve --in-memory) "
+            f"| {row['mergekit_in_memory_s']:.2f} | {row['mergekit_in_memory_speedup']:.1f}x "
+            f"| {row['mergekit_in_memory_fraction']:.1%} |"
+        )
     if mergekit:
         lines.append(
             f"| mergekit-yaml + reload (mergekit-evolve) | {row['mergekit_disk_s']:.2f} "

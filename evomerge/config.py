@@ -167,8 +167,9 @@ class RunConfig(BaseModel):
     # Ray actors; default: one per GPU of the cluster, else one per threads_per_worker CPUs
     workers: Optional[int] = Field(default=None, gt=0)
     threads_per_worker: Optional[int] = Field(default=None, gt=0)  # CPU actors; default 2
-    # GPUs each worker reserves on a GPU cluster: 0.5 puts two small-model workers on a GPU
-    gpus_per_worker: float = Field(default=1.0, gt=0, le=1)
+    # GPUs each worker reserves on a GPU cluster: 0.5 puts two small-model workers on a GPU;
+    # 2 or more (whole) spreads one worker's live model over that many GPUs of a node
+    gpus_per_worker: float = Field(default=1.0, gt=0)
     # seconds to wait for Ray to place every worker (and for it to load its sources) before the
     # run ends with what was asked and what the cluster has
     placement_timeout: float = Field(default=600.0, gt=0)
@@ -210,6 +211,11 @@ class RunConfig(BaseModel):
 
     @model_validator(mode="after")
     def _names(self) -> RunConfig:
+        if self.gpus_per_worker > 1 and self.gpus_per_worker != int(self.gpus_per_worker):
+            raise ValueError(
+                f"gpus_per_worker {self.gpus_per_worker:g}: above 1 a worker takes whole GPUs; "
+                "use 0 < x <= 1 to share a GPU, or a whole number to span several"
+            )
         if self.base_model is not None and self.base_model not in self.models:
             raise ValueError(f"base_model {self.base_model!r} is not a key of 'models'")
         names = [o.name for o in self.objectives]

@@ -96,10 +96,16 @@ class Evaluator:
         sources_on: str = "auto",
         reserve_bytes: int = 0,
         chunk_bytes: Optional[int] = CHUNK_BYTES,
+        gpus: float = 1.0,
     ) -> None:
         if threads:
             torch.set_num_threads(threads)
         self.device = pick_device(device)
+        # a worker given several GPUs spreads its live model's layers over them
+        self.devices = [self.device]
+        if self.device.type == "cuda" and gpus >= 2:
+            count = min(int(gpus), torch.cuda.device_count())
+            self.devices = [torch.device("cuda", i) for i in range(count)]
         try:  # on a cluster each node resolves the paths (and hub names, via its own cache)
             self.sources = {ref: ModelSource(ref, allow_pickle=allow_pickle) for ref in refs}
         except EvomergeError as exc:
@@ -142,6 +148,7 @@ class Evaluator:
                 self.device,
                 getattr(torch, str(dtype).removeprefix("torch.")),
                 self.trust_remote_code,
+                self.devices,
             )
             self.model_key = key
         return self.model

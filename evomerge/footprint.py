@@ -155,7 +155,11 @@ def check_fits(footprint: Footprint, config: RunConfig) -> Optional[str]:
             return None
         free, _ = torch.cuda.mem_get_info()
         per_device = max(1, int(1 / config.gpus_per_worker + 1e-9)) if config.pool == "ray" else 1
-        worker = footprint.peak if footprint.sources_on == "device" else footprint.reserve
+        # a worker spanning GPUs holds its sources and temporaries on the first, its live
+        # model's layers spread over all: the first is the fullest
+        span = int(config.gpus_per_worker) if config.gpus_per_worker >= 2 else 1
+        held = footprint.sources if footprint.sources_on == "device" else 0
+        worker = held + footprint.live / span + footprint.temporaries
         where, need, have = "each GPU", worker * per_device, free
     else:
         import psutil

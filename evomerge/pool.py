@@ -82,6 +82,7 @@ def make_pool(config: RunConfig, reserve_bytes: int = 0) -> Pool:
         "sources_on": config.sources,
         "reserve_bytes": reserve_bytes,
         "chunk_bytes": config.merge_chunk_mib * 2**20,
+        "gpus": config.gpus_per_worker,
     }
     if config.pool == "local":
         return LocalPool(Evaluator(**kwargs, threads=config.threads_per_worker))

@@ -56,9 +56,10 @@ class Job:
 
 def start_ray(address: Optional[str], working_dir: Optional[Path] = None) -> bool:
     """Connect to `address` (or RAY_ADDRESS), else start Ray on this machine. True if this call
-    connected (the pool disconnects when it closes; a cluster it connected to keeps running). `working_dir`: files every node's workers get (Ray ships a local folder only for a
-    whole job, so it is given here). Token authentication is left as Ray configures it (on for
-    local clusters)."""
+    connected (the pool disconnects when it closes; a cluster it connected to keeps running).
+    `working_dir`: files every node's workers get (Ray ships a local folder only for a whole
+    job, so it is given here). Token authentication is left as Ray configures it (on for local
+    clusters)."""
     import ray
 
     if ray.is_initialized():
@@ -66,9 +67,7 @@ def start_ray(address: Optional[str], working_dir: Optional[Path] = None) -> boo
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         env = {"working_dir": str(working_dir)} if working_dir is not None else None
-        ray.init(
-            address=address, logging_level=logging.ERROR, log_to_driver=False, runtime_env=env
-        )
+        ray.init(address=address, logging_level=logging.ERROR, log_to_driver=False, runtime_env=env)
         return True
     # local workers import the fitness module from the folder the run was started in
     path = os.environ.get("PYTHONPATH", "")

@@ -156,3 +156,49 @@ def test_a_worker_with_host_sources_scores_what_one_with_device_sources_does(lla
         assert worker.sources_on == where
         scores.append(worker.evaluate(recipe.to_yaml()).metrics)
     assert scores[0] == scores[1] and scores[0]
+
+
+def test_a_worker_spanning_devices_spreads_its_layers_and_scores_the_same(llama):
+    """gpus_per_worker 2+: the live model's decoder layers in contiguous runs over the devices,
+    the rest on the first, activations moved by hooks; logits equal a one-device model's (on a
+    CPU both "devices" are the CPU, with the hooks forced on)."""
+    from evomerge.merge.engine import merge_into_model
+    from evomerge.merge.live import build_live_model, spread_layers
+
+    recipe = recipe_of(llama, "task_arithmetic")
+    sources = {ref: ModelSource(ref) for ref in recipe.referenced_models()}
+    plan = plan_for(recipe, sources)
+    tensors = load_source_tensors(sources, "cpu")
+    cpu = torch.device("cpu")
+    one = build_live_model(plan.output_config(), cpu, torch.float32, False)
+    two = build_live_model(plan.output_config(), cpu, torch.float32, False, [cpu, cpu])
+    assert hasattr(two, "hf_device_map") and not hasattr(one, "hf_device_map")
+    for model in (one, two):
+        merge_into_model(plan, tensors, model)
+    ids = torch.arange(24).reshape(2, 12) % one.config.vocab_size
+    with torch.no_grad():
+        assert torch.equal(one(ids).logits, two(ids).logits)
+
+    devices = ["gpu0", "gpu1", "gpu2"]
+    depth = one.config.num_hidden_layers
+    spread = spread_layers(one, devices)
+    runs = [spread[f"model.layers.{i}"] for i in range(depth)]
+    assert runs == sorted(runs) and set(runs) == set(devices)  # contiguous runs, all used
+    outside = {k: v for k, v in spread.items() if ".layers." not in k}
+    assert set(outside.values()) == {"gpu0"} and "lm_head" in outside
+
+
+def test_gpus_per_worker_above_one_takes_whole_gpus(llama, capsys):
+    from .test_run import expect_error, write
+
+    for value, ok in ((0.5, True), (2, True), (1.5, False)):
+        data = run_config(llama, gpus_per_worker=value)
+        if ok:
+            assert RunConfig.from_dict(data).gpus_per_worker == value
+        else:
+            import tempfile
+            from pathlib import Path
+
+            folder = Path(tempfile.mkdtemp())
+            line = expect_error(["run", str(write(folder, data))], capsys, "gpus_per_worker")
+            assert "whole number" in line

@@ -176,29 +176,37 @@ def load_source_tensors(
 
 
 class Stager:
-    """Brings the inputs of the next piece of a merge to the device while the current one is
-    merged (sources held on the host): on a GPU the copies run on a side stream from pinned
-    memory, so transfer and math overlap; elsewhere the inputs are used where they are."""
+    """Brings the inputs of the next piece of a merge to its target's device while the current
+    one is merged (sources held on the host): on a GPU the copies run on a side stream from
+    pinned memory, so transfer and math overlap; inputs already on the target's device are used
+    where they are."""
 
-    def __init__(self, fetch: Fetch, device: torch.device, copy: bool) -> None:
-        self.fetch, self.device = fetch, device
-        self.copy = copy and device.type != "cpu"
-        self.stream = torch.cuda.Stream(device) if self.copy and device.type == "cuda" else None
+    def __init__(self, fetch: Fetch) -> None:
+        self.fetch = fetch
+        self.streams: dict[torch.device, Any] = {}
 
-    def start(self, op: TensorOp, rows: Optional[slice]) -> tuple[list[torch.Tensor], Any]:
+    def start(
+        self, op: TensorOp, rows: Optional[slice], device: torch.device
+    ) -> tuple[list[torch.Tensor], Any, bool]:
+        """(inputs, the event their copy completes, whether they are private copies)."""
         raw = fetch_inputs(op, self.fetch, rows)
-        if not self.copy:
-            return raw, None
-        if self.stream is None:
-            return [t.to(self.device) for t in raw], None
-        with torch.cuda.stream(self.stream):
-            moved = [t.to(self.device, non_blocking=True) for t in raw]
-            return moved, self.stream.record_event()
+        if all(t.device == device for t in raw):
+            return raw, None, False
+        if device.type != "cuda":
+            moved = [t.to(device) for t in raw]
+            return moved, None, all(m is not r for m, r in zip(moved, raw))
+        stream = self.streams.get(device)
+        if stream is None:
+            stream = self.streams[device] = torch.cuda.Stream(device)
+        with torch.cuda.stream(stream):
+            moved = [t.to(device, non_blocking=True) for t in raw]
+            private = all(m is not r for m, r in zip(moved, raw))  # none was there already
+            return moved, stream.record_event(), private
 
-    def take(self, staged: tuple[list[torch.Tensor], Any]) -> list[torch.Tensor]:
-        tensors, ready = staged
+    def take(self, staged: tuple[list[torch.Tensor], Any, bool]) -> list[torch.Tensor]:
+        tensors, ready, _ = staged
         if ready is not None:
-            current = torch.cuda.current_stream(self.device)
+            current = torch.cuda.current_stream(tensors[0].device)
             current.wait_event(ready)
             for t in tensors:  # made on the side stream, used and freed on this one
                 t.record_stream(current)
@@ -241,17 +249,18 @@ def merge_into_model(
             return held[name]
         return plan.sources[model_ref].make(name, fetch, device)  # a nested recipe's tensor
 
-    device = next(iter(targets.values())).device
-    on_host = any(t.device != device for held in tensors.values() for t in held.values())
+    device = next(iter(targets.values())).device  # a nested recipe's tensors are made here
     pieces = [(op, rows) for op in plan.ops for rows in row_chunks(op, plan.method, chunk_bytes)]
-    stager = Stager(fetch, device, copy=on_host)
+    stager = Stager(fetch)
     keep_freed_memory()
     with torch.no_grad():
-        staged = stager.start(*pieces[0]) if pieces else None
+        staged = stager.start(*pieces[0], targets[pieces[0][0].name].device) if pieces else None
         for i, (op, rows) in enumerate(pieces):
+            private = staged[2]
             raw = stager.take(staged)
             if i + 1 < len(pieces):
-                staged = stager.start(*pieces[i + 1])
+                after, after_rows = pieces[i + 1]
+                staged = stager.start(after, after_rows, targets[after.name].device)
             target = targets[op.name]
             merged = merge_tensor(
                 op,
@@ -259,7 +268,7 @@ def merge_into_model(
                 fetch,
                 target.device,
                 plan.recipe.seed,
-                inputs_are_private=stager.copy,
+                inputs_are_private=private,
                 rows=rows,
                 raw=raw,
             )

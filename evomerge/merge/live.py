@@ -9,15 +9,24 @@ be written by the candidate's plan: `unwritten` names what a plan would leave as
 
 from __future__ import annotations
 
-from typing import Any
+import re
+from collections.abc import Callable
+from typing import Any, Optional
 
 import torch
 
+LAYER = re.compile(r"^((?:.*\.)?(?:layers|h|blocks)\.(\d+))\.")  # a decoder layer's module
+
 
 def build_live_model(
-    config: dict[str, Any], device: torch.device, dtype: torch.dtype, trust_remote_code: bool
+    config: dict[str, Any],
+    device: torch.device,
+    dtype: torch.dtype,
+    trust_remote_code: bool,
+    devices: Optional[list[torch.device]] = None,
 ) -> torch.nn.Module:
-    """An uninitialised model of `config` on `device`, in `dtype`, in eval mode."""
+    """An uninitialised model of `config` on `device`, in `dtype`, in eval mode; with several
+    `devices` (a worker spanning GPUs), its decoder layers spread over them (spread_layers)."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -27,20 +36,51 @@ def build_live_model(
         model = AutoModelForCausalLM.from_config(
             cfg, trust_remote_code=trust_remote_code, dtype=dtype
         )
-    materialize_parameters(model, device)
+    spread = spread_layers(model, devices) if devices and len(devices) > 1 else None
+    materialize_parameters(model, lambda module: spread[module] if spread else device)
     model.tie_weights()  # tied embeddings share one tensor, as from_pretrained leaves them
+    if spread:
+        from accelerate import dispatch_model
+
+        # hooks move activations between devices; forced so that a one-device map still works
+        model = dispatch_model(
+            model, device_map={k: str(v) for k, v in spread.items()}, force_hooks=True
+        )
     return model.eval()
 
 
-def materialize_parameters(model: torch.nn.Module, device: torch.device) -> None:
-    """Empty storage on `device` for every meta parameter; a parameter several modules share
-    (tied embeddings) stays one tensor."""
+def spread_layers(model: torch.nn.Module, devices: list[torch.device]) -> dict[str, torch.device]:
+    """Module name -> device for a model spanning several devices: the decoder layers in
+    contiguous runs of near-equal length, one run per device in order; everything outside the
+    layers (embeddings, final norm, head: tied tensors stay together) on the first device."""
+    modules: dict[str, Optional[int]] = {}
+    for name, _ in model.named_parameters(remove_duplicate=False):
+        found = LAYER.match(name)
+        if found:
+            modules[found.group(1)] = int(found.group(2))
+        else:
+            modules[name.rpartition(".")[0]] = None
+    depth = 1 + max((i for i in modules.values() if i is not None), default=0)
+    return {
+        module: devices[0] if index is None else devices[index * len(devices) // depth]
+        for module, index in modules.items()
+    }
+
+
+def materialize_parameters(
+    model: torch.nn.Module, device_of: Callable[[str], torch.device]
+) -> None:
+    """Empty storage for every meta parameter, on the device `device_of` gives its module (or
+    the decoder layer holding it); a parameter several modules share (tied embeddings) stays
+    one tensor."""
     made: dict[int, torch.nn.Parameter] = {}
-    for module in model.modules():
+    for module_name, module in model.named_modules():
         for name, param in list(module._parameters.items()):
             if param is None or not param.is_meta:
                 continue
             if id(param) not in made:
+                found = LAYER.match(f"{module_name}.{name}")
+                device = device_of(found.group(1) if found else module_name)
                 made[id(param)] = torch.nn.Parameter(
                     torch.empty_like(param, device=device), requires_grad=False
                 )
