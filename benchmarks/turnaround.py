@@ -62,9 +62,8 @@ class MergekitInMemory:
 
     def materialize(self) -> None:
         from mergekit.graph import Executor
-        from mergekit.plan import MergePlanner
-
         from mergekit.io.tasks import ReturnTensor
+        from mergekit.plan import MergePlanner
 
         planner = MergePlanner(self.config, self.info, self.options, self.out_config)
         # plan_in_memory() itself, less the pydantic validation of ReturnTensor that fails on

@@ -19,6 +19,9 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     from evomerge.recipe import Recipe
 
     recipe = Recipe.from_yaml(args.config)
+    recipe_dir = Path(args.config).resolve().parent
+    if args.calibration:
+        recipe = _with_statistics(recipe, args, recipe_dir)
     out = merge_to_disk(
         recipe,
         Path(args.out),
@@ -27,10 +30,41 @@ def _cmd_merge(args: argparse.Namespace) -> int:
         allow_pickle=args.allow_pickle,
         shard_bytes=parse_size(args.shard_size),
         progress=not args.quiet,
-        recipe_dir=Path(args.config).resolve().parent,
+        recipe_dir=recipe_dir,
     )
     print(f"merged model written to {out}")
     return 0
+
+
+def _with_statistics(recipe, args: argparse.Namespace, recipe_dir: Path):
+    """The recipe naming statistics of its models on the calibration file, computed first
+    (each model's once: a file already computed on the same text is reused)."""
+    from evomerge.merge.engine import pick_device
+    from evomerge.merge.methods import get_method
+    from evomerge.merge.statistics import compute_for_source, read_calibration
+
+    method = get_method(recipe.merge_method)
+    if not method.statistics:
+        raise EvomergeError(
+            f"--calibration: {recipe.merge_method} reads no statistics; it is for fisher and "
+            "regmean recipes"
+        )
+    texts = read_calibration(Path(args.calibration), args.calibration_limit)
+    folder = Path(args.statistics or recipe.statistics or "statistics")
+    if not folder.is_absolute():
+        folder = (Path.cwd() if args.statistics else recipe_dir) / folder
+    refs = [m.model for m in recipe.models or []] or [
+        src.model for out in recipe.slices or [] for src in out.sources
+    ]
+    device = pick_device(args.device)
+    for ref in dict.fromkeys(refs):
+        where = (
+            ref if Path(ref).is_absolute() or not (recipe_dir / ref).exists() else recipe_dir / ref
+        )
+        compute_for_source(ref, texts, folder, device, model_path=str(where))
+        if not args.quiet:
+            print(f"statistics of {ref}: {folder}", file=sys.stderr)
+    return recipe.model_copy(update={"statistics": str(folder)})
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -191,6 +225,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     merge.add_argument("--shard-size", default="5GB", help="largest output shard (default 5GB)")
     merge.add_argument("--quiet", action="store_true", help="no progress bar")
+    merge.add_argument(
+        "--calibration",
+        help="text for data-aware methods (fisher, regmean): JSONL with a 'text' field, or "
+        "plain text, one example per line; statistics are computed once per model",
+    )
+    merge.add_argument(
+        "--statistics",
+        help="where the statistics are kept (default: the recipe's 'statistics', else a "
+        "'statistics' folder beside the recipe)",
+    )
+    merge.add_argument(
+        "--calibration-limit", type=int, default=None, help="use the first N texts only"
+    )
     merge.set_defaults(handler=_cmd_merge)
 
     run = sub.add_parser("run", help="start a search from a run config")

@@ -83,6 +83,21 @@ class PathStep(BaseModel):
         return self
 
 
+class LinesSchedule(BaseModel):
+    """LiNeS (arXiv:2410.07949): the task vectors of decoder layer l of L are scaled by
+    alpha + beta * l / (L - 1); tensors before the layers (embeddings) by alpha, after them
+    (final norm, head) by alpha + beta."""
+
+    model_config = ConfigDict(extra="forbid")
+    alpha: float
+    beta: float
+
+    def scale(self, layer: Optional[int], layers: int, after: bool = False) -> float:
+        if layer is None:
+            return self.alpha + (self.beta if after else 0.0)
+        return self.alpha + self.beta * (layer / (layers - 1) if layers > 1 else 1.0)
+
+
 class Recipe(BaseModel):
     """A merge: method, inputs, parameters, output dtype and the seed of its random state."""
 
@@ -102,6 +117,9 @@ class Recipe(BaseModel):
     name: Optional[str] = None
     embed_from: Optional[str] = None
     path: Optional[list[PathStep]] = None
+    # data-aware methods (fisher, regmean): the folder of the sources' calibration statistics
+    statistics: Optional[str] = None
+    lines: Optional[LinesSchedule] = None  # a depth schedule for task-vector methods
 
     @model_validator(mode="after")
     def _models_xor_slices(self) -> Recipe:
@@ -168,7 +186,9 @@ class Recipe(BaseModel):
 
     def to_mergekit_yaml(self) -> str:
         """The same merge as a mergekit config (without evomerge's own fields)."""
-        data = self.model_dump(mode="json", exclude_none=True, exclude={"seed", "name"})
+        data = self.model_dump(
+            mode="json", exclude_none=True, exclude={"seed", "name", "statistics", "lines"}
+        )
         return yaml.safe_dump(data, sort_keys=False)
 
     # ----- structure ------------------------------------------------------------------------

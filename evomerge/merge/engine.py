@@ -88,6 +88,7 @@ def merge_to_disk(
                 recipe.seed,
                 inputs_are_private=True,
                 chunk_bytes=chunk_bytes,
+                statistics=plan.statistics,
             )
             writer.write(op.name, tensor)
             del tensor
@@ -271,6 +272,7 @@ def merge_into_model(
                 inputs_are_private=private,
                 rows=rows,
                 raw=raw,
+                statistics=plan.statistics,
             )
             (target if rows is None else target[rows]).copy_(merged)
             del merged, raw

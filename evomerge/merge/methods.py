@@ -51,6 +51,9 @@ class MergeInputs:
     per_input: list[dict[str, Any]]
     rng: Optional[TensorRng] = None
     scratch: bool = False
+    # per non-base input, the statistic a data-aware method reads for this tensor (None where
+    # the source has none for it); None when the method reads none
+    stats: Optional[list[Optional[torch.Tensor]]] = None
 
 
 @dataclass(frozen=True)
@@ -68,6 +71,8 @@ class Method:
     # true when, with these shared parameters, each output entry depends on the same entry of
     # the inputs alone: such a tensor may be merged in row chunks with a bit-equal result
     entrywise: Callable[[dict[str, Any]], bool] = lambda shared: False
+    statistics: Optional[str] = None  # "fisher" or "gram": what it reads from calibration data
+    task_vector: bool = False  # merges base + f(task vectors): a LiNeS schedule can scale them
     param_index: dict[str, Param] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -589,6 +594,7 @@ for _name, _sparse, _consensus, _norm, _rescale, _extra, _ref in (
             base="required",
             stochastic=_sparse in ("random", "della"),
             reference=_ref,
+            task_vector=True,
             # magnitude and rank pruning look at the whole tensor, and so does L1 rescaling
             entrywise=(lambda shared: True)
             if _sparse is None
@@ -720,3 +726,5 @@ register(
         reference="arXiv:2601.13572",
     )
 )
+
+from evomerge.merge import informed  # noqa: E402,F401  (registers fisher, regmean, pcb)

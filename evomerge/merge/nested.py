@@ -55,7 +55,13 @@ class MergedSource:
         if op is None:
             raise EvomergeError(f"nested recipe {self.ref!r}: has no tensor {name!r}")
         return merge_tensor(
-            op, self.plan.method, fetch, device, self.plan.recipe.seed, inputs_are_private=private
+            op,
+            self.plan.method,
+            fetch,
+            device,
+            self.plan.recipe.seed,
+            inputs_are_private=private,
+            statistics=self.plan.statistics,
         )
 
     def get(self, name: str) -> torch.Tensor:

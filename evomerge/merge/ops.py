@@ -19,6 +19,7 @@ import torch
 from evomerge.merge.io import ModelSource, OutputTensor
 from evomerge.merge.methods import MergeInputs, Method
 from evomerge.merge.rng import TensorRng
+from evomerge.merge.statistics import Statistics
 from evomerge.recipe import Recipe
 
 LAYER_NAME = re.compile(r"^(?P<prefix>(?:.*\.)?(?:layers|h|blocks)\.)(?P<index>\d+)\.(?P<rest>.+)$")
@@ -48,6 +49,7 @@ class TensorOp:
     out_dtype: torch.dtype
     shape: tuple[int, ...]
     copy_only: bool = False  # non-float buffers are copied from the first input
+    scale: Optional[float] = None  # LiNeS: the merged task vector's scale at this depth
 
 
 @dataclass
@@ -60,6 +62,7 @@ class MergePlan:
     layer_sources: Optional[list[tuple[str, int]]] = None  # output layer -> (source, layer)
     sources: dict[str, ModelSource] = field(default_factory=dict, repr=False)
     config_overrides: dict[str, Any] = field(default_factory=dict)
+    statistics: Optional[Statistics] = field(default=None, repr=False)  # data-aware methods
 
     @property
     def out_layers(self) -> Optional[int]:
@@ -126,10 +129,12 @@ def merge_tensor(
     inputs_are_private: bool,
     rows: Optional[slice] = None,
     raw: Optional[list[torch.Tensor]] = None,
+    statistics: Optional[Statistics] = None,
 ) -> torch.Tensor:
     """One output tensor (or its `rows`), in its output dtype, on `device`
     (`inputs_are_private`: the fetched tensors are the caller's to overwrite, so the method may
-    work in them; `raw`: the inputs, already fetched)."""
+    work in them; `raw`: the inputs, already fetched; `statistics`: what a data-aware method
+    reads)."""
     if raw is None:
         raw = fetch_inputs(op, fetch, rows)
     if op.copy_only:
@@ -143,7 +148,17 @@ def merge_tensor(
     if method.stochastic:  # a chunk's draws are the ones its entries get in the whole tensor
         start = 0 if rows is None else rows.start * math.prod(op.shape[1:])
         rng = TensorRng(seed, op.name, start=start)
-    merged = method.fn(MergeInputs(base, others, op.shared, op.per_input, rng, scratch))
+    stats = None
+    if method.statistics and statistics is not None:
+        stats = []
+        for i, (model, name) in enumerate(op.inputs):
+            if i != op.base_index:
+                value = statistics.get(model, method.statistics, name)
+                stats.append(None if value is None else value.to(device, torch.float32))
+    keep = base.clone() if op.scale is not None and scratch and base is not None else base
+    merged = method.fn(MergeInputs(base, others, op.shared, op.per_input, rng, scratch, stats))
+    if op.scale is not None and keep is not None:  # LiNeS: base + scale x merged task vector
+        merged = merged.sub_(keep).mul_(op.scale).add_(keep)
     return merged.to(op.out_dtype)
 
 
@@ -155,12 +170,15 @@ def merge_whole(
     seed: int,
     inputs_are_private: bool,
     chunk_bytes: Optional[int] = None,
+    statistics: Optional[Statistics] = None,
 ) -> torch.Tensor:
     """One output tensor, merged in row chunks where the method allows and the tensor is larger
     than `chunk_bytes`, so merge temporaries stay bounded; the result is the same either way."""
     pieces = row_chunks(op, method, chunk_bytes)
     if pieces == [None]:
-        return merge_tensor(op, method, fetch, device, seed, inputs_are_private)
+        return merge_tensor(
+            op, method, fetch, device, seed, inputs_are_private, statistics=statistics
+        )
     whole = fetch_inputs(op, fetch)  # read once (a disk read is of the whole tensor)
     out = torch.empty(op.shape, dtype=op.out_dtype, device=device)
     for rows in pieces:

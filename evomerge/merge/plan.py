@@ -10,6 +10,7 @@ outside the layers (embeddings, final norm, lm_head) read it at t = 0.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any, Optional
 
 from evomerge.errors import EvomergeError
@@ -18,6 +19,7 @@ from evomerge.merge.io import ModelSource, parse_dtype
 from evomerge.merge.methods import Method, Param, get_method
 from evomerge.merge.nested import MergedSource
 from evomerge.merge.ops import POST_NAME, MergePlan, TensorOp, split_layer_name
+from evomerge.merge.statistics import Statistics
 from evomerge.recipe import (
     FilteredValue,
     OutputSlice,
@@ -336,9 +338,52 @@ def build_plan(
         sources[tokenizer] = ModelSource(
             tokenizer, allow_pickle=allow_pickle, search_dirs=search_dirs
         )
-    return MergePlan(
+    if recipe.lines is not None:
+        _apply_lines(recipe, method, ops, len(layer_sources))
+    plan = MergePlan(
         recipe, method, ops, donor, tokenizer, layer_sources if recipe.slices else None, sources
     )
+    if method.statistics:
+        plan.statistics = _open_statistics(recipe, method, search_dirs)
+    return plan
+
+
+def _apply_lines(recipe: Recipe, method: Method, ops: list[TensorOp], layers: int) -> None:
+    """Each op's LiNeS scale of its task vectors, from its output layer's depth."""
+    if not method.task_vector:
+        raise EvomergeError(
+            f"field 'lines': a LiNeS schedule scales task vectors, and {method.name} merges "
+            "none; use it with task_arithmetic, ties, dare_ties, dare_linear, della, "
+            "breadcrumbs or pcb"
+        )
+    for op in ops:
+        if op.copy_only or op.base_index is None:
+            continue
+        parts = split_layer_name(op.name)
+        after = parts is None and POST_NAME.search(op.name) is not None
+        op.scale = recipe.lines.scale(parts[1] if parts else None, layers, after)
+
+
+def _open_statistics(recipe: Recipe, method: Method, search_dirs: Iterable) -> Statistics:
+    """The calibration statistics a data-aware recipe names, checked for every input model."""
+    if recipe.statistics is None:
+        raise EvomergeError(
+            f"field 'statistics': {method.name} weighs parameters by statistics of its models "
+            "on calibration text; name their folder, or run `evomerge merge RECIPE OUT "
+            "--calibration FILE` to compute them"
+        )
+    folder = Path(recipe.statistics)
+    if not folder.is_absolute():
+        for where in search_dirs:
+            if where is not None and (Path(where) / folder).is_dir():
+                folder = Path(where) / folder
+                break
+    statistics = Statistics(folder)
+    inputs = [m.model for m in recipe.models or []] or [
+        src.model for out in recipe.slices or [] for src in out.sources
+    ]
+    statistics.check(dict.fromkeys(inputs), method.statistics)
+    return statistics
 
 
 def _layer_tensors(source: ModelSource, layer: int) -> list[tuple[str, str]]:

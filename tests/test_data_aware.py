@@ -1,0 +1,257 @@
+"""Data-aware and balancing merges against the equations of their papers, written here
+independently: RegMean's closed form solves its least-squares problem, Fisher merging is the
+Fisher-weighted average and the collected Fisher is the mean squared gradient, PCB follows its
+paper's algorithm, LiNeS scales task vectors linearly with depth; and the CLI computes, stores
+and reuses statistics, refusing bad input in one line."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+
+from evomerge.cli import main
+from evomerge.errors import EvomergeError
+from evomerge.merge.methods import MergeInputs, get_method
+from evomerge.merge.ops import POST_NAME
+from evomerge.merge.statistics import compute, linear_inputs, stats_file
+
+from .helpers import load_folder
+from .test_run import expect_error
+
+
+def run_method(name, base, others, shared, per_input=None, stats=None):
+    method = get_method(name)
+    per_input = per_input or [{"weight": 1.0} for _ in others]
+    defaults = {p.name: p.default for p in method.shared_params() if not p.required}
+    inputs = MergeInputs(base, [o.clone() for o in others], {**defaults, **shared}, per_input)
+    inputs.stats = stats
+    return method.fn(inputs)
+
+
+def test_regmean_solves_the_least_squares_problem_it_claims():
+    torch.manual_seed(0)
+    d_in, d_out = 6, 4
+    xs = [torch.randn(n, d_in, dtype=torch.float64) for n in (20, 30)]
+    ws = [torch.randn(d_out, d_in, dtype=torch.float64) for _ in xs]
+    grams = [(x.T @ x).float() for x in xs]
+    merged = run_method("regmean", None, [w.float() for w in ws], {"alpha": 1.0}, stats=grams)
+    # min_W sum_i ||X_i W^T - X_i W_i^T||^2: one stacked least-squares problem
+    stacked = torch.cat(xs)
+    targets = torch.cat([x @ w.T for x, w in zip(xs, ws)])
+    expected = torch.linalg.lstsq(stacked, targets).solution.T
+    assert torch.allclose(merged.double(), expected, atol=1e-4)
+    # alpha scales the off-diagonal Gram entries; weights scale each model's Gram
+    alpha, w0 = 0.3, 2.0
+    got = run_method(
+        "regmean", None, [w.float() for w in ws], {"alpha": alpha},
+        [{"weight": w0}, {"weight": 1.0}], grams,
+    )  # fmt: skip
+    shrunk = [
+        g.double() * alpha + torch.diag(torch.diagonal(g.double())) * (1 - alpha) for g in grams
+    ]
+    total = w0 * shrunk[0] + shrunk[1]
+    rhs = w0 * shrunk[0] @ ws[0].T + shrunk[1] @ ws[1].T
+    assert torch.allclose(got.double(), torch.linalg.solve(total, rhs).T, atol=1e-4)
+    # a tensor that is not a linear weight (no Gram) is the weighted average
+    vec = [torch.randn(5), torch.randn(5)]
+    assert torch.allclose(run_method("regmean", None, vec, {}, stats=[None, None]), sum(vec) / 2)
+
+
+def test_fisher_merge_is_the_fisher_weighted_average():
+    torch.manual_seed(1)
+    thetas = [torch.randn(3, 4) for _ in range(3)]
+    fishers = [torch.rand(3, 4) for _ in thetas]
+    weights = [0.5, 1.0, 2.0]
+    eps = 1e-3
+    got = run_method(
+        "fisher", None, thetas, {"epsilon": eps}, [{"weight": w} for w in weights], fishers
+    )
+    num = sum(w * (f + eps) * t for w, f, t in zip(weights, fishers, thetas))
+    den = sum(w * (f + eps) for w, f in zip(weights, fishers))
+    assert torch.allclose(got, num / den, atol=1e-6)
+    with pytest.raises(EvomergeError, match="statistics"):
+        run_method("fisher", None, thetas, {}, stats=None)
+
+
+class Bigram(torch.nn.Module):
+    """A language model whose Fisher is known in closed form: the logits of the next token are
+    row `token` of a table, passed through one linear layer (whose Gram is the rows' X^T X)."""
+
+    def __init__(self, vocab: int = 5) -> None:
+        super().__init__()
+        self.table = torch.nn.Parameter(torch.randn(vocab, vocab))
+        self.mix = torch.nn.Linear(vocab, vocab, bias=False)
+
+    def forward(self, input_ids, labels):
+        logits = self.mix(self.table[input_ids])
+        loss = torch.nn.functional.cross_entropy(logits[0, :-1], labels[0, 1:])
+        return type("Out", (), {"loss": loss})
+
+
+class Tokens:
+    def __call__(self, text, return_tensors, truncation, max_length):
+        return {"input_ids": torch.tensor([[int(c) for c in text]])}
+
+
+def test_collected_fisher_and_gram_are_the_papers_quantities():
+    torch.manual_seed(2)
+    model = Bigram()
+    texts = ["0123", "3104", "22"]
+    stats = compute(model, Tokens(), texts)
+    expected_fisher = torch.zeros_like(model.table)
+    gram = torch.zeros(5, 5, dtype=torch.float64)
+    tokens = 0
+    for text in texts:
+        ids = [int(c) for c in text]
+        x = model.table.detach()[ids]  # the linear layer's inputs
+        gram += (x.T @ x).double()
+        tokens += len(ids)
+        w = model.mix.weight.detach()
+        probs = torch.softmax(x @ w.T, dim=-1)
+        grad = torch.zeros_like(model.table)
+        for pos in range(len(ids) - 1):  # d(mean CE)/d table[ids[pos]] = W^T (p - onehot) / T
+            onehot = torch.nn.functional.one_hot(torch.tensor(ids[pos + 1]), 5).float()
+            grad[ids[pos]] += w.T @ (probs[pos] - onehot) / (len(ids) - 1)
+        expected_fisher += grad**2
+    assert torch.allclose(stats["fisher:table"], expected_fisher / len(texts), atol=1e-6)
+    assert torch.allclose(stats["gram:mix.weight"].double(), gram / tokens, atol=1e-6)
+    assert not model.table.requires_grad  # the model is left as it was found
+
+    with pytest.raises(EvomergeError, match="cannot be hooked"):
+        linear_inputs(torch.nn.Sequential(torch.nn.Embedding(3, 3)))
+
+
+def pcb_reference(base, others, ratio, lam, clamp=1e-4):
+    """The paper's algorithm over flattened task vectors, with sorting for every quantile."""
+    checks = torch.stack([(o - base).reshape(-1) for o in others])
+    n, d = checks.shape
+
+    def clamp_rows(x, low_ratio, high_ratio):
+        ordered, _ = torch.sort(x, dim=1)
+        low = ordered[:, int(d * low_ratio)].unsqueeze(1)
+        high = ordered[:, int(d * (1 - high_ratio)) - 1].unsqueeze(1)
+        return torch.maximum(torch.minimum(x, high), low)
+
+    def minmax_rows(x):
+        low = x.min(dim=1, keepdim=True).values
+        high = x.max(dim=1, keepdim=True).values
+        return (x - low) / (high - low)
+
+    magnitude = clamp_rows(checks.abs(), clamp, clamp)
+    intra = torch.exp(n * minmax_rows(magnitude) ** 2)
+    inter = torch.tanh(checks * checks.sum(dim=0))
+    score = intra * inter
+    scale = minmax_rows(clamp_rows(score, 1 - ratio, 0))
+    merged = (torch.sign(checks) * magnitude * scale).sum(0) / scale.sum(0).clamp(min=1e-12)
+    return base + lam * merged.reshape(base.shape)
+
+
+@pytest.mark.parametrize("ratio,lam", [(0.1, 1.0), (0.5, 0.7), (1.0, 1.3)])
+def test_pcb_follows_the_papers_algorithm(ratio, lam):
+    torch.manual_seed(3)
+    base = torch.randn(40, 50)
+    others = [base + 0.1 * torch.randn(40, 50) for _ in range(3)]
+    got = run_method("pcb", base, others, {"pcb_ratio": ratio, "lambda": lam})
+    assert torch.allclose(got, pcb_reference(base, others, ratio, lam), atol=1e-5)
+
+
+def recipe(llama, method, **extra):
+    models = [{"model": str(llama[f"ft{i}"]), "parameters": {"weight": 1.0}} for i in range(2)]
+    data = {"merge_method": method, "models": models, **extra}
+    if method in ("task_arithmetic", "pcb"):
+        data["base_model"] = str(llama["base"])
+    return data
+
+
+def test_lines_scales_task_vectors_linearly_with_depth(llama, tmp_path, capsys):
+    alpha, beta = 0.2, 0.6
+    plain = tmp_path / "plain.yml"
+    plain.write_text(yaml.safe_dump(recipe(llama, "task_arithmetic")))
+    lined = tmp_path / "lines.yml"
+    lined.write_text(
+        yaml.safe_dump(recipe(llama, "task_arithmetic", lines={"alpha": alpha, "beta": beta}))
+    )
+    assert main(["merge", str(plain), str(tmp_path / "a"), "--quiet"]) == 0
+    assert main(["merge", str(lined), str(tmp_path / "b"), "--quiet"]) == 0
+    a, b = load_folder(tmp_path / "a"), load_folder(tmp_path / "b")
+    base = load_folder(llama["base"])
+    depth = json.loads((llama["base"] / "config.json").read_text())["num_hidden_layers"]
+    for name, merged in b.items():
+        if ".layers." in name:
+            layer = int(name.split(".layers.")[1].split(".")[0])
+            scale = alpha + beta * layer / (depth - 1)
+        else:  # before the layers (embeddings): alpha; after them (norm, head): alpha + beta
+            scale = alpha + (beta if POST_NAME.search(name) else 0.0)
+        expected = base[name] + scale * (a[name] - base[name])
+        assert torch.allclose(merged.float(), expected.float(), atol=1e-5), name
+    bad = tmp_path / "bad.yml"
+    bad.write_text(yaml.safe_dump(recipe(llama, "linear", lines={"alpha": 1, "beta": 0})))
+    expect_error(["merge", str(bad), str(tmp_path / "c")], capsys, "field 'lines'")
+
+
+@pytest.mark.parametrize("method", ["fisher", "regmean"])
+def test_merge_computes_stores_and_reuses_statistics(llama, tmp_path, capsys, method):
+    calibration = tmp_path / "calibration.jsonl"
+    calibration.write_text(
+        "".join(json.dumps({"text": f"note {i}: {i * 7} apples"}) + "\n" for i in range(6))
+    )
+    path = tmp_path / "recipe.yml"
+    path.write_text(yaml.safe_dump(recipe(llama, method)))
+    expect_error(
+        ["merge", str(path), str(tmp_path / "none")], capsys, "field 'statistics'", "--calibration"
+    )
+    args = ["merge", str(path), str(tmp_path / "out"), "--calibration", str(calibration), "--quiet"]
+    assert main(args) == 0
+    files = [stats_file(tmp_path / "statistics", str(llama[f"ft{i}"])) for i in range(2)]
+    assert all(f.exists() for f in files)
+    stamps = [f.stat().st_mtime_ns for f in files]
+    merged = load_folder(tmp_path / "out")
+    average = {
+        k: (v.float() + w.float()) / 2
+        for (k, v), w in zip(load_folder(llama["ft0"]).items(), load_folder(llama["ft1"]).values())
+    }
+    differs = [k for k in merged if not torch.allclose(merged[k].float(), average[k], atol=1e-6)]
+    assert differs  # the statistics changed the weights
+    assert all(torch.isfinite(v.float()).all() for v in merged.values())
+    assert main([*args[:2], str(tmp_path / "again"), *args[3:]]) == 0
+    assert [f.stat().st_mtime_ns for f in files] == stamps  # reused, not recomputed
+    again = load_folder(tmp_path / "again")
+    assert all(torch.equal(again[k], merged[k]) for k in merged)
+    # the recipe names its statistics, so it merges again without --calibration
+    named = tmp_path / "named.yml"
+    named.write_text(yaml.safe_dump({**recipe(llama, method), "statistics": "statistics"}))
+    assert main(["merge", str(named), str(tmp_path / "named"), "--quiet"]) == 0
+    assert all(torch.equal(load_folder(tmp_path / "named")[k], merged[k]) for k in merged)
+
+
+def test_statistics_bad_input_is_one_line(llama, tmp_path, capsys):
+    calibration = tmp_path / "c.txt"
+    calibration.write_text("some text here\n")
+    plain = tmp_path / "ta.yml"
+    plain.write_text(yaml.safe_dump(recipe(llama, "task_arithmetic")))
+    expect_error(
+        ["merge", str(plain), str(tmp_path / "x"), "--calibration", str(calibration)],
+        capsys,
+        "--calibration",
+        "reads no statistics",
+    )
+    fisher = tmp_path / "f.yml"
+    fisher.write_text(yaml.safe_dump({**recipe(llama, "fisher"), "statistics": "elsewhere"}))
+    (tmp_path / "elsewhere").mkdir()
+    expect_error(["merge", str(fisher), str(tmp_path / "y")], capsys, "no statistics for model")
+    expect_error(
+        [
+            "merge",
+            str(fisher),
+            str(tmp_path / "z"),
+            "--calibration",
+            str(tmp_path / "missing.jsonl"),
+        ],
+        capsys,
+        "--calibration",
+        "no such file",
+    )
+    assert not any((tmp_path / n).exists() for n in "xyz")
