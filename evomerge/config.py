@@ -138,6 +138,15 @@ def _fitness_kind(data: Any) -> str:
     return kind if kind in ("python", "lm_eval") else "python"
 
 
+class CalibrationSpec(BaseModel):
+    """Text the data-aware methods (fisher, regmean) compute the sources' statistics on."""
+
+    model_config = ConfigDict(extra="forbid")
+    file: NonEmpty  # JSONL with a "text" (or "prompt" and "target") field, or plain text lines
+    limit: Optional[int] = Field(default=64, gt=0)  # the first N texts
+    max_length: int = Field(default=256, gt=1)  # tokens per text
+
+
 class TrackingSpec(BaseModel):
     """Where evaluations are mirrored for experiment tracking (the run store stays the truth)."""
 
@@ -205,6 +214,7 @@ class RunConfig(BaseModel):
     # search on a public benchmark's test split without held-out tasks (refused by default)
     allow_benchmark_fitness: bool = False
     tracking: Optional[TrackingSpec] = None
+    calibration: Optional[CalibrationSpec] = None
     # Hugging Face offline mode for the run's processes: true (local models and tasks only),
     # false (hub downloads allowed), or unset: as HF_HUB_OFFLINE / HF_DATASETS_OFFLINE say
     offline: Optional[bool] = None
@@ -273,6 +283,8 @@ class RunConfig(BaseModel):
                 config.search_space = _beside(config.search_space, base_dir)
             if config.references_from:
                 config.references_from = _beside(config.references_from, base_dir)
+            if config.calibration is not None:
+                config.calibration.file = _beside(config.calibration.file, base_dir)
             for spec in config.baselines:
                 if isinstance(spec, BaselineSpec) and isinstance(spec.recipe, str):
                     spec.recipe = _beside(spec.recipe, base_dir)

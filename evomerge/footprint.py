@@ -95,7 +95,7 @@ def _largest_piece(space: SearchSpace, sources: dict[str, ModelSource], chunk_mi
 
     whole = max(math.prod(info.shape) for s in sources.values() for info in s.index.values())
     try:
-        plan = plan_for(space.decode(space.initial()), sources)
+        plan = plan_for(space.decode(space.initial()), sources, statistics_required=False)
     except EvomergeError:
         return whole
     largest = 0

@@ -29,6 +29,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from evomerge.baselines import BaselineSpec, baseline_recipes
+from evomerge.calibration import check_calibration, ensure_statistics, name_statistics
 from evomerge.config import LmEvalFitnessSpec, PythonFitness, RunConfig
 from evomerge.errors import EvomergeError
 from evomerge.evaluator import Outcome, load_callable
@@ -56,6 +57,9 @@ class Run:
     config: RunConfig
     space: SearchSpace
     store: RunStore
+
+    def __post_init__(self) -> None:
+        name_statistics(self.space, self.folder)  # data-aware recipes read the run's own
 
     def candidate_seed(self, index: int) -> int:
         """Seed of the stochastic methods in candidate `index`'s recipe."""
@@ -182,6 +186,13 @@ def prepare(config: RunConfig) -> tuple[RunConfig, SearchSpace]:
     }
     optimizer_for(resolved, space)  # bad optimizer names and options fail here
     check_fitness(resolved)
+    if resolved.calibration is not None:
+        calibration = resolved.calibration
+        file = Path(calibration.file)
+        resolved.calibration = calibration.model_copy(
+            update={"file": str(file.resolve()) if file.exists() else str(file)}
+        )
+    check_calibration(resolved, space)
     return resolved, space
 
 
@@ -207,7 +218,7 @@ def check_space_recipes(space: SearchSpace, sources: dict[str, ModelSource]) -> 
     the optimizer visits."""
     for label, part, genome in space.must_plan():
         try:
-            plan_for(part.decode(genome), sources)
+            plan_for(part.decode(genome), sources, statistics_required=False)
         except EvomergeError as exc:
             raise EvomergeError(
                 f"field 'search_space': at {label} the recipe is invalid: {exc}"
@@ -337,6 +348,7 @@ def drive(run: Run, pool: Pool, progress: bool = True) -> None:
     tracker = None
     try:
         tracker = MlflowTracker.for_run(run)
+        ensure_statistics(run.folder, run.config, run.space)
         score_references(run, pool, progress)
         if tracker is not None:
             tracker.start(run.store.records())

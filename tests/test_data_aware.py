@@ -255,3 +255,80 @@ def test_statistics_bad_input_is_one_line(llama, tmp_path, capsys):
         "no such file",
     )
     assert not any((tmp_path / n).exists() for n in "xyz")
+
+
+def test_searches_over_data_aware_methods_and_lines(llama, tmp_path, capsys):
+    """A fisher search computes each source's statistics once into its run folder (a resume
+    reuses them, the recipes name them, the export merges from them); a task-arithmetic search
+    searches LiNeS's alpha and beta; calibration holding a held-out document, or a data-aware
+    space without calibration, stop the run in one line."""
+    from evomerge.store import RunStore
+    from tests.test_baselines import lm_eval_config
+    from tests.test_run import write
+    from tests.test_workers import make_tasks
+
+    tasks = make_tasks(tmp_path / "tasks")
+    calibration = tmp_path / "calibration.txt"
+    calibration.write_text("".join(f"Is {n} odd? {'yes' if n % 2 else 'no'}\n" for n in range(8)))
+    space = {
+        "kind": "parameter",
+        "method": "fisher",
+        "parameters": {"weight": {"low": 0.1, "high": 1.0, "init": 0.5}},
+    }
+    data = lm_eval_config(
+        llama, tasks, search_space=space, seed_with_sources=False, score_sources=False
+    )
+    data["budget"] = 3
+    data["calibration"] = {"file": str(calibration), "limit": 6}
+    out = tmp_path / "fisher"
+    assert main(["run", str(write(tmp_path, data)), "--out", str(out), "--quiet"]) == 0
+    files = sorted((out / "statistics").glob("*.safetensors"))
+    assert len(files) == 3  # base, a, b
+    records = RunStore.open(out).records()
+    assert len(records) == 3 and not any(r.failed for r in records)
+    assert all(yaml.safe_load(r.recipe)["statistics"] == str(out / "statistics") for r in records)
+    assert len({tuple(r.values.values()) for r in records} | {0}) >= 2
+    stamps = [f.stat().st_mtime_ns for f in files]
+    assert main(["export", str(out), "--best", "parity", "--to", str(tmp_path / "exp")]) == 0
+    assert [f.stat().st_mtime_ns for f in files] == stamps
+    capsys.readouterr()
+
+    bad = dict(data)
+    bad.pop("calibration")
+    expect_error(
+        ["run", str(write(tmp_path, bad, "b.yml")), "--out", str(tmp_path / "b")],
+        capsys,
+        "field 'calibration'",
+    )
+    leaky = tmp_path / "leaky.txt"
+    leaky.write_text("Is 3 even? no\nIs 104 even? yes\n")  # parity_held's documents start at 100
+    data["calibration"] = {"file": str(leaky)}
+    line = expect_error(
+        ["run", str(write(tmp_path, data, "l.yml")), "--out", str(tmp_path / "l")],
+        capsys,
+        "field 'calibration.file'",
+    )
+    assert "held-out task parity_held" in line and "text 2" in line
+    assert not (tmp_path / "b").exists() and not (tmp_path / "l").exists()
+
+    lines_space = {
+        "kind": "parameter",
+        "method": "task_arithmetic",
+        "parameters": {
+            "weight": {"low": 0.0, "high": 1.0, "init": 0.5},
+            "lines.alpha": {"low": 0.0, "high": 1.0, "init": 0.5},
+            "lines.beta": {"low": 0.0, "high": 1.0, "init": 0.5},
+        },
+    }
+    data = lm_eval_config(
+        llama, tasks, search_space=lines_space, seed_with_sources=False, score_sources=False
+    )
+    data["budget"] = 2
+    out = tmp_path / "lines"
+    assert main(["run", str(write(tmp_path, data, "s.yml")), "--out", str(out), "--quiet"]) == 0
+    store = RunStore.open(out)
+    assert store.gene_names[-2:] == ["lines.alpha", "lines.beta"]
+    searched = [r for r in store.records() if r.origin == "optimizer"]
+    assert searched and all(
+        set(yaml.safe_load(r.recipe)["lines"]) == {"alpha", "beta"} for r in searched
+    )

@@ -278,6 +278,8 @@ def merge_into_model(
             del merged, raw
 
 
-def plan_for(recipe: Recipe, sources: Mapping[str, ModelSource]) -> MergePlan:
+def plan_for(
+    recipe: Recipe, sources: Mapping[str, ModelSource], statistics_required: bool = True
+) -> MergePlan:
     """Plan against already-open sources (workers keep them for the whole run)."""
-    return build_plan(recipe, sources=dict(sources))
+    return build_plan(recipe, sources=dict(sources), statistics_required=statistics_required)

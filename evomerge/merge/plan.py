@@ -175,8 +175,10 @@ def build_plan(
     allow_pickle: bool = False,
     sources: Optional[dict[str, ModelSource]] = None,
     search_dirs: Iterable = (),
+    statistics_required: bool = True,
 ) -> MergePlan:
-    """Check a recipe against its models and lay out every output tensor."""
+    """Check a recipe against its models and lay out every output tensor (a data-aware one
+    opens its statistics, unless they are not made yet: `statistics_required` false)."""
     sources = dict(sources or {})
     if recipe.dtype:
         parse_dtype(recipe.dtype, "dtype")
@@ -191,7 +193,12 @@ def build_plan(
         for name, model in (recipe.models or {}).items():
             if isinstance(model, Recipe):  # PS then DFS: the merge is read tensor by tensor
                 try:
-                    inner = build_plan(model, allow_pickle=allow_pickle, sources=sources)
+                    inner = build_plan(
+                        model,
+                        allow_pickle=allow_pickle,
+                        sources=sources,
+                        statistics_required=statistics_required,
+                    )
                 except EvomergeError as exc:
                     raise EvomergeError(f"models.{name} (nested recipe): {exc}") from None
                 refs[name] = NESTED_REF.format(name=name)
@@ -343,7 +350,7 @@ def build_plan(
     plan = MergePlan(
         recipe, method, ops, donor, tokenizer, layer_sources if recipe.slices else None, sources
     )
-    if method.statistics:
+    if method.statistics and (statistics_required or recipe.statistics is not None):
         plan.statistics = _open_statistics(recipe, method, search_dirs)
     return plan
 

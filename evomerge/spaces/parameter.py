@@ -16,7 +16,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from evomerge.errors import EvomergeError
-from evomerge.merge.methods import get_method
+from evomerge.merge.methods import Param, get_method
 from evomerge.recipe import Recipe
 from evomerge.spaces.base import MAX_GENES, SearchSpace
 
@@ -28,7 +28,10 @@ AT_A_SOURCE: dict[str, Optional[float]] = {
     "lambda": 1.0,
     "gamma": 0.0,
     "epsilon": None,
+    "lines.alpha": 1.0,  # a LiNeS schedule of alpha 1, beta 0 scales nothing
+    "lines.beta": 0.0,
 }
+LINES = {"lines.alpha": 1.0, "lines.beta": 0.0}  # searchable schedule genes, and their neutral
 WEIGHTED = {
     "linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs",
     "breadcrumbs_ties", "della", "della_linear", "nuslerp", "multislerp",
@@ -99,12 +102,19 @@ class ParameterSpace(SearchSpace):
         self.models, self.refs, self.base = names, models, base
         known = {p.name: p for p in method.params}
         for key in [*spec.parameters, *spec.fixed]:
+            if key in LINES and method.task_vector:
+                continue
             if key not in known:
+                takes = sorted(known) + (sorted(LINES) if method.task_vector else [])
                 raise EvomergeError(
                     f"field 'search_space.parameters.{key}': {method.name} has no parameter "
-                    f"{key!r}; it takes {', '.join(sorted(known))}"
+                    f"{key!r}; it takes {', '.join(takes)}"
                 )
-        self.shared = [k for k in spec.parameters if known[k].scope == "shared"]
+        # the LiNeS schedule: one gene each, whatever the filters and layer groups
+        self.lines = [k for k in spec.parameters if k in LINES]
+        self.statistics: Optional[str] = None  # a run names its statistics folder here
+        known.update({k: Param(k, float, "shared", v) for k, v in LINES.items()})
+        self.shared = [k for k in spec.parameters if known[k].scope == "shared" and k not in LINES]
         self.per_model = [k for k in spec.parameters if known[k].scope != "shared"]
         self.method = method
         self.blocks = [*spec.filters, None]  # None: the rest
@@ -133,12 +143,16 @@ class ParameterSpace(SearchSpace):
                 for block in self.blocks:
                     for group in range(self.spec.layer_groups):
                         genes.append((owner, param, block, group))
+        genes += [(None, key, None, 0) for key in self.lines]
         return genes
 
     def gene_names(self) -> list[str]:
         names = []
         for owner, param, block, group in self._genes():
             name = f"{owner}.{param}" if owner else param
+            if param in LINES:
+                names.append(name)
+                continue
             if block is not None or self.spec.filters:
                 name += f"[{block or 'rest'}]"
             if self.spec.layer_groups > 1:
@@ -226,7 +240,9 @@ class ParameterSpace(SearchSpace):
         shared = recipe.parameters or {}
         if any(shared.get(k, v) != v for k, v in self.spec.fixed.items()):
             return None
-        defaults = {p.name: p.default for p in self.method.params}
+        defaults = {p.name: p.default for p in self.method.params} | LINES
+        if recipe.lines is not None:  # a scheduled baseline: only a neutral one
+            defaults |= {f"lines.{k}": v for k, v in recipe.lines.model_dump().items()}
         # a setting the space leaves at its default must be at that default in the recipe
         for k in set(shared) - set(self.spec.fixed) - set(self.shared):
             if shared[k] != defaults.get(k):
@@ -261,7 +277,7 @@ class ParameterSpace(SearchSpace):
         for (owner, param, block), series in values.items():
             value: Any = series[0] if len(series) == 1 else series
             target = out.setdefault(owner, {})
-            if not self.spec.filters:
+            if not self.spec.filters or param in LINES:
                 target[param] = value
             else:
                 entry = {"value": value} if block is None else {"filter": block, "value": value}
@@ -271,6 +287,7 @@ class ParameterSpace(SearchSpace):
     def decode(self, genome: np.ndarray, seed: int = 0) -> Recipe:
         settings = self.settings(genome)
         shared = {**self.spec.fixed, **settings.get(None, {})}
+        lines = {k.removeprefix("lines."): shared.pop(k, v) for k, v in LINES.items()}
         models = [{"model": self.refs[m], "parameters": settings.get(m, {})} for m in self.models]
         data: dict[str, Any] = {
             "merge_method": self.method.name,
@@ -285,4 +302,8 @@ class ParameterSpace(SearchSpace):
             data["parameters"] = shared
         if self.spec.dtype:
             data["dtype"] = self.spec.dtype
+        if self.lines or any(k in self.spec.fixed for k in LINES):
+            data["lines"] = lines
+        if self.method.statistics and self.statistics:
+            data["statistics"] = self.statistics
         return Recipe.from_dict(data, source="search space")

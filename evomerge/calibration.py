@@ -1,0 +1,106 @@
+"""Calibration for a search over a data-aware method (fisher, regmean): the run's calibration
+text must not overlap what the held-out scores are computed on, and each source's statistics
+are computed once, before the first candidate, into the run folder (`statistics/`), where a
+resume and an export find them again."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+from evomerge.config import LmEvalFitnessSpec, RunConfig
+from evomerge.errors import EvomergeError
+from evomerge.merge.engine import pick_device
+from evomerge.merge.methods import Method
+from evomerge.merge.statistics import compute_for_source, read_calibration
+from evomerge.spaces.base import SearchSpace
+
+STATISTICS = "statistics"  # the run folder's statistics, one file per source
+
+
+def parameter_part(space: SearchSpace) -> Optional[SearchSpace]:
+    """The parameter-space part of a space (itself, or a PS+DFS space's PS stage)."""
+    if space.kind == "parameter":
+        return space
+    return getattr(space, "ps", None)
+
+
+def data_method(space: SearchSpace) -> Optional[Method]:
+    """The space's merge method when it reads calibration statistics."""
+    part = parameter_part(space)
+    method = getattr(part, "method", None)
+    return method if method is not None and method.statistics else None
+
+
+def name_statistics(space: SearchSpace, folder: Path) -> None:
+    """Make every recipe the space decodes name the run's statistics folder."""
+    part = parameter_part(space)
+    if data_method(space) is not None and part is not None:
+        part.statistics = str(folder / STATISTICS)
+
+
+def check_calibration(config: RunConfig, space: SearchSpace) -> None:
+    """Fail before the run on a data-aware space without calibration text, on a calibration
+    file that cannot be read, and on calibration text that holds held-out documents."""
+    method = data_method(space)
+    if config.calibration is None:
+        if method is not None:
+            raise EvomergeError(
+                f"field 'calibration': {method.name} weighs parameters by statistics of the "
+                "sources on calibration text; add calibration: {file: PATH}"
+            )
+        return
+    texts = read_calibration(Path(config.calibration.file), config.calibration.limit)
+    fitness = config.fitness
+    if isinstance(fitness, LmEvalFitnessSpec) and fitness.held_out is not None:
+        for task, number, prompt in held_out_prompts(fitness):
+            hit = next((i for i, text in enumerate(texts) if prompt in text), None)
+            if hit is not None:
+                raise EvomergeError(
+                    f"field 'calibration.file': text {hit + 1} holds document {number} of the "
+                    f"held-out task {task}; calibrate on documents the held-out scores never see"
+                )
+
+
+def held_out_prompts(fitness: LmEvalFitnessSpec) -> list[tuple[str, int, str]]:
+    """(task, document number, its prompt) for every held-out document (prompts shorter than
+    8 characters say too little to count as an overlap)."""
+    from lm_eval.tasks import TaskManager
+
+    from evomerge.scoring import _working_dir
+
+    folder = Path(fitness.include_path) if fitness.include_path else None
+    manager = TaskManager(include_path=fitness.include_path)
+    with _working_dir(folder):
+        loaded = manager.load(list(fitness.held_out.tasks))["tasks"]
+    out = []
+    for name, task in loaded.items():
+        for number, doc in enumerate(task.eval_docs):
+            prompt = task.doc_to_text(doc)
+            if isinstance(prompt, str) and len(prompt.strip()) >= 8:
+                out.append((name, number, prompt.strip()))
+    return out
+
+
+def ensure_statistics(folder: Path, config: RunConfig, space: SearchSpace) -> None:
+    """Compute the statistics of every source the data-aware space merges, unless the run
+    folder holds them already for the same text (a resume)."""
+    method = data_method(space)
+    if method is None or config.calibration is None:
+        return
+    texts = read_calibration(Path(config.calibration.file), config.calibration.limit)
+    part = parameter_part(space)
+    device = pick_device(config.device)
+    for name in part.model_names():
+        ref = config.models[name]
+        compute_for_source(
+            ref,
+            texts,
+            folder / STATISTICS,
+            device,
+            kinds=[method.statistics],
+            max_length=config.calibration.max_length,
+            trust_remote_code=config.trust_remote_code,
+        )
+        print(f"statistics of {name} ({method.statistics}): {folder / STATISTICS}", file=sys.stderr)
