@@ -12,6 +12,7 @@ from typing import Optional
 from evomerge.config import LmEvalFitnessSpec, RunConfig
 from evomerge.errors import EvomergeError
 from evomerge.merge.engine import pick_device
+from evomerge.merge.layerwise import save_texts
 from evomerge.merge.methods import Method
 from evomerge.merge.statistics import compute_for_source, read_calibration
 from evomerge.spaces.base import SearchSpace
@@ -91,6 +92,9 @@ def ensure_statistics(folder: Path, config: RunConfig, space: SearchSpace) -> No
         return
     texts = read_calibration(Path(config.calibration.file), config.calibration.limit)
     part = parameter_part(space)
+    if method.statistics == "activations":  # RegMean++ measures each merged candidate itself
+        save_texts(folder / STATISTICS, texts)
+        return
     device = pick_device(config.device)
     for name in part.model_names():
         ref = config.models[name]

@@ -57,6 +57,11 @@ def _with_statistics(recipe, args: argparse.Namespace, recipe_dir: Path):
         src.model for out in recipe.slices or [] for src in out.sources
     ]
     device = pick_device(args.device)
+    if method.statistics == "activations":  # RegMean++ measures the merged model itself
+        from evomerge.merge.layerwise import save_texts
+
+        save_texts(folder, texts)
+        return recipe.model_copy(update={"statistics": str(folder)})
     for ref in dict.fromkeys(refs):
         where = (
             ref if Path(ref).is_absolute() or not (recipe_dir / ref).exists() else recipe_dir / ref

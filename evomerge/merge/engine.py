@@ -78,7 +78,10 @@ def merge_to_disk(
     try:
         writer = ShardedWriter(staging, plan.output_tensors(), shard_bytes)
         fetch = lambda model, name: plan.sources[model].get(name)  # noqa: E731
-        bar = tqdm(plan.ops, desc="merging", unit="tensor", disable=not progress)
+        if plan.method.layerwise:  # merged in a live model, then written out
+            _merge_layerwise_to(writer, plan, dev)
+        ops = [] if plan.method.layerwise else plan.ops
+        bar = tqdm(ops, desc="merging", unit="tensor", disable=not progress)
         for op in bar:
             tensor = merge_whole(
                 op,
@@ -105,6 +108,34 @@ def merge_to_disk(
     finally:
         plan.close()
     return out
+
+
+def _merge_layerwise_to(writer: ShardedWriter, plan: MergePlan, device: torch.device) -> None:
+    """A layer-after-layer merge (RegMean++) made in a live model on `device`, then written."""
+    from evomerge.merge.live import build_live_model
+
+    model = build_live_model(plan.output_config(), device, torch.float32, False)
+    tensors = {ref: _DiskTensors(source) for ref, source in plan.sources.items()}
+    merge_into_model(plan, tensors, model, chunk_bytes=None)
+    state = model.state_dict()
+    for op in plan.ops:
+        writer.write(op.name, state[op.name].to(op.out_dtype))
+
+
+class _DiskTensors(Mapping):
+    """A source's tensors, read from its checkpoint when asked for."""
+
+    def __init__(self, source: ModelSource) -> None:
+        self.source = source
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.source.get(name)
+
+    def __iter__(self):
+        return iter(self.source.index)
+
+    def __len__(self) -> int:
+        return len(self.source.index)
 
 
 SCRATCH_KINDS = ("partial", "old")  # a merge being written; a replaced folder being removed
@@ -251,6 +282,14 @@ def merge_into_model(
         return plan.sources[model_ref].make(name, fetch, device)  # a nested recipe's tensor
 
     device = next(iter(targets.values())).device  # a nested recipe's tensors are made here
+    if plan.method.layerwise:  # RegMean++: merged layer after layer in this very model
+        from transformers import AutoTokenizer
+
+        from evomerge.merge.layerwise import merge_layerwise
+
+        tokenizer = AutoTokenizer.from_pretrained(plan.sources[plan.tokenizer_source].path)
+        merge_layerwise(plan, fetch, model, tokenizer)
+        return
     pieces = [(op, rows) for op in plan.ops for rows in row_chunks(op, plan.method, chunk_bytes)]
     stager = Stager(fetch)
     keep_freed_memory()

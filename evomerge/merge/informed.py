@@ -162,3 +162,17 @@ register(
         task_vector=True,
     )
 )
+register(
+    Method(
+        "regmean_plus",
+        regmean,  # the closed form, with Gram matrices of the merged model's activations
+        (
+            Param("weight", float, "input", 1.0, _finite),
+            Param("alpha", float, "shared", 0.9, _unit_interval),
+        ),
+        min_inputs=2,
+        reference="arXiv:2508.03121",
+        statistics="activations",
+        layerwise=True,
+    )
+)

@@ -73,6 +73,7 @@ class Method:
     entrywise: Callable[[dict[str, Any]], bool] = lambda shared: False
     statistics: Optional[str] = None  # "fisher" or "gram": what it reads from calibration data
     task_vector: bool = False  # merges base + f(task vectors): a LiNeS schedule can scale them
+    layerwise: bool = False  # merged layer after layer in a live model (RegMean++)
     param_index: dict[str, Param] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:

@@ -218,7 +218,13 @@ class Statistics:
         return handle.get_tensor(key) if key in self.names[model_ref] else None
 
     def check(self, model_refs: Iterable[str], kind: str) -> None:
-        """Fail now, naming the model, when a source's statistics are missing or lack `kind`."""
+        """Fail now, naming the model, when a source's statistics are missing or lack `kind`
+        (RegMean++ reads the calibration text itself: it measures the merged model)."""
+        if kind == "activations":
+            from evomerge.merge.layerwise import read_texts
+
+            read_texts(self.folder)
+            return
         for ref in model_refs:
             self._handle(ref)
             if not any(key.startswith(f"{kind}:") for key in self.names[ref]):
