@@ -44,7 +44,12 @@ def inputs_for(name: str, tensors: list[torch.Tensor], dtype: torch.dtype) -> Me
         {p.name: settings.get(p.name, p.default) for p in method.input_params()} for _ in others
     ]
     rng = TensorRng(7, "model.layers.0.mlp.up_proj.weight") if method.stochastic else None
-    return MergeInputs(base, others, shared, per_input, rng, True)
+    stats = None
+    if method.statistics == "fisher":  # a Fisher on the same exact grid, one per input
+        stats = [t.sub(tensors[0]).abs().to(dtype) * 2**10 for t in tensors[1 : 1 + count]]
+    elif method.statistics:  # no Gram at this size (RegMean's closed form: test_data_aware)
+        stats = [None] * count
+    return MergeInputs(base, others, shared, per_input, rng, True, stats)
 
 
 # TIES's sign election takes the sign of a sum of rescaled task vectors; where that sum nearly
