@@ -12,9 +12,8 @@ from typing import Optional
 from evomerge.config import LmEvalFitnessSpec, RunConfig
 from evomerge.errors import EvomergeError
 from evomerge.merge.engine import pick_device
-from evomerge.merge.layerwise import save_texts
 from evomerge.merge.methods import Method
-from evomerge.merge.statistics import compute_for_source, read_calibration
+from evomerge.merge.statistics import compute_for_source, read_calibration, save_texts
 from evomerge.spaces.base import SearchSpace
 
 STATISTICS = "statistics"  # the run folder's statistics, one file per source

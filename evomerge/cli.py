@@ -58,7 +58,7 @@ def _with_statistics(recipe, args: argparse.Namespace, recipe_dir: Path):
     ]
     device = pick_device(args.device)
     if method.statistics == "activations":  # RegMean++ measures the merged model itself
-        from evomerge.merge.layerwise import save_texts
+        from evomerge.merge.statistics import save_texts
 
         save_texts(folder, texts)
         return recipe.model_copy(update={"statistics": str(folder)})

@@ -14,7 +14,8 @@ from tqdm.auto import tqdm
 
 from evomerge.errors import EvomergeError
 from evomerge.merge.io import ModelSource, ShardedWriter, copy_tokenizer
-from evomerge.merge.live import unwritten
+from evomerge.merge.layerwise import merge_layerwise
+from evomerge.merge.live import build_live_model, unwritten
 from evomerge.merge.memory import keep_freed_memory
 from evomerge.merge.ops import (
     CHUNK_BYTES,
@@ -112,8 +113,6 @@ def merge_to_disk(
 
 def _merge_layerwise_to(writer: ShardedWriter, plan: MergePlan, device: torch.device) -> None:
     """A layer-after-layer merge (RegMean++) made in a live model on `device`, then written."""
-    from evomerge.merge.live import build_live_model
-
     model = build_live_model(plan.output_config(), device, torch.float32, False)
     tensors = {ref: _DiskTensors(source) for ref, source in plan.sources.items()}
     merge_into_model(plan, tensors, model, chunk_bytes=None)
@@ -284,8 +283,6 @@ def merge_into_model(
     device = next(iter(targets.values())).device  # a nested recipe's tensors are made here
     if plan.method.layerwise:  # RegMean++: merged layer after layer in this very model
         from transformers import AutoTokenizer
-
-        from evomerge.merge.layerwise import merge_layerwise
 
         tokenizer = AutoTokenizer.from_pretrained(plan.sources[plan.tokenizer_source].path)
         merge_layerwise(plan, fetch, model, tokenizer)

@@ -15,38 +15,19 @@ Gram matrices and written into the live model, and the next layer sees it.
 from __future__ import annotations
 
 import contextlib
-import json
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any, Optional
 
 import torch
 
 from evomerge.errors import EvomergeError
+from evomerge.merge.methods import MergeInputs
 from evomerge.merge.ops import MergePlan, TensorOp, split_layer_name
-
-CALIBRATION = "calibration.json"  # the texts, kept in the statistics folder
+from evomerge.merge.statistics import read_texts
 
 
 class _LayerDone(Exception):
     """Raised by a hook at the end of the layer being measured: nothing after it runs."""
-
-
-def save_texts(folder: Path, texts: list[str]) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / CALIBRATION
-    path.write_text(json.dumps(texts))
-    return path
-
-
-def read_texts(folder: Path) -> list[str]:
-    path = Path(folder) / CALIBRATION
-    if not path.exists():
-        raise EvomergeError(
-            f"field 'statistics': {folder} has no calibration text for regmean_plus; compute "
-            "the statistics with --calibration FILE"
-        )
-    return json.loads(path.read_text())
 
 
 def merge_layerwise(
@@ -159,8 +140,6 @@ def _regmean(
 ) -> torch.Tensor:
     """RegMean's closed form for one tensor with the given per-source Gram matrices (None: not
     a linear weight, averaged)."""
-    from evomerge.merge.methods import MergeInputs
-
     work = [fetch(m, n).to(device=device, dtype=torch.float32) for m, n in op.inputs]
     merged = plan.method.fn(MergeInputs(None, work, op.shared, op.per_input, None, True, grams))
     return merged.to(op.out_dtype)

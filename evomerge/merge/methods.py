@@ -727,5 +727,3 @@ register(
         reference="arXiv:2601.13572",
     )
 )
-
-from evomerge.merge import informed  # noqa: E402,F401  (registers fisher, regmean, pcb)

@@ -26,6 +26,7 @@ import torch
 from evomerge.errors import EvomergeError
 
 KINDS = ("fisher", "gram")
+CALIBRATION = "calibration.json"  # RegMean++'s texts, kept in the statistics folder
 
 
 def calibration_hash(texts: list[str]) -> str:
@@ -178,6 +179,23 @@ def compute_for_source(
     return path
 
 
+def save_texts(folder: Path, texts: list[str]) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / CALIBRATION
+    path.write_text(json.dumps(texts))
+    return path
+
+
+def read_texts(folder: Path) -> list[str]:
+    path = Path(folder) / CALIBRATION
+    if not path.exists():
+        raise EvomergeError(
+            f"field 'statistics': {folder} has no calibration text for regmean_plus; compute "
+            "the statistics with --calibration FILE"
+        )
+    return json.loads(path.read_text())
+
+
 def read_metadata(path: Path) -> dict[str, str]:
     from safetensors import safe_open
 
@@ -221,8 +239,6 @@ class Statistics:
         """Fail now, naming the model, when a source's statistics are missing or lack `kind`
         (RegMean++ reads the calibration text itself: it measures the merged model)."""
         if kind == "activations":
-            from evomerge.merge.layerwise import read_texts
-
             read_texts(self.folder)
             return
         for ref in model_refs:
