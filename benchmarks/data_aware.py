@@ -105,6 +105,22 @@ def prepare_statistics(config: dict, calibration: Path, folder: Path) -> None:
     save_texts(folder, texts)
 
 
+def first_failures(folder: Path, statistics: Path) -> list[dict]:
+    """The untuned merges the first run recorded as failed, to score again."""
+    from evomerge.store import RunStore
+
+    failed = [n for n, s in RunStore.open(folder).baselines().items() if s.get("error")]
+    return [
+        {
+            "name": n,
+            "recipe": untuned_recipe(
+                n.removeprefix("untuned "), ARMS[n.removeprefix("untuned ")][0], statistics
+            ),
+        }
+        for n in failed
+    ]
+
+
 def row(model: str, kind: str, scored: dict) -> dict:
     fitness = (scored.get("values") or {}).get("mean")
     return {"model": model, "kind": kind, "fitness": fitness, **held_columns(scored["held_out"])}
@@ -149,8 +165,10 @@ def main() -> None:
                 {"name": f"untuned {m}", "recipe": untuned_recipe(m, u, statistics)}
                 for m, (u, _) in ARMS.items()
             ]
-        else:
-            config["baselines"] = []
+        else:  # RegMean++ untuned again here when the first run could not score it
+            config["baselines"] = [
+                b for b in first_failures(runs["task_arithmetic"], statistics) if method == "fisher"
+            ]
             config["references_from"] = str(runs["task_arithmetic"].resolve())
         runs[method] = args.runs / method
         t0 = time.perf_counter()
@@ -160,7 +178,11 @@ def main() -> None:
 
     first = status_data(runs["task_arithmetic"])
     rows = [row(f"source {n}", "source", s) for n, s in first["sources"].items()]
-    rows += [row(n, "untuned", s) for n, s in first["baselines"].items()]
+    untuned = {n: s for n, s in first["baselines"].items() if s.get("values")}
+    if "fisher" in runs:
+        later = status_data(runs["fisher"])["baselines"].items()
+        untuned.update({n: s for n, s in later if s.get("values")})
+    rows += [row(n, "untuned", s) for n, s in untuned.items()]
     for method, folder in runs.items():
         best = max(status_data(folder)["pareto"], key=lambda p: p["values"]["mean"])
         rows.append(row(f"searched {method} (#{best['index']})", "searched", best))

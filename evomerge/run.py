@@ -58,9 +58,6 @@ class Run:
     space: SearchSpace
     store: RunStore
 
-    def __post_init__(self) -> None:
-        name_statistics(self.space, self.folder)  # data-aware recipes read the run's own
-
     def candidate_seed(self, index: int) -> int:
         """Seed of the stochastic methods in candidate `index`'s recipe."""
         return (self.config.seed * 1_000_003 + index) % 2**31
@@ -329,6 +326,7 @@ def create_run(config: RunConfig, folder: Path) -> Run:
     except BaseException:
         shutil.rmtree(folder, ignore_errors=True)
         raise
+    name_statistics(space, folder)  # data-aware recipes read the run's own statistics
     return Run(folder, resolved, space, store)
 
 
@@ -339,6 +337,7 @@ def open_run(folder: Path) -> Run:
     store = RunStore.open(folder)
     if store.gene_names and store.gene_names != space.gene_names():
         raise EvomergeError(f"{folder}: the search space no longer matches the stored genomes")
+    name_statistics(space, folder)  # data-aware recipes read the run's own statistics
     return Run(folder, resolved, space, store)
 
 
