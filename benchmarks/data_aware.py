@@ -95,8 +95,7 @@ def prepare_statistics(config: dict, calibration: Path, folder: Path) -> None:
     """Each expert's Fisher and Gram statistics, and RegMean++'s text, computed once."""
     import torch
 
-    from evomerge.merge.layerwise import save_texts
-    from evomerge.merge.statistics import compute_for_source, read_calibration
+    from evomerge.merge.statistics import compute_for_source, read_calibration, save_texts
 
     texts = read_calibration(calibration, config["calibration"]["limit"])
     for name in EXPERTS:
@@ -174,7 +173,7 @@ def main() -> None:
         t0 = time.perf_counter()
         run_search(config, runs[method], not args.quiet)
         seconds[method] = round(time.perf_counter() - t0, 1)
-        print(f"{method}: {args.budget} evaluations in {seconds[method]} s", flush=True)
+        print(f"{method}: {seconds[method]} s", flush=True)
 
     first = status_data(runs["task_arithmetic"])
     rows = [row(f"source {n}", "source", s) for n, s in first["sources"].items()]
@@ -185,13 +184,15 @@ def main() -> None:
     rows += [row(n, "untuned", s) for n, s in untuned.items()]
     for method, folder in runs.items():
         best = max(status_data(folder)["pareto"], key=lambda p: p["values"]["mean"])
-        rows.append(row(f"searched {method} (#{best['index']})", "searched", best))
+        budget = yaml.safe_load((args.runs / f"{method}.yaml").read_text())["budget"]
+        name = f"searched {method} (#{best['index']} of {budget})"
+        rows.append(row(name, "searched", best) | {"budget": budget})
     lines = [
         "| model | fitness mean | held-out mean |",
         "|---|---|---|",
         *(f"| {r['model']} | {r['fitness']:.3f} | {r['mean']:.3f} |" for r in rows),
     ]
-    result = {"budget": args.budget, "seconds": seconds, "rows": rows}
+    result = {"seconds": seconds, "rows": rows}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "data_aware.json").write_text(json.dumps(result, indent=1) + "\n")
     (args.out / "data_aware.md").write_text("\n".join(lines) + "\n")
