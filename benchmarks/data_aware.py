@@ -42,7 +42,7 @@ ARMS: dict[str, tuple[dict, dict]] = {
     "task_arithmetic": ({"weight": 0.5}, {"weight": WEIGHT}),
     "ties": ({"weight": 0.5, "density": 0.5}, {"weight": WEIGHT, "density": gene(0.1, 1, 0.5)}),
     "fisher": ({"weight": 1.0}, {"weight": gene(0.05, 1, 0.5)}),
-    "regmean": ({"weight": 1.0}, {"weight": gene(0.05, 1, 0.5), "alpha": gene(0, 1, 0.9)}),
+    "regmean": ({"weight": 1.0}, {"weight": gene(0.05, 1, 0.5), "alpha": gene(0.05, 1, 0.9)}),
     "regmean_plus": ({"weight": 1.0}, {}),  # measured untuned only: each merge runs the model
     "pcb": (
         {"pcb_ratio": 0.1, "lambda": 1.0},

@@ -6,6 +6,8 @@ resume and an export find them again."""
 from __future__ import annotations
 
 import sys
+import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Optional
 
@@ -13,7 +15,14 @@ from evomerge.config import LmEvalFitnessSpec, RunConfig
 from evomerge.errors import EvomergeError
 from evomerge.merge.engine import pick_device
 from evomerge.merge.methods import Method
-from evomerge.merge.statistics import compute_for_source, read_calibration, save_texts
+from evomerge.merge.statistics import (
+    measure_source,
+    read_calibration,
+    save_texts,
+    stored,
+    write_statistics,
+)
+from evomerge.pool import Pool
 from evomerge.spaces.base import SearchSpace
 
 STATISTICS = "statistics"  # the run folder's statistics, one file per source
@@ -83,27 +92,43 @@ def held_out_prompts(fitness: LmEvalFitnessSpec) -> list[tuple[str, int, str]]:
     return out
 
 
-def ensure_statistics(folder: Path, config: RunConfig, space: SearchSpace) -> None:
-    """Compute the statistics of every source the data-aware space merges, unless the run
-    folder holds them already for the same text (a resume)."""
+def ensure_statistics(
+    folder: Path, config: RunConfig, space: SearchSpace, pool: Optional[Pool] = None
+) -> None:
+    """Measure the statistics of every source the data-aware space merges, unless the run
+    folder holds them already for the same text (a resume): on the pool's workers (their
+    devices, the run's GPUs), or in this process without a pool."""
     method = data_method(space)
     if method is None or config.calibration is None:
         return
     texts = read_calibration(Path(config.calibration.file), config.calibration.limit)
     part = parameter_part(space)
+    where = folder / STATISTICS
     if method.statistics == "activations":  # RegMean++ measures each merged candidate itself
-        save_texts(folder / STATISTICS, texts)
+        save_texts(where, texts)
         return
-    device = pick_device(config.device)
-    for name in part.model_names():
-        ref = config.models[name]
-        compute_for_source(
-            ref,
-            texts,
-            folder / STATISTICS,
-            device,
-            kinds=[method.statistics],
-            max_length=config.calibration.max_length,
-            trust_remote_code=config.trust_remote_code,
+    missing = [
+        (name, config.models[name])
+        for name in part.model_names()
+        if stored(where, config.models[name], texts) is None
+    ]
+    if not missing:
+        return
+    jobs = [(ref, texts, [method.statistics], config.calibration.max_length) for _, ref in missing]
+    start = time.perf_counter()
+    if pool is not None:
+        measured: Iterable[tuple[int, bytes]] = pool.measure_sources(jobs)
+    else:
+        device = pick_device(config.device)
+        measured = (
+            (n, measure_source(ref, text, device, kinds, length, config.trust_remote_code))
+            for n, (ref, text, kinds, length) in enumerate(jobs)
         )
-        print(f"statistics of {name} ({method.statistics}): {folder / STATISTICS}", file=sys.stderr)
+    for number, data in measured:
+        name, ref = missing[number]
+        write_statistics(where, ref, data)
+        print(
+            f"statistics of {name} ({method.statistics}) in {time.perf_counter() - start:.1f} s: "
+            f"{where}",
+            file=sys.stderr,
+        )

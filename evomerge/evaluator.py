@@ -180,6 +180,24 @@ class Evaluator:
         merge_into_model(plan, self.tensors, model, self.chunk_bytes)
         return model, self.tokenizer(plan.sources[plan.tokenizer_source].path)
 
+    def source_statistics(
+        self, ref: str, texts: list[str], kinds: list[str], max_length: int
+    ) -> bytes:
+        """A source's calibration statistics measured on this worker's device (where the
+        run's GPUs are), as the bytes of their safetensors file for the driver to store."""
+        from evomerge.merge.statistics import measure_source
+
+        where = self.sources[ref].path if ref in self.sources else None
+        return measure_source(
+            ref,
+            texts,
+            self.device,
+            kinds,
+            max_length,
+            self.trust_remote_code,
+            str(where) if where is not None else None,
+        )
+
     def held_out(self) -> Callable[..., Any]:
         """The held-out fitness: the same task folder, the held-out tasks and limit."""
         if self.held_out_fitness is None:

@@ -4,11 +4,15 @@
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Iterator
 from typing import Optional, Protocol
 
 from evomerge.config import RunConfig
 from evomerge.evaluator import Evaluator, Outcome
 from evomerge.optim import Candidate
+
+# what a worker needs to measure a source's statistics: reference, texts, kinds, max_length
+SourceJob = tuple[str, list[str], list[str], int]
 
 
 class Pool(Protocol):
@@ -34,6 +38,11 @@ class Pool(Protocol):
         ...
 
     def wait(self) -> list[tuple[Candidate, str, Outcome]]: ...
+
+    def measure_sources(self, jobs: list[SourceJob]) -> Iterator[tuple[int, bytes]]:
+        """Calibration statistics of sources (job: reference, texts, kinds, max_length),
+        measured on the evaluators' devices: (job number, safetensors bytes) as each ends."""
+        ...
 
     def close(self) -> None: ...
 
@@ -63,6 +72,10 @@ class LocalPool:
     def wait(self) -> list[tuple[Candidate, str, Outcome]]:
         candidate, recipe, held_out, docs = self.queue.popleft()
         return [(candidate, recipe, self.evaluator.evaluate(recipe, held_out, docs))]
+
+    def measure_sources(self, jobs: list[SourceJob]) -> Iterator[tuple[int, bytes]]:
+        for number, job in enumerate(jobs):
+            yield number, self.evaluator.source_statistics(*job)
 
     def close(self) -> None:
         pass

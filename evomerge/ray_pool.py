@@ -20,6 +20,7 @@ import shutil
 import tempfile
 import time
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -27,6 +28,7 @@ from typing import Any, Optional
 from evomerge.errors import EvomergeError
 from evomerge.evaluator import Evaluator, Outcome
 from evomerge.optim import Candidate
+from evomerge.pool import SourceJob
 from evomerge.shipping import stage
 
 log = logging.getLogger("evomerge")
@@ -352,6 +354,35 @@ class RayPool:
                     )
                 )
         return expired
+
+    def measure_sources(self, jobs: list[SourceJob]) -> Iterator[tuple[int, bytes]]:
+        """Each source's calibration statistics measured by the workers on their devices
+        (sources dealt round the workers), yielded as each arrives so a finished one is
+        stored even if a later one fails."""
+        from ray.exceptions import RayActorError, RayTaskError
+
+        pending = {
+            self.actors[n % len(self.actors)].source_statistics.remote(*job): n
+            for n, job in enumerate(jobs)
+        }
+        while pending:
+            done, _ = self.ray.wait(list(pending), num_returns=1)
+            number = pending.pop(done[0])
+            try:
+                yield number, self.ray.get(done[0])
+            except RayTaskError as exc:
+                cause = getattr(exc, "cause", None)
+                if isinstance(cause, EvomergeError):
+                    raise EvomergeError(str(cause)) from None
+                raise EvomergeError(
+                    f"statistics of {jobs[number][0]} failed on a worker: "
+                    f"{type(cause).__name__}: {cause}"
+                ) from None
+            except RayActorError as exc:
+                raise EvomergeError(
+                    f"the worker measuring statistics of {jobs[number][0]} died: "
+                    f"{start_failure_reason(exc)}"
+                ) from None
 
     def close(self) -> None:
         for actor in self.actors:

@@ -347,7 +347,7 @@ def drive(run: Run, pool: Pool, progress: bool = True) -> None:
     tracker = None
     try:
         tracker = MlflowTracker.for_run(run)
-        ensure_statistics(run.folder, run.config, run.space)
+        ensure_statistics(run.folder, run.config, run.space, pool)
         score_references(run, pool, progress)
         if tracker is not None:
             tracker.start(run.store.records())
@@ -729,7 +729,8 @@ def references_config(config: RunConfig) -> RunConfig:
 
 def borrowed_references(run: Run) -> dict[tuple[str, str], dict]:
     """Scores of this run's sources and baselines held by the `references_from` run, when
-    they were scored the same way (fitness, objectives, score_dtype) on the same recipe."""
+    they were scored the same way (fitness, objectives, score_dtype) on the same recipe (its
+    failures are not scores: this run scores those itself)."""
     if not run.config.references_from:
         return {}
     folder = Path(run.config.references_from)
@@ -739,15 +740,18 @@ def borrowed_references(run: Run) -> dict[tuple[str, str], dict]:
     return {
         key: result
         for key, result in stored_references(theirs).items()
-        if key in mine and their_recipes.get(key) == mine[key]
+        if key in mine and their_recipes.get(key) == mine[key] and not result.get("error")
     }
 
 
 def score_references(run: Run, pool: Pool, progress: bool = True) -> None:
     """Score every source model and baseline merge once on the fitness tasks (not counted in
     the budget, not told to the optimizer): status and the report set the search against them,
-    and the hypervolume reference defaults to the sources' worst values."""
-    done = stored_references(run)
+    and the hypervolume reference defaults to the sources' worst values. One that failed
+    (out of memory, a fitness bug since fixed) is scored again when the run resumes."""
+    done = {
+        key: result for key, result in stored_references(run).items() if not result.get("error")
+    }
     recipes = reference_recipes(run)
     for key, result in borrowed_references(run).items():
         if key in recipes and key not in done:

@@ -117,8 +117,9 @@ def test_task_vector_presets_need_a_base_model(llama, tmp_path, capsys):
 
 def test_a_run_reuses_another_runs_reference_scores(llama, tmp_path, capsys):
     """references_from: a second run with the same fitness takes the first run's source and
-    baseline scores (held-out included) instead of scoring them again; another fitness is
-    refused in one line before anything is written."""
+    baseline scores (held-out included) instead of scoring them again, but scores a failed one
+    itself (as a resume does); another fitness is refused in one line before anything is
+    written."""
     tasks = make_tasks(tmp_path / "tasks")
     first = tmp_path / "first"
     config = lm_eval_config(llama, tasks, baselines=["average"])
@@ -137,6 +138,14 @@ def test_a_run_reuses_another_runs_reference_scores(llama, tmp_path, capsys):
     a, b = RunStore.open(first), RunStore.open(second)
     assert b.sources() == a.sources() and b.baselines() == a.baselines()
     assert all(v["held_out"] for v in b.sources().values())
+    scored = a.baselines()["average"]
+    a.set_baseline("average", {**scored, "values": None, "error": "RuntimeError: out of memory"})
+    fourth = tmp_path / "fourth"  # a failure of the first run is scored again, not copied
+    assert main(["run", str(path), "--out", str(fourth), "--quiet"]) == 0
+    again = RunStore.open(fourth).baselines()["average"]
+    assert not again.get("error") and again["values"] == scored["values"]
+    assert main(["resume", str(first), "--quiet"]) == 0  # and the first run's own, on resume
+    assert RunStore.open(first).baselines()["average"]["values"] == scored["values"]
     other = {**config, "objectives": [{"name": "p", "metric": "parity_fit: acc,none"}]}
     third = tmp_path / "third"
     path = write(tmp_path, other, "third.yaml")

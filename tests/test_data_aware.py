@@ -408,3 +408,47 @@ def test_regmean_plus_merges_each_layer_on_the_merged_models_activations(llama, 
     state = live.state_dict()
     diff = {k: (state[k].float() - v.float()).abs().max().item() for k, v in exported.items()}
     assert max(diff.values()) == 0, sorted(diff.items(), key=lambda kv: -kv[1])[:3]
+
+
+def test_a_ray_run_measures_the_statistics_on_its_workers(llama, tmp_path, monkeypatch):
+    """On a Ray pool the workers measure the statistics on their devices (where a cluster's
+    GPUs are) and the driver only stores them: with the driver's own measuring broken the run
+    still gets every file, and each equals the statistics measured here."""
+    from safetensors.torch import load, load_file
+
+    import evomerge.calibration as calibration
+    from evomerge.merge.statistics import measure_source, read_metadata
+    from tests.test_run import run_config, write
+
+    texts = [f"Is {n} odd? {'yes' if n % 2 else 'no'}" for n in range(6)]
+    (tmp_path / "calibration.txt").write_text("\n".join(texts) + "\n")
+
+    def measured_here(*args, **kwargs):
+        raise AssertionError("the driver measured statistics itself")
+
+    monkeypatch.setattr(calibration, "measure_source", measured_here)
+    data = run_config(
+        llama,
+        pool="ray",
+        workers=2,
+        threads_per_worker=1,
+        budget=2,
+        score_sources=False,
+        search_space={
+            "kind": "parameter",
+            "method": "fisher",
+            "parameters": {"weight": {"low": 0.1, "high": 1.0, "init": 0.5}},
+        },
+        calibration={"file": str(tmp_path / "calibration.txt")},
+    )
+    out = tmp_path / "run"
+    assert main(["run", str(write(tmp_path, data)), "--out", str(out), "--quiet"]) == 0
+    files = sorted((out / "statistics").glob("*.safetensors"))
+    assert len(files) == 3
+    for path in files:
+        stored = load_file(path)
+        here = load(
+            measure_source(read_metadata(path)["model"], texts, torch.device("cpu"), ["fisher"])
+        )
+        assert stored.keys() == here.keys() and stored
+        assert all(torch.allclose(stored[k], here[k], rtol=1e-5, atol=0) for k in stored)

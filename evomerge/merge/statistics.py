@@ -142,6 +142,53 @@ def compute(
     return out
 
 
+def stored(folder: Path, model_ref: str, texts: list[str]) -> Optional[Path]:
+    """The source's statistics file when the folder holds one for this very text."""
+    path = stats_file(folder, model_ref)
+    if path.exists() and read_metadata(path).get("calibration") == calibration_hash(texts):
+        return path
+    return None
+
+
+def measure_source(
+    model_ref: str,
+    texts: list[str],
+    device: torch.device,
+    kinds: Iterable[str] = KINDS,
+    max_length: int = 256,
+    trust_remote_code: bool = False,
+    model_path: Optional[str] = None,
+) -> bytes:
+    """A source's statistics as the bytes of their safetensors file (what a worker sends back
+    to the driver, which keeps the run folder); `model_path`: where this machine finds the
+    model when the reference is relative or a hub name."""
+    from safetensors.torch import save
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    load = model_path or model_ref
+    model = AutoModelForCausalLM.from_pretrained(
+        load, dtype=torch.float32, use_safetensors=True, trust_remote_code=trust_remote_code
+    ).to(device)
+    tokenizer = AutoTokenizer.from_pretrained(load, trust_remote_code=trust_remote_code)
+    stats = compute(model.eval(), tokenizer, texts, kinds, max_length)
+    del model
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    digest = calibration_hash(texts)
+    metadata = {"model": model_ref, "calibration": digest, "texts": str(len(texts))}
+    return save({k: v.contiguous() for k, v in stats.items()}, metadata=metadata)
+
+
+def write_statistics(folder: Path, model_ref: str, data: bytes) -> Path:
+    """Store a source's statistics file (a kill mid-write leaves no half file under its name)."""
+    path = stats_file(folder, model_ref)
+    folder.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".partial")
+    partial.write_bytes(data)
+    partial.replace(path)
+    return path
+
+
 def compute_for_source(
     model_ref: str,
     texts: list[str],
@@ -152,31 +199,15 @@ def compute_for_source(
     trust_remote_code: bool = False,
     model_path: Optional[str] = None,
 ) -> Path:
-    """Compute and store a source's statistics (unless stored already for the same text);
-    `model_path`: where to load it from when the recipe's reference is relative."""
-    from safetensors.torch import save_file
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    path = stats_file(folder, model_ref)
-    digest = calibration_hash(texts)
-    if path.exists() and read_metadata(path).get("calibration") == digest:
-        return path
-    load = model_path or model_ref
-    model = AutoModelForCausalLM.from_pretrained(
-        load, dtype=torch.float32, use_safetensors=True, trust_remote_code=trust_remote_code
-    ).to(device)
-    tokenizer = AutoTokenizer.from_pretrained(load, trust_remote_code=trust_remote_code)
-    stats = compute(model.eval(), tokenizer, texts, kinds, max_length)
-    del model
-    folder.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(".partial")
-    save_file(
-        {k: v.contiguous() for k, v in stats.items()},
-        partial,
-        metadata={"model": model_ref, "calibration": digest, "texts": str(len(texts))},
+    """Compute and store a source's statistics here (unless stored already for the same
+    text)."""
+    found = stored(folder, model_ref, texts)
+    if found is not None:
+        return found
+    data = measure_source(
+        model_ref, texts, device, kinds, max_length, trust_remote_code, model_path
     )
-    partial.replace(path)  # a kill mid-write leaves no half file under the real name
-    return path
+    return write_statistics(Path(folder), model_ref, data)
 
 
 def save_texts(folder: Path, texts: list[str]) -> Path:
