@@ -134,6 +134,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from evomerge.status import status_data
+    from evomerge.store import RunStore
 
     base = yaml.safe_load(CONFIG.read_text())
     base["fitness"]["include_path"] = str(
@@ -182,7 +183,10 @@ def main() -> None:
         later = status_data(runs["fisher"])["baselines"].items()
         untuned.update({n: s for n, s in later if s.get("values")})
     rows += [row(n, "untuned", s) for n, s in untuned.items()]
-    for method, folder in runs.items():
+    for method, folder in runs.items():  # evaluation seconds from the store (resumes add none)
+        seconds[f"{method} evaluations"] = round(
+            sum(r.seconds for r in RunStore.open(folder).records()), 1
+        )
         best = max(status_data(folder)["pareto"], key=lambda p: p["values"]["mean"])
         budget = yaml.safe_load((args.runs / f"{method}.yaml").read_text())["budget"]
         name = f"searched {method} (#{best['index']} of {budget})"
