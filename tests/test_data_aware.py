@@ -55,6 +55,17 @@ def test_regmean_solves_the_least_squares_problem_it_claims():
     total = w0 * shrunk[0] + shrunk[1]
     rhs = w0 * shrunk[0] @ ws[0].T + shrunk[1] @ ws[1].T
     assert torch.allclose(got.double(), torch.linalg.solve(total, rhs).T, atol=1e-4)
+    # a dead input (zero Gram row and column) makes the system singular: the minimum-norm
+    # least-squares solution, finite, not a failed factorisation
+    dead = [g.clone() for g in grams]
+    for g in dead:
+        g[2, :] = 0
+        g[:, 2] = 0
+    got = run_method("regmean", None, [w.float() for w in ws], {"alpha": 0.5}, stats=dead)
+    shrunk = [g.double() * 0.5 + torch.diag(torch.diagonal(g.double())) * 0.5 for g in dead]
+    rhs = sum(g @ w.T for g, w in zip(shrunk, ws))
+    expected = torch.linalg.lstsq(sum(shrunk), rhs).solution.T
+    assert torch.isfinite(got).all() and torch.allclose(got.double(), expected, atol=1e-4)
     # a tensor that is not a linear weight (no Gram) is the weighted average
     vec = [torch.randn(5), torch.randn(5)]
     assert torch.allclose(run_method("regmean", None, vec, {}, stats=[None, None]), sum(vec) / 2)

@@ -86,8 +86,19 @@ def regmean(m: MergeInputs) -> torch.Tensor:
         g = g * alpha + torch.diag(torch.diagonal(g)) * (1 - alpha)
         total.add_(g, alpha=w)
         rhs.add_(g @ x.to(torch.float64).T, alpha=w)  # G_i W_i^T
-    solved = torch.linalg.lstsq(total, rhs).solution  # W^T: a singular G (a dead input) is fine
-    return solved.T.to(torch.float32).contiguous()
+    return _solve_gram(total, rhs, alpha).T.to(torch.float32).contiguous()
+
+
+def _solve_gram(total: torch.Tensor, rhs: torch.Tensor, alpha: float) -> torch.Tensor:
+    """W^T from the merged Gram matrix. With alpha < 1 the matrix is positive definite unless an
+    input is dead (a zero diagonal entry), and a Cholesky solve is about twice as fast as least
+    squares; a singular matrix (a dead input, alpha 1 on fewer tokens than inputs) gets the
+    least-squares minimum-norm solution."""
+    if alpha < 1:
+        factor, info = torch.linalg.cholesky_ex(total)
+        if int(info) == 0:
+            return torch.cholesky_solve(rhs, factor)
+    return torch.linalg.lstsq(total, rhs).solution
 
 
 def _minmax(x: torch.Tensor) -> torch.Tensor:
