@@ -238,6 +238,39 @@ def test_merge_computes_stores_and_reuses_statistics(llama, tmp_path, capsys, me
     assert all(torch.equal(load_folder(tmp_path / "named")[k], merged[k]) for k in merged)
 
 
+def test_linears_fed_the_same_input_share_one_stored_gram(llama, tmp_path):
+    """q/k/v (and gate/up) see the very same input: their Gram matrix is stored once and read
+    back under every name, equal to what was measured."""
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from evomerge.merge.statistics import Statistics, compute_for_source
+
+    texts = [f"note {i}: {i * 7} apples" for i in range(4)]
+    ref = str(llama["ft0"])
+    path = compute_for_source(ref, texts, tmp_path / "s", torch.device("cpu"), kinds=["gram"])
+    model = AutoModelForCausalLM.from_pretrained(ref, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(ref)
+    linears = linear_inputs(model)
+    grams = {name: 0 for name in linears}  # X^T X of every linear, measured here
+    for name, module in linears.items():
+        module.register_forward_pre_hook(gram_hook(grams, name))
+    tokens = 0
+    with torch.no_grad():
+        for text in texts:
+            ids = tokenizer(text, return_tensors="pt")["input_ids"]
+            model(input_ids=ids)
+            tokens += ids.numel()
+    with safe_open(str(path), framework="pt") as handle:
+        stored = set(handle.keys())
+    layers = model.config.num_hidden_layers
+    assert len(stored) == len(linears) - 3 * layers  # k, v and up read q's and gate's
+    stats = Statistics(tmp_path / "s")
+    for name, gram in grams.items():
+        read = stats.get(ref, "gram", name)
+        assert torch.allclose(read.double(), gram / tokens, rtol=1e-5, atol=1e-6), name
+
+
 def test_statistics_bad_input_is_one_line(llama, tmp_path, capsys):
     calibration = tmp_path / "c.txt"
     calibration.write_text("some text here\n")
