@@ -141,7 +141,8 @@ def test_a_run_reuses_another_runs_reference_scores(llama, tmp_path, capsys):
     scored = a.baselines()["average"]
     a.set_baseline("average", {**scored, "values": None, "error": "RuntimeError: out of memory"})
     fourth = tmp_path / "fourth"  # a failure of the first run is scored again, not copied
-    assert main(["run", str(path), "--out", str(fourth), "--quiet"]) == 0
+    short = write(tmp_path, {**config, "budget": 1}, "fourth.yaml")
+    assert main(["run", str(short), "--out", str(fourth), "--quiet"]) == 0
     again = RunStore.open(fourth).baselines()["average"]
     assert not again.get("error") and again["values"] == scored["values"]
     assert main(["resume", str(first), "--quiet"]) == 0  # and the first run's own, on resume
