@@ -60,16 +60,42 @@ def check_calibration(config: RunConfig, space: SearchSpace) -> None:
                 "sources on calibration text; add calibration: {file: PATH}"
             )
         return
-    texts = read_calibration(Path(config.calibration.file), config.calibration.limit)
+    calibration = config.calibration
+    if method is not None and method.statistics == "activations" and calibration.file is None:
+        raise EvomergeError(
+            "field 'calibration.file': regmean_plus measures the merged model on one text for "
+            "all sources; give calibration.file"
+        )
+    files = {"calibration.file": calibration.file} if calibration.file else {}
+    files |= {f"calibration.files.{name}": path for name, path in calibration.files.items()}
+    texts = {
+        field: read_calibration(Path(path), calibration.limit) for field, path in files.items()
+    }
+    held_out = held_out_of(config)
+    for field, found in texts.items():
+        check_no_held_out(found, held_out, field)
+
+
+def held_out_of(config: RunConfig) -> list[tuple[str, int, str]]:
+    """The run's held-out documents (see held_out_prompts); none without held-out tasks."""
     fitness = config.fitness
     if isinstance(fitness, LmEvalFitnessSpec) and fitness.held_out is not None:
-        for task, number, prompt in held_out_prompts(fitness):
-            hit = next((i for i, text in enumerate(texts) if prompt in text), None)
-            if hit is not None:
-                raise EvomergeError(
-                    f"field 'calibration.file': text {hit + 1} holds document {number} of the "
-                    f"held-out task {task}; calibrate on documents the held-out scores never see"
-                )
+        return held_out_prompts(fitness)
+    return []
+
+
+def check_no_held_out(
+    texts: list[str], held_out: list[tuple[str, int, str]], field: str, what: str = "calibrate"
+) -> None:
+    """Refuse text that holds a held-out document's prompt: what the held-out scores are
+    computed on must stay unseen by every merge that is scored on it."""
+    for task, number, prompt in held_out:
+        hit = next((i for i, text in enumerate(texts) if prompt in text), None)
+        if hit is not None:
+            raise EvomergeError(
+                f"field '{field}': text {hit + 1} holds document {number} of the held-out "
+                f"task {task}; {what} on documents the held-out scores never see"
+            )
 
 
 def held_out_prompts(fitness: LmEvalFitnessSpec) -> list[tuple[str, int, str]]:
@@ -77,11 +103,11 @@ def held_out_prompts(fitness: LmEvalFitnessSpec) -> list[tuple[str, int, str]]:
     8 characters say too little to count as an overlap)."""
     from lm_eval.tasks import TaskManager
 
-    from evomerge.scoring import _working_dir
+    from evomerge.scoring import working_dir
 
     folder = Path(fitness.include_path) if fitness.include_path else None
     manager = TaskManager(include_path=fitness.include_path)
-    with _working_dir(folder):
+    with working_dir(folder):
         loaded = manager.load(list(fitness.held_out.tasks))["tasks"]
     out = []
     for name, task in loaded.items():
@@ -101,20 +127,32 @@ def ensure_statistics(
     method = data_method(space)
     if method is None or config.calibration is None:
         return
-    texts = read_calibration(Path(config.calibration.file), config.calibration.limit)
+    calibration = config.calibration
     part = parameter_part(space)
     where = folder / STATISTICS
     if method.statistics == "activations":  # RegMean++ measures each merged candidate itself
-        save_texts(where, texts)
+        save_texts(where, read_calibration(Path(calibration.file), calibration.limit))
         return
+    texts = {
+        name: read_calibration(Path(calibration.file_for(name)), calibration.limit)
+        for name in part.model_names()
+        if calibration.file_for(name) is not None
+    }
+    no_text = next((name for name in part.model_names() if name not in texts), None)
+    if no_text is not None:
+        raise EvomergeError(
+            f"field 'calibration.files': no calibration text for source {no_text!r}; add "
+            f"calibration.files.{no_text}: PATH or a shared calibration.file"
+        )
     missing = [
         (name, config.models[name])
         for name in part.model_names()
-        if stored(where, config.models[name], texts) is None
+        if stored(where, config.models[name], texts[name]) is None
     ]
     if not missing:
         return
-    jobs = [(ref, texts, [method.statistics], config.calibration.max_length) for _, ref in missing]
+    length = calibration.max_length
+    jobs = [(ref, texts[name], [method.statistics], length) for name, ref in missing]
     start = time.perf_counter()
     if pool is not None:
         measured: Iterable[tuple[int, bytes]] = pool.measure_sources(jobs)

@@ -201,6 +201,33 @@ def _cmd_zoo_real(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_learn(args: argparse.Namespace) -> int:
+    from evomerge.config import RunConfig
+    from evomerge.learn.command import learn_folder, summary_line
+    from evomerge.learn.train import TrainSettings
+
+    config = RunConfig.load(args.config)
+    for flag, value in (("--steps", args.steps), ("--batch-size", args.batch_size)):
+        if value is not None and value <= 0:
+            raise EvomergeError(f"{flag} {value}: must be a positive number")
+    if not args.lr > 0:
+        raise EvomergeError(f"--lr {args.lr}: must be > 0")
+    if args.device:
+        config.device = args.device
+    settings = TrainSettings(
+        steps=args.steps,
+        lr=args.lr,
+        batch_size=args.batch_size or TrainSettings.batch_size,
+        seed=args.seed,
+        granularity=args.granularity,
+        embeddings_and_norms=args.embeddings_and_norms,
+        progress=not args.quiet,
+    )
+    out, learned = learn_folder(config, args.method, Path(args.out), settings, args.force)
+    print(summary_line(learned, out))
+    return 0
+
+
 def _cmd_zoo_train(args: argparse.Namespace) -> int:
     from evomerge.zoo.real import EXPERTS, SKILLS, RealZooSettings, train_experts
     from evomerge.zoo.smollm import build_smollm
@@ -244,6 +271,32 @@ def build_parser() -> argparse.ArgumentParser:
         "--calibration-limit", type=int, default=None, help="use the first N texts only"
     )
     merge.set_defaults(handler=_cmd_merge)
+
+    learn = sub.add_parser(
+        "learn", help="train a learned merge (DAM, AdaMerging) on a run config's models and data"
+    )
+    learn.add_argument("config", help="run config YAML (its models, calibration and fitness)")
+    learn.add_argument("--method", required=True, choices=("dam", "adamerging"))
+    learn.add_argument("--out", required=True, help="output folder (a Hugging Face checkpoint)")
+    learn.add_argument("--steps", type=int, help="training steps (default: one pass over the data)")
+    learn.add_argument("--lr", type=float, default=1e-3, help="Adam's learning rate (1e-3)")
+    learn.add_argument("--batch-size", type=int, help="texts per step and source (default 8)")
+    learn.add_argument("--seed", type=int, default=0, help="the order texts are drawn in")
+    learn.add_argument(
+        "--granularity",
+        choices=("layer", "tensor"),
+        default="layer",
+        help="AdaMerging: one lambda per source per decoder layer (default) or per tensor",
+    )
+    learn.add_argument(
+        "--embeddings-and-norms",
+        action="store_true",
+        help="DAM: learn coefficients for embeddings and norms too (default: linear layers)",
+    )
+    learn.add_argument("--device", help="cpu, cuda, cuda:N or auto (default: the config's)")
+    learn.add_argument("--force", action="store_true", help="replace an existing output folder")
+    learn.add_argument("--quiet", action="store_true", help="no progress bar")
+    learn.set_defaults(handler=_cmd_learn)
 
     run = sub.add_parser("run", help="start a search from a run config")
     run.add_argument("config", help="run config YAML")

@@ -139,12 +139,26 @@ def _fitness_kind(data: Any) -> str:
 
 
 class CalibrationSpec(BaseModel):
-    """Text the data-aware methods (fisher, regmean) compute the sources' statistics on."""
+    """Text the data-aware methods (fisher, regmean) compute the sources' statistics on, and
+    each source's own text that DAM distils it from (`files`, per model name)."""
 
     model_config = ConfigDict(extra="forbid")
-    file: NonEmpty  # JSONL with a "text" (or "prompt" and "target") field, or plain text lines
+    # JSONL with a "text" (or "prompt" and "target") field, or plain text lines: every source's
+    file: Optional[NonEmpty] = None
+    # model name -> its own text (the same formats); a source not named reads `file`
+    files: dict[str, NonEmpty] = Field(default_factory=dict)
     limit: Optional[int] = Field(default=64, gt=0)  # the first N texts
     max_length: int = Field(default=256, gt=1)  # tokens per text
+
+    @model_validator(mode="after")
+    def _some_text(self) -> CalibrationSpec:
+        if self.file is None and not self.files:
+            raise ValueError("give 'file' (every source's text) or 'files' (per model name)")
+        return self
+
+    def file_for(self, model: str) -> Optional[str]:
+        """The text file of source `model`: its own, else the shared one."""
+        return self.files.get(model, self.file)
 
 
 class TrackingSpec(BaseModel):
@@ -228,6 +242,11 @@ class RunConfig(BaseModel):
             )
         if self.base_model is not None and self.base_model not in self.models:
             raise ValueError(f"base_model {self.base_model!r} is not a key of 'models'")
+        stray = [
+            m for m in (self.calibration.files if self.calibration else {}) if m not in self.models
+        ]
+        if stray:
+            raise ValueError(f"calibration.files: {stray[0]!r} is not a key of 'models'")
         names = [o.name for o in self.objectives]
         if len(set(names)) != len(names):
             raise ValueError("objective names must be unique")
@@ -284,7 +303,10 @@ class RunConfig(BaseModel):
             if config.references_from:
                 config.references_from = _beside(config.references_from, base_dir)
             if config.calibration is not None:
-                config.calibration.file = _beside(config.calibration.file, base_dir)
+                calibration = config.calibration
+                if calibration.file is not None:
+                    calibration.file = _beside(calibration.file, base_dir)
+                calibration.files = {k: _beside(v, base_dir) for k, v in calibration.files.items()}
             for spec in config.baselines:
                 if isinstance(spec, BaselineSpec) and isinstance(spec.recipe, str):
                     spec.recipe = _beside(spec.recipe, base_dir)

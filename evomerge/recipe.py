@@ -119,6 +119,8 @@ class Recipe(BaseModel):
     path: Optional[list[PathStep]] = None
     # data-aware methods (fisher, regmean): the folder of the sources' calibration statistics
     statistics: Optional[str] = None
+    # learned merges (dam, adamerging): their coefficient file (safetensors), beside the recipe
+    coefficients: Optional[str] = None
     lines: Optional[LinesSchedule] = None  # a depth schedule for task-vector methods
 
     @model_validator(mode="after")
@@ -187,7 +189,9 @@ class Recipe(BaseModel):
     def to_mergekit_yaml(self) -> str:
         """The same merge as a mergekit config (without evomerge's own fields)."""
         data = self.model_dump(
-            mode="json", exclude_none=True, exclude={"seed", "name", "statistics", "lines"}
+            mode="json",
+            exclude_none=True,
+            exclude={"seed", "name", "statistics", "coefficients", "lines"},
         )
         return yaml.safe_dump(data, sort_keys=False)
 

@@ -185,9 +185,12 @@ def prepare(config: RunConfig) -> tuple[RunConfig, SearchSpace]:
     check_fitness(resolved)
     if resolved.calibration is not None:
         calibration = resolved.calibration
-        file = Path(calibration.file)
+        absolute = lambda f: str(Path(f).resolve()) if Path(f).exists() else f  # noqa: E731
         resolved.calibration = calibration.model_copy(
-            update={"file": str(file.resolve()) if file.exists() else str(file)}
+            update={
+                "file": None if calibration.file is None else absolute(calibration.file),
+                "files": {k: absolute(v) for k, v in calibration.files.items()},
+            }
         )
     check_calibration(resolved, space)
     return resolved, space
@@ -256,10 +259,10 @@ def check_fitness(config: RunConfig) -> None:
 def _task_sizes(tasks: tuple[str, ...], include_path: Optional[str]) -> dict[str, int]:
     from lm_eval.tasks import TaskManager
 
-    from evomerge.scoring import _working_dir
+    from evomerge.scoring import working_dir
 
     manager = TaskManager(include_path=include_path)
-    with _working_dir(Path(include_path) if include_path else None):
+    with working_dir(Path(include_path) if include_path else None):
         loaded = manager.load(list(tasks))["tasks"]
     return {name: len(task.eval_docs) for name, task in loaded.items() if name in tasks}
 

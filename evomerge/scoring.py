@@ -22,7 +22,7 @@ SKIP_KEYS = {"alias", "name", "sample_len", "samples"}
 
 
 @contextlib.contextmanager
-def _working_dir(folder: Optional[Path]):
+def working_dir(folder: Optional[Path]):
     if folder is None:
         yield
         return
@@ -64,7 +64,7 @@ class LmEvalFitness:
                 f"field 'fitness.tasks': lm-eval knows no task {unknown[0]!r}"
                 + (f" (looked in {folder} too)" if folder else "; set fitness.include_path")
             )
-        with _working_dir(folder):
+        with working_dir(folder):
             self.task_dict = manager.load(list(tasks))
         shots = num_fewshot if isinstance(num_fewshot, dict) else {}
         stray = [name for name in shots if name not in tasks]

@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 from evomerge.errors import EvomergeError
 from evomerge.merge.io import ModelSource, ShardedWriter, copy_tokenizer
 from evomerge.merge.layerwise import merge_layerwise
+from evomerge.merge.learned import COEFFICIENTS, LOG, Coefficients
 from evomerge.merge.live import build_live_model, unwritten
 from evomerge.merge.memory import keep_freed_memory
 from evomerge.merge.ops import (
@@ -167,8 +168,16 @@ def _write_metadata(plan: MergePlan, folder: Path) -> None:
     gen = tokenizer_dir / "generation_config.json"
     if gen.exists():
         shutil.copy2(gen, folder / gen.name)
-    (folder / "evomerge_recipe.yaml").write_text(plan.recipe.to_yaml())
-    if plan.recipe.merge_method != "dataflow":  # mergekit has no data-flow recipes
+    recipe = plan.recipe
+    if isinstance(plan.statistics, Coefficients):  # the folder carries what it was merged from
+        (folder / COEFFICIENTS).parent.mkdir()
+        shutil.copy2(plan.statistics.path, folder / COEFFICIENTS)
+        log = plan.statistics.path.with_name(LOG)
+        if log.is_file():
+            shutil.copy2(log, (folder / COEFFICIENTS).with_name(LOG))
+        recipe = recipe.model_copy(update={"coefficients": COEFFICIENTS})
+    (folder / "evomerge_recipe.yaml").write_text(recipe.to_yaml())
+    if plan.recipe.merge_method != "dataflow" and not plan.method.learned:  # mergekit has neither
         (folder / "mergekit_config.yml").write_text(plan.recipe.to_mergekit_yaml())
 
 

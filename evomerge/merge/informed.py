@@ -93,12 +93,14 @@ def _solve_gram(total: torch.Tensor, rhs: torch.Tensor, alpha: float) -> torch.T
     """W^T from the merged Gram matrix. With alpha < 1 the matrix is positive definite unless an
     input is dead (a zero diagonal entry), and a Cholesky solve is about twice as fast as least
     squares; a singular matrix (a dead input, alpha 1 on fewer tokens than inputs) gets the
-    least-squares minimum-norm solution."""
+    least-squares minimum-norm solution, by SVD: LAPACK's default QR-based driver (gelsy)
+    decides the rank of such a matrix differently from call to call in one process, so the
+    same merge could come out with other weights."""
     if alpha < 1:
         factor, info = torch.linalg.cholesky_ex(total)
         if int(info) == 0:
             return torch.cholesky_solve(rhs, factor)
-    return torch.linalg.lstsq(total, rhs).solution
+    return torch.linalg.lstsq(total, rhs, driver="gelsd").solution
 
 
 def _minmax(x: torch.Tensor) -> torch.Tensor:

@@ -51,8 +51,9 @@ class MergeInputs:
     per_input: list[dict[str, Any]]
     rng: Optional[TensorRng] = None
     scratch: bool = False
-    # per non-base input, the statistic a data-aware method reads for this tensor (None where
-    # the source has none for it); None when the method reads none
+    # per non-base input, the statistic a data-aware method reads for this tensor, or the
+    # coefficients a learned merge reads (None where the source has none for it); None when
+    # the method reads none
     stats: Optional[list[Optional[torch.Tensor]]] = None
 
 
@@ -74,6 +75,7 @@ class Method:
     statistics: Optional[str] = None  # "fisher" or "gram": what it reads from calibration data
     task_vector: bool = False  # merges base + f(task vectors): a LiNeS schedule can scale them
     layerwise: bool = False  # merged layer after layer in a live model (RegMean++)
+    learned: Optional[str] = None  # "dam" or "adamerging": reads a trained coefficient file
     param_index: dict[str, Param] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:

@@ -12,11 +12,12 @@ import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import torch
 
 from evomerge.merge.io import ModelSource, OutputTensor
+from evomerge.merge.learned import Coefficients
 from evomerge.merge.methods import MergeInputs, Method
 from evomerge.merge.rng import TensorRng
 from evomerge.merge.statistics import Statistics
@@ -62,7 +63,8 @@ class MergePlan:
     layer_sources: Optional[list[tuple[str, int]]] = None  # output layer -> (source, layer)
     sources: dict[str, ModelSource] = field(default_factory=dict, repr=False)
     config_overrides: dict[str, Any] = field(default_factory=dict)
-    statistics: Optional[Statistics] = field(default=None, repr=False)  # data-aware methods
+    # what a data-aware method (Statistics) or a learned merge (Coefficients) reads
+    statistics: Optional[Union[Statistics, Coefficients]] = field(default=None, repr=False)
 
     @property
     def out_layers(self) -> Optional[int]:
@@ -129,7 +131,7 @@ def merge_tensor(
     inputs_are_private: bool,
     rows: Optional[slice] = None,
     raw: Optional[list[torch.Tensor]] = None,
-    statistics: Optional[Statistics] = None,
+    statistics: Optional[Union[Statistics, Coefficients]] = None,
 ) -> torch.Tensor:
     """One output tensor (or its `rows`), in its output dtype, on `device`
     (`inputs_are_private`: the fetched tensors are the caller's to overwrite, so the method may
@@ -149,11 +151,12 @@ def merge_tensor(
         start = 0 if rows is None else rows.start * math.prod(op.shape[1:])
         rng = TensorRng(seed, op.name, start=start)
     stats = None
-    if method.statistics and statistics is not None:
+    kind = method.statistics or method.learned
+    if kind and statistics is not None:
         stats = []
         for i, (model, name) in enumerate(op.inputs):
             if i != op.base_index:
-                value = statistics.get(model, method.statistics, name)
+                value = statistics.get(model, kind, name)
                 stats.append(None if value is None else value.to(device, torch.float32))
     keep = base.clone() if op.scale is not None and scratch and base is not None else base
     merged = method.fn(MergeInputs(base, others, op.shared, op.per_input, rng, scratch, stats))
@@ -170,7 +173,7 @@ def merge_whole(
     seed: int,
     inputs_are_private: bool,
     chunk_bytes: Optional[int] = None,
-    statistics: Optional[Statistics] = None,
+    statistics: Optional[Union[Statistics, Coefficients]] = None,
 ) -> torch.Tensor:
     """One output tensor, merged in row chunks where the method allows and the tensor is larger
     than `chunk_bytes`, so merge temporaries stay bounded; the result is the same either way."""
@@ -183,5 +186,7 @@ def merge_whole(
     out = torch.empty(op.shape, dtype=op.out_dtype, device=device)
     for rows in pieces:
         raw = [t[rows] for t in whole]
-        out[rows] = merge_tensor(op, method, fetch, device, seed, inputs_are_private, rows, raw)
+        out[rows] = merge_tensor(
+            op, method, fetch, device, seed, inputs_are_private, rows, raw, statistics
+        )
     return out

@@ -16,6 +16,7 @@ from typing import Any, Optional
 from evomerge.errors import EvomergeError
 from evomerge.merge.dataflow import build_dataflow_plan
 from evomerge.merge.io import ModelSource, parse_dtype
+from evomerge.merge.learned import Coefficients
 from evomerge.merge.methods import Method, Param, get_method
 from evomerge.merge.nested import MergedSource
 from evomerge.merge.ops import POST_NAME, MergePlan, TensorOp, split_layer_name
@@ -352,6 +353,8 @@ def build_plan(
     )
     if method.statistics and (statistics_required or recipe.statistics is not None):
         plan.statistics = _open_statistics(recipe, method, search_dirs)
+    if method.learned and (statistics_required or recipe.coefficients is not None):
+        plan.statistics = _open_coefficients(recipe, method, search_dirs)
     return plan
 
 
@@ -391,6 +394,28 @@ def _open_statistics(recipe: Recipe, method: Method, search_dirs: Iterable) -> S
     ]
     statistics.check(dict.fromkeys(inputs), method.statistics)
     return statistics
+
+
+def _open_coefficients(recipe: Recipe, method: Method, search_dirs: Iterable) -> Coefficients:
+    """The trained coefficient file a learned merge names, checked against its inputs."""
+    if recipe.coefficients is None:
+        raise EvomergeError(
+            f"field 'coefficients': {method.name} merges with learned coefficients; name their "
+            "file, or train one with `evomerge learn CONFIG --method dam|adamerging --out DIR`"
+        )
+    path = Path(recipe.coefficients)
+    if not path.is_absolute():
+        for where in search_dirs:
+            if where is not None and (Path(where) / path).is_file():
+                path = Path(where) / path
+                break
+    coefficients = Coefficients(path)
+    inputs = [m.model for m in recipe.models or []] or [
+        src.model for out in recipe.slices or [] for src in out.sources
+    ]
+    merged = [ref for ref in dict.fromkeys(inputs) if ref != recipe.base_model]
+    coefficients.check(merged, method.name)
+    return coefficients
 
 
 def _layer_tensors(source: ModelSource, layer: int) -> list[tuple[str, str]]:

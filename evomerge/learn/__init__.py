@@ -1,0 +1,1 @@
+"""Learned merges: DAM and AdaMerging coefficients trained on a run config's models and data."""

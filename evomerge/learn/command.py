@@ -1,0 +1,156 @@
+"""`evomerge learn`: train a learned merge on a run config's models and data, and write it as an
+ordinary Hugging Face folder whose `evomerge_recipe.yaml` re-materializes it from the coefficient
+file beside it. A run's `dam` / `adamerging` baselines and the hybrid search use the same
+`learn_coefficients` to learn once into the run folder."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from evomerge.config import RunConfig
+from evomerge.errors import EvomergeError
+from evomerge.learn.data import source_texts, task_inputs
+from evomerge.learn.train import (
+    FrozenSources,
+    Learned,
+    TrainSettings,
+    train_adamerging,
+    train_dam,
+)
+from evomerge.merge.engine import merge_to_disk, pick_device
+from evomerge.merge.io import ModelSource
+from evomerge.merge.learned import LEARNED, LOG, write_coefficients
+from evomerge.recipe import Recipe
+
+
+def experts(config: RunConfig) -> list[str]:
+    """The run's models a learned merge combines: every one but the base."""
+    names = [name for name in config.models if name != config.base_model]
+    if not names:
+        raise EvomergeError("field 'models': a learned merge needs models besides base_model")
+    return names
+
+
+def check_method(config: RunConfig, method: str) -> None:
+    if method not in LEARNED:
+        raise EvomergeError(f"--method {method!r}: choose one of {', '.join(LEARNED)}")
+    if method == "adamerging" and config.base_model is None:
+        raise EvomergeError(
+            "field 'base_model': AdaMerging adds weighted task vectors to a base model; set "
+            "base_model (or use --method dam)"
+        )
+
+
+def learned_recipe(config: RunConfig, method: str, coefficients: Path, seed: int = 0) -> Recipe:
+    """The recipe of the learned merge: the experts at scale 1, the coefficient file named."""
+    data: dict[str, Any] = {
+        "merge_method": method,
+        "models": [{"model": config.models[name]} for name in experts(config)],
+        "coefficients": str(coefficients),
+        "seed": seed,
+    }
+    if config.base_model is not None:
+        data["base_model"] = config.models[config.base_model]
+    return Recipe.from_dict(data, source=f"learned {method} merge")
+
+
+def _load(config: RunConfig, names: list[str], device: torch.device) -> tuple[FrozenSources, Any]:
+    """The skeleton (the first model, fp32, on `device`) and every named source's tensors there;
+    the skeleton's own parameters serve as its source's tensors."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    sources = {name: ModelSource(config.models[name]) for name in names}
+    first = names[0]
+    skeleton = AutoModelForCausalLM.from_pretrained(
+        sources[first].path,
+        dtype=torch.float32,
+        use_safetensors=True,
+        trust_remote_code=config.trust_remote_code,
+    ).to(device)
+    tensors = {first: dict(skeleton.named_parameters())}
+    for name in names[1:]:
+        source = sources[name]
+        tensors[name] = {
+            key: source.get(key).to(device, torch.float32)
+            for key in tensors[first]
+            if key in source.index
+        }
+        source.close()
+    tokenizer_from = sources[config.base_model].path if config.base_model else sources[first].path
+    tokenizer = AutoTokenizer.from_pretrained(
+        tokenizer_from, trust_remote_code=config.trust_remote_code
+    )
+    return FrozenSources(skeleton, tensors), tokenizer
+
+
+def learn(config: RunConfig, method: str, settings: TrainSettings) -> Learned:
+    """Train `method`'s coefficients on the config's models: DAM on each expert's own text,
+    AdaMerging on the fitness tasks' inputs; bad input fails before any model is loaded."""
+    check_method(config, method)
+    names = experts(config)
+    texts = source_texts(config, names) if method == "dam" else None
+    if config.calibration is not None and settings.max_length == TrainSettings.max_length:
+        settings.max_length = config.calibration.max_length
+    device = pick_device(config.device)
+    loading = [*([config.base_model] if config.base_model else []), *names]
+    sources, tokenizer = _load(config, loading, device)
+    if method == "dam":
+        return train_dam(sources, tokenizer, names, texts, config.base_model, settings)
+    prompts = task_inputs(config, tokenizer)
+    return train_adamerging(sources, tokenizer, config.base_model, names, prompts, settings)
+
+
+def learn_coefficients(
+    config: RunConfig, method: str, path: Path, settings: TrainSettings
+) -> tuple[Path, Learned]:
+    """Train and store the coefficient file at `path`, its training log beside it."""
+    learned = learn(config, method, settings)
+    refs = [config.models[name] for name in experts(config)]
+    base = config.models[config.base_model] if config.base_model else None
+    write_coefficients(path, method, refs, base, learned.coefficients, learned.summary)
+    log = path.with_name(LOG)
+    log.write_text("".join(json.dumps(row) + "\n" for row in learned.log))
+    return path, learned
+
+
+def learn_folder(
+    config: RunConfig,
+    method: str,
+    out: Path,
+    settings: TrainSettings,
+    force: bool = False,
+    seed: int = 0,
+) -> tuple[Path, Learned]:
+    """Train, then write `out` (weights, config, tokenizer, recipe, coefficients, training
+    log); nothing lands at `out` unless every step succeeds."""
+    out = Path(out)
+    if out.exists() and not force:
+        raise EvomergeError(f"output folder {out} exists; choose another or pass --force")
+    check_method(config, method)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.learning-", dir=out.parent))
+    try:
+        path, learned = learn_coefficients(
+            config, method, work / "coefficients.safetensors", settings
+        )
+        recipe = learned_recipe(config, method, path, seed)
+        merge_to_disk(recipe, out, device=config.device, force=force, progress=settings.progress)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return out, learned
+
+
+def summary_line(learned: Learned, out: Optional[Path] = None) -> str:
+    s = learned.summary
+    where = f" -> {out}" if out is not None else ""
+    return (
+        f"{s['method']}: {s['steps']} steps in {s['seconds']:.1f} s, loss {s['loss_first']:.4f} "
+        f"-> {s['loss_last']:.4f}, {s['coefficients']:,} coefficients, "
+        f"{s['tokens_forward']:,} forward / {s['tokens_backward']:,} backward tokens{where}"
+    )

@@ -1,0 +1,220 @@
+"""Learned merges (DAM, AdaMerging) against their equations, written out here independently:
+the merged weight is sum_i c_i * W_i (DAM) or theta_0 + sum_k lambda_k tau_k (AdaMerging) from
+the stored coefficient file; the training losses equal a KL and an entropy computed here, and a
+few steps lower them; lambdas stay in [0, 1]; the learned folder re-merges bit for bit on disk
+and in a live model; bad input ends in one line with nothing written."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+from safetensors import safe_open
+
+from evomerge.cli import main
+from evomerge.config import RunConfig
+from evomerge.learn.command import _load
+from evomerge.learn.train import (
+    TrainSettings,
+    answer_entropy,
+    kl_to_source,
+    similarity_penalty,
+    train_adamerging,
+    train_dam,
+)
+from evomerge.merge.engine import load_source_tensors, merge_into_model, merge_to_disk, plan_for
+from evomerge.merge.io import ModelSource
+from evomerge.merge.live import build_live_model
+from evomerge.merge.methods import MergeInputs, get_method
+from evomerge.recipe import Recipe
+
+from .helpers import load_folder
+from .test_run import expect_error, run_config, write
+from .test_workers import make_tasks
+
+
+def texts_of(tmp_path, name: str, words: str, count: int = 4):
+    path = tmp_path / f"{name}.txt"
+    path.write_text("".join(f"{words} {n} {words}\n" for n in range(count)))
+    return str(path)
+
+
+def learn_config(llama, tmp_path, **changes) -> dict:
+    tasks = make_tasks(tmp_path / "tasks")
+    calibration = {
+        "files": {
+            "a": texts_of(tmp_path, "a", "alpha beta"),
+            "b": texts_of(tmp_path, "b", "gamma delta"),
+        }
+    }
+    fitness = {
+        "kind": "lm_eval",
+        "tasks": ["parity_fit"],
+        "include_path": str(tasks),
+        "batch_size": 4,
+        "held_out": {"tasks": ["parity_held"]},
+    }
+    objectives = [{"name": "parity", "metric": "parity_fit: acc,none"}]
+    config = run_config(llama, calibration=calibration, fitness=fitness, objectives=objectives)
+    config.update(changes)
+    return config
+
+
+def method_fn(name, base, others, stats, scales=None):
+    scales = scales or [1.0] * len(others)
+    inputs = MergeInputs(base, [o.clone() for o in others], {}, [{"scale": s} for s in scales])
+    inputs.stats = stats
+    return get_method(name).fn(inputs)
+
+
+def test_dam_is_the_column_scaled_sum_and_adamerging_the_clamped_task_vectors():
+    torch.manual_seed(0)
+    base = torch.randn(4, 6)
+    ws = [torch.randn(4, 6) for _ in range(3)]
+    cs = [torch.rand(6) for _ in ws]
+    expected = sum(c[None, :] * w for c, w in zip(cs, ws))
+    assert torch.allclose(method_fn("dam", None, ws, cs), expected)
+    scaled = sum(s * c[None, :] * w for s, c, w in zip((0.5, 1.0, 2.0), cs, ws))
+    assert torch.allclose(method_fn("dam", None, ws, cs, [0.5, 1.0, 2.0]), scaled, atol=1e-6)
+    # a tensor with no coefficients: the base when there is one, else the mean
+    assert torch.equal(method_fn("dam", base, ws, [None] * 3), base)
+    assert torch.allclose(method_fn("dam", None, ws, [None] * 3), sum(ws) / 3)
+    lambdas = [torch.tensor(0.25), torch.tensor(1.7), torch.tensor(-0.3)]  # clamped to [0, 1]
+    expected = base + 0.25 * (ws[0] - base) + 1.0 * (ws[1] - base)
+    assert torch.allclose(method_fn("adamerging", base, ws, lambdas), expected, atol=1e-6)
+
+
+def test_dam_loss_is_the_tempered_kl_and_a_few_steps_lower_it(llama, tmp_path):
+    config = RunConfig.from_dict(learn_config(llama, tmp_path, base_model=None))
+    sources, tokenizer = _load(config, ["a", "b"], torch.device("cpu"))
+    torch.manual_seed(0)
+    merged, teacher = torch.randn(2, 5, 11), torch.randn(2, 5, 11)
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+    t = 2.0
+    expected, kept = 0.0, 0
+    for row in range(2):
+        for pos in range(5):
+            if mask[row, pos]:
+                p = torch.softmax(teacher[row, pos] / t, -1)
+                q = torch.softmax(merged[row, pos] / t, -1)
+                expected += float((p * (p.log() - q.log())).sum())
+                kept += 1
+    assert float(kl_to_source(merged, teacher, mask)) == pytest.approx(expected / kept * t * t)
+    vectors = {"w": [torch.tensor([1.0, 0.0]), torch.tensor([1.0, 1.0])]}
+    assert float(similarity_penalty(vectors)) == pytest.approx(2**-0.5)
+    texts = {"a": ["alpha beta 1 alpha beta"] * 4, "b": ["gamma delta 2 gamma"] * 4}
+    settings = TrainSettings(steps=6, lr=0.05, batch_size=4, progress=False)
+    learned = train_dam(sources, tokenizer, ["a", "b"], texts, None, settings)
+    kls = [row["kl a"] + row["kl b"] for row in learned.log]
+    assert kls[-1] < kls[0]
+    linear = sources.linear_weights()
+    assert set(learned.coefficients) == set(linear)  # linear layers only, by default
+    name = linear[0]
+    assert learned.coefficients[name][0].shape == (sources.tensors["a"][name].shape[-1],)
+    assert learned.summary["tokens_backward"] > 0
+
+
+def test_adamerging_entropy_is_the_answer_entropy_lower_after_steps_lambdas_clamped(
+    llama, tmp_path
+):
+    config = RunConfig.from_dict(learn_config(llama, tmp_path))
+    sources, tokenizer = _load(config, ["base", "a", "b"], torch.device("cpu"))
+    torch.manual_seed(1)
+    logits = torch.randn(2, 4, 9)
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])
+    rows = [logits[0, 2], logits[1, 3]]  # the last kept token answers
+    expected = sum(float(-(F.softmax(r, -1) * F.log_softmax(r, -1)).sum()) for r in rows) / 2
+    assert float(answer_entropy(logits, mask)) == pytest.approx(expected, rel=1e-5)
+    prompts = [f"Is {n} even?" for n in range(8)]
+    settings = TrainSettings(steps=8, lr=0.3, batch_size=8, progress=False)
+    learned = train_adamerging(sources, tokenizer, "base", ["a", "b"], prompts, settings)
+    assert learned.log[-1]["loss"] < learned.log[0]["loss"]
+    values = torch.stack([v for vs in learned.coefficients.values() for v in vs])
+    assert values.min() >= 0 and values.max() <= 1
+    assert (values == 0).any() or (values == 1).any() or values.std() > 0  # it moved
+    layers = {n: vs for n, vs in learned.coefficients.items() if ".layers.0." in n}
+    first = next(iter(layers.values()))
+    assert all(torch.equal(vs[0], first[0]) for vs in layers.values())  # one lambda per layer
+
+
+@pytest.mark.parametrize("method", ["dam", "adamerging"])
+def test_learn_writes_a_folder_that_remerges_bit_identically(method, llama, tmp_path, capsys):
+    config = write(tmp_path, learn_config(llama, tmp_path))
+    out = tmp_path / "learned"
+    args = ["learn", str(config), "--method", method, "--out", str(out), "--steps", "2"]
+    assert main([*args, "--quiet"]) == 0
+    assert f"{method}: 2 steps" in capsys.readouterr().out
+    names = {p.name for p in out.iterdir()}
+    assert {"config.json", "evomerge_recipe.yaml", "learned"} <= names
+    assert any(n.startswith("tokenizer") for n in names)
+    log = [json.loads(line) for line in (out / "learned/learn_log.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in log] == [1, 2]
+    recipe = yaml.safe_load((out / "evomerge_recipe.yaml").read_text())
+    assert recipe["coefficients"] == "learned/coefficients.safetensors"
+    weights = load_folder(out)
+    # the stored weight equals the equation computed here from the stored coefficients
+    name = "model.layers.0.mlp.up_proj.weight"
+    sources = {k: load_folder(llama[v]) for k, v in (("base", "base"), ("a", "ft0"), ("b", "ft1"))}
+    with safe_open(str(out / "learned/coefficients.safetensors"), "pt") as handle:
+        c = [handle.get_tensor(f"{i}:{name}") for i in range(2)]
+        meta = handle.metadata()
+    assert json.loads(meta["models"]) == [str(llama["ft0"]), str(llama["ft1"])]
+    if method == "dam":
+        expected = c[0] * sources["a"][name] + c[1] * sources["b"][name]
+    else:
+        b = sources["base"][name]
+        expected = b + c[0] * (sources["a"][name] - b) + c[1] * (sources["b"][name] - b)
+    assert torch.allclose(weights[name], expected, atol=1e-6)
+    # the folder's recipe re-merges it bit for bit, on disk and in a live model
+    again = tmp_path / "again"
+    assert main(["merge", str(out / "evomerge_recipe.yaml"), str(again), "--quiet"]) == 0
+    remerged = load_folder(again)
+    assert all(torch.equal(remerged[k], weights[k]) for k in weights)
+    plan_recipe = Recipe.from_yaml(out / "evomerge_recipe.yaml")
+    plan_recipe = plan_recipe.model_copy(
+        update={"coefficients": str(out / "learned/coefficients.safetensors")}
+    )
+    sources_open = {r: ModelSource(r) for r in plan_recipe.referenced_models()}
+    plan = plan_for(plan_recipe, sources_open)
+    model = build_live_model(plan.output_config(), torch.device("cpu"), torch.float32, False)
+    merge_into_model(plan, load_source_tensors(sources_open, "cpu"), model, chunk_bytes=4096)
+    live = model.state_dict()
+    assert all(torch.equal(live[k], weights[k]) for k in weights)
+
+
+def test_learn_refuses_bad_input_in_one_line_writing_nothing(llama, tmp_path, capsys):
+    out = tmp_path / "learned"
+
+    def refused(config, method, *needles):
+        path = write(tmp_path, config)
+        expect_error(["learn", str(path), "--method", method, "--out", str(out)], capsys, *needles)
+        assert not out.exists() and not list(tmp_path.glob(".learned*"))
+
+    good = learn_config(llama, tmp_path)
+    no_b = {**good, "calibration": {"files": {"a": good["calibration"]["files"]["a"]}}}
+    refused(no_b, "dam", "calibration.files", "'b'")
+    refused({**good, "calibration": None}, "dam", "field 'calibration'")
+    held = tmp_path / "held.txt"
+    held.write_text("some text then Is 103 even? and more\n")
+    leaky = {**good, "calibration": {"files": {**good["calibration"]["files"], "b": str(held)}}}
+    refused(leaky, "dam", "calibration.files.b", "held-out task parity_held")
+    refused({**good, "base_model": None}, "adamerging", "base_model")
+    python_fitness = {**good, "fitness": {"function": "tests.fitness_fns:score"}}
+    refused(python_fitness, "adamerging", "field 'fitness'")
+    out.mkdir()
+    path = write(tmp_path, good)
+    expect_error(["learn", str(path), "--method", "dam", "--out", str(out)], capsys, "exists")
+
+
+def test_a_learned_recipe_without_its_file_or_for_other_models_is_refused(llama, tmp_path):
+    config = RunConfig.from_dict(learn_config(llama, tmp_path))
+    from evomerge.errors import EvomergeError
+    from evomerge.learn.command import learned_recipe
+
+    recipe = learned_recipe(config, "dam", tmp_path / "missing.safetensors")
+    with pytest.raises(EvomergeError, match="field 'coefficients'"):
+        merge_to_disk(recipe, tmp_path / "x", progress=False)
+    assert not (tmp_path / "x").exists()
