@@ -8,6 +8,10 @@ every other setting at the method's mergekit default:
 - task_arithmetic:  base + the sum of the experts' task vectors (not normalized)
 - ties:             TIES at density 0.5 (normalized by the electing weights)
 - dare_ties:        DARE-TIES at density 0.5 (rescaled, not normalized), seeded with the run seed
+- dam:              DAM's learned column coefficients (each expert distilled on its own
+                    calibration text), learned once into the run folder
+- adamerging:       AdaMerging's learned lambdas per layer (entropy on the fitness prompts),
+                    learned once into the run folder
 """
 
 from __future__ import annotations
@@ -21,8 +25,15 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from evomerge.errors import EvomergeError
 from evomerge.recipe import Recipe
 
-PRESETS = ("average", "task_arithmetic", "ties", "dare_ties")
-NEEDS_BASE = ("task_arithmetic", "ties", "dare_ties")
+LEARNED_PRESETS = ("dam", "adamerging")
+PRESETS = ("average", "task_arithmetic", "ties", "dare_ties", *LEARNED_PRESETS)
+NEEDS_BASE = ("task_arithmetic", "ties", "dare_ties", "adamerging")
+LEARNED = "learned"  # the run folder's learned coefficients, one folder per method
+
+
+def learned_file(learned_dir: Path, method: str) -> Path:
+    """Where a run keeps the coefficients of its learned `method` merge."""
+    return Path(learned_dir) / method / "coefficients.safetensors"
 
 
 class BaselineSpec(BaseModel):
@@ -65,9 +76,13 @@ def baseline_recipes(
     base_model: Optional[str],
     seed: int,
     base_dir: Optional[Path] = None,
+    learned_dir: Path = Path(LEARNED),
 ) -> dict[str, str]:
-    """name -> recipe YAML, with model names resolved to the run's model references."""
-    return {s.name: _recipe(s, models, base_model, seed, base_dir).to_yaml() for s in specs}
+    """name -> recipe YAML, with model names resolved to the run's model references (a learned
+    preset names its coefficients under `learned_dir`)."""
+    return {
+        s.name: _recipe(s, models, base_model, seed, base_dir, learned_dir).to_yaml() for s in specs
+    }
 
 
 def _recipe(
@@ -76,10 +91,11 @@ def _recipe(
     base_model: Optional[str],
     seed: int,
     base_dir: Optional[Path],
+    learned_dir: Path,
 ) -> Recipe:
     field = f"field 'baselines' ({spec.name})"
     if spec.preset is not None:
-        return preset_recipe(spec.preset, models, base_model, seed, field)
+        return preset_recipe(spec.preset, models, base_model, seed, field, learned_dir)
     data = spec.recipe
     if isinstance(data, str):
         path = Path(data)
@@ -113,7 +129,12 @@ def _resolve_names(data: Any, models: dict[str, str]) -> Any:
 
 
 def preset_recipe(
-    preset: str, models: dict[str, str], base_model: Optional[str], seed: int, field: str
+    preset: str,
+    models: dict[str, str],
+    base_model: Optional[str],
+    seed: int,
+    field: str,
+    learned_dir: Path = Path(LEARNED),
 ) -> Recipe:
     experts = [ref for name, ref in models.items() if name != base_model]
     if not experts:
@@ -123,6 +144,16 @@ def preset_recipe(
             f"{field}: preset {preset!r} merges task vectors and needs base_model; set "
             "base_model or use the 'average' preset"
         )
+    if preset in LEARNED_PRESETS:
+        data = {
+            "merge_method": preset,
+            "models": [{"model": ref} for ref in experts],
+            "coefficients": str(learned_file(learned_dir, preset)),
+            "seed": seed,
+        }
+        if base_model is not None:
+            data["base_model"] = models[base_model]
+        return Recipe.from_dict(data)
     if preset == "average":
         return Recipe.from_dict(
             {

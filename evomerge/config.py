@@ -161,6 +161,19 @@ class CalibrationSpec(BaseModel):
         return self.files.get(model, self.file)
 
 
+class LearningSpec(BaseModel):
+    """How a run trains its learned merges (the dam / adamerging baselines, and the merge a
+    search over a learned method tunes)."""
+
+    model_config = ConfigDict(extra="forbid")
+    steps: Optional[int] = Field(default=None, gt=0)  # default: one pass over the data
+    lr: float = Field(default=1e-3, gt=0)  # Adam's learning rate
+    batch_size: int = Field(default=8, gt=0)  # texts per step (DAM: per source)
+    granularity: Literal["layer", "tensor"] = "layer"  # AdaMerging: one lambda per ...
+    embeddings_and_norms: bool = False  # DAM: coefficients for those tensors too
+    seed: int = 0  # the order texts are drawn in
+
+
 class TrackingSpec(BaseModel):
     """Where evaluations are mirrored for experiment tracking (the run store stays the truth)."""
 
@@ -229,6 +242,7 @@ class RunConfig(BaseModel):
     allow_benchmark_fitness: bool = False
     tracking: Optional[TrackingSpec] = None
     calibration: Optional[CalibrationSpec] = None
+    learning: Optional[LearningSpec] = None  # default: LearningSpec()'s settings
     # Hugging Face offline mode for the run's processes: true (local models and tasks only),
     # false (hub downloads allowed), or unset: as HF_HUB_OFFLINE / HF_DATASETS_OFFLINE say
     offline: Optional[bool] = None

@@ -28,11 +28,20 @@ import numpy as np
 import yaml
 from tqdm.auto import tqdm
 
-from evomerge.baselines import BaselineSpec, baseline_recipes
+from evomerge.baselines import LEARNED, BaselineSpec, baseline_recipes
 from evomerge.calibration import check_calibration, ensure_statistics, name_statistics
 from evomerge.config import LmEvalFitnessSpec, PythonFitness, RunConfig
 from evomerge.errors import EvomergeError
 from evomerge.evaluator import Outcome, load_callable
+from evomerge.learn.in_run import (
+    check_learning,
+    ensure_learned,
+    is_learned,
+    learns_alike,
+    name_learned,
+    needed,
+    same_merge,
+)
 from evomerge.merge.engine import plan_for
 from evomerge.merge.io import ModelSource
 from evomerge.merge.methods import get_method
@@ -119,10 +128,11 @@ class Run:
 
 
 # ----- building ------------------------------------------------------------------------------
-def prepare(config: RunConfig) -> tuple[RunConfig, SearchSpace]:
+def prepare(config: RunConfig, folder: Optional[Path] = None) -> tuple[RunConfig, SearchSpace]:
     """Resolve the config into a self-contained one (space inlined, local paths absolute) and
     build its search space; every error surfaces here, before anything is written. The
-    config's `offline` switch is applied to this process here, before any hub library loads."""
+    config's `offline` switch is applied to this process here, before any hub library loads.
+    `folder`: the run folder, where learned baselines keep their coefficients."""
     os.environ.update(config.offline_env())
     models = {
         name: str(Path(ref).resolve()) if Path(ref).exists() else ref
@@ -161,10 +171,21 @@ def prepare(config: RunConfig) -> tuple[RunConfig, SearchSpace]:
         raise EvomergeError("field 'search_space': the space has no genes to search")
     sources = {ref: source(ref) for ref in dict.fromkeys(models.values())}
     check_space_recipes(space, sources)
-    baselines = baseline_recipes(config.baselines, models, config.base_model, config.seed)
+    learned_dir = (Path(folder) if folder is not None else Path.cwd()) / LEARNED
+    baselines = baseline_recipes(
+        config.baselines, models, config.base_model, config.seed, learned_dir=learned_dir.resolve()
+    )
     for name, recipe in baselines.items():
+        parsed = Recipe.from_yaml_text(recipe)
+        unlearned = get_method(parsed.merge_method).learned is not None and not (
+            parsed.coefficients and Path(parsed.coefficients).is_file()
+        )  # learned before the first candidate, checked then
         try:
-            plan_for(Recipe.from_yaml_text(recipe), {**sources, **_extra_sources(recipe, source)})
+            plan_for(
+                parsed,
+                {**sources, **_extra_sources(recipe, source)},
+                statistics_required=not unlearned,
+            )
         except EvomergeError as exc:
             raise EvomergeError(f"field 'baselines' ({name}): {exc}") from None
     if config.references_from:
@@ -193,6 +214,7 @@ def prepare(config: RunConfig) -> tuple[RunConfig, SearchSpace]:
             }
         )
     check_calibration(resolved, space)
+    check_learning(resolved, needed(resolved, baselines, space, learned_dir.parent))
     return resolved, space
 
 
@@ -316,7 +338,7 @@ def create_run(config: RunConfig, folder: Path) -> Run:
             f"--out {folder}: exists and is not empty; resume it with `evomerge resume {folder}` "
             "or choose another folder"
         )
-    resolved, space = prepare(config)
+    resolved, space = prepare(config, folder)
     try:
         store = RunStore.create(
             folder,
@@ -330,17 +352,19 @@ def create_run(config: RunConfig, folder: Path) -> Run:
         shutil.rmtree(folder, ignore_errors=True)
         raise
     name_statistics(space, folder)  # data-aware recipes read the run's own statistics
+    name_learned(space, folder, resolved)  # and learned ones its learned coefficients
     return Run(folder, resolved, space, store)
 
 
 def open_run(folder: Path) -> Run:
     read_run_meta(folder)
     config = RunConfig.load(folder / RUN_CONFIG)
-    resolved, space = prepare(config)
+    resolved, space = prepare(config, folder)
     store = RunStore.open(folder)
     if store.gene_names and store.gene_names != space.gene_names():
         raise EvomergeError(f"{folder}: the search space no longer matches the stored genomes")
     name_statistics(space, folder)  # data-aware recipes read the run's own statistics
+    name_learned(space, folder, resolved)  # and learned ones its learned coefficients
     return Run(folder, resolved, space, store)
 
 
@@ -351,6 +375,11 @@ def drive(run: Run, pool: Pool, progress: bool = True) -> None:
     try:
         tracker = MlflowTracker.for_run(run)
         ensure_statistics(run.folder, run.config, run.space, pool)
+        config = run.config
+        baselines = baseline_recipes(
+            config.baselines, config.models, config.base_model, config.seed
+        )
+        ensure_learned(run.folder, config, baselines, run.space, progress)
         score_references(run, pool, progress)
         if tracker is not None:
             tracker.start(run.store.records())
@@ -737,13 +766,18 @@ def borrowed_references(run: Run) -> dict[tuple[str, str], dict]:
     if not run.config.references_from:
         return {}
     folder = Path(run.config.references_from)
-    theirs = Run(folder, references_config(run.config), run.space, RunStore.open(folder))
+    other = references_config(run.config)
+    theirs = Run(folder, other, run.space, RunStore.open(folder))
     their_recipes = reference_recipes(theirs)
     mine = reference_recipes(run)
+    alike = learns_alike(run.config, other)
     return {
         key: result
         for key, result in stored_references(theirs).items()
-        if key in mine and their_recipes.get(key) == mine[key] and not result.get("error")
+        if key in mine
+        and (alike or not is_learned(mine[key]))
+        and same_merge(their_recipes.get(key), mine[key], folder, run.folder)
+        and not result.get("error")
     }
 
 

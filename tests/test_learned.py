@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -218,3 +219,68 @@ def test_a_learned_recipe_without_its_file_or_for_other_models_is_refused(llama,
     with pytest.raises(EvomergeError, match="field 'coefficients'"):
         merge_to_disk(recipe, tmp_path / "x", progress=False)
     assert not (tmp_path / "x").exists()
+
+
+def test_a_run_learns_its_baselines_once_and_searches_over_the_learned_merge(
+    llama, tmp_path, capsys
+):
+    hybrid = {
+        "kind": "parameter",
+        "method": "dam",
+        "parameters": {"scale": {"low": 0.5, "high": 1.5, "init": 1.0}},
+        "layer_groups": 2,
+    }
+    config = learn_config(
+        llama,
+        tmp_path,
+        search_space=hybrid,
+        baselines=["average", "dam", "adamerging"],
+        learning={"steps": 2, "batch_size": 4},
+        optimizer={"name": "cma", "options": {"population_size": 2}},
+        budget=3,
+    )
+    out = tmp_path / "run"
+    assert main(["run", str(write(tmp_path, config)), "--out", str(out), "--quiet"]) == 0
+    for method in ("dam", "adamerging"):
+        assert (out / "learned" / method / "coefficients.safetensors").is_file()
+        assert (out / "learned" / method / "learn_log.jsonl").is_file()
+    capsys.readouterr()
+    assert main(["status", str(out), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert {"dam", "adamerging", "average"} <= set(data["baselines"])
+    for name in ("dam", "adamerging"):
+        scored = data["baselines"][name]
+        assert (
+            0 <= scored["values"]["parity"] <= 1 and "parity_held: acc,none" in scored["held_out"]
+        )
+    # the search started from the learned merge itself: its first candidate is the dam baseline
+    from evomerge.store import RunStore
+
+    records = RunStore.open(out).records()
+    assert (
+        records[0].origin == "baseline" and records[0].values == data["baselines"]["dam"]["values"]
+    )
+    # the hybrid at genes 1.0 is the learned merge bit for bit
+    from evomerge.run import open_run
+
+    run = open_run(out)
+    at_one = run.space.decode(np.ones(run.space.size), seed=0)
+    learned = Recipe.from_dict(next(b.recipe for b in run.config.baselines if b.name == "dam"))
+    merge_to_disk(at_one, tmp_path / "hybrid", progress=False)
+    merge_to_disk(learned, tmp_path / "dam", progress=False)
+    a, b = load_folder(tmp_path / "hybrid"), load_folder(tmp_path / "dam")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # a resume learns nothing again
+    stamp = (out / "learned" / "dam" / "coefficients.safetensors").stat().st_mtime_ns
+    assert main(["resume", str(out), "--quiet"]) == 0
+    assert (out / "learned" / "dam" / "coefficients.safetensors").stat().st_mtime_ns == stamp
+    # an exported model carries its coefficients and re-merges from its own recipe
+    assert (
+        main(["export", str(out), "--id", "0", "--to", str(tmp_path / "exports"), "--quiet"]) == 0
+    )
+    exported = next((tmp_path / "exports").iterdir())
+    assert (exported / "learned" / "coefficients.safetensors").is_file()
+    again = tmp_path / "again"
+    assert main(["merge", str(exported / "evomerge_recipe.yaml"), str(again), "--quiet"]) == 0
+    x, y = load_folder(exported), load_folder(again)
+    assert all(torch.equal(x[k], y[k]) for k in x)

@@ -49,6 +49,10 @@ def inputs_for(name: str, tensors: list[torch.Tensor], dtype: torch.dtype) -> Me
         stats = [t.sub(tensors[0]).abs().to(dtype) * 2**10 for t in tensors[1 : 1 + count]]
     elif method.statistics:  # no Gram at this size (RegMean's closed form: test_data_aware)
         stats = [None] * count
+    elif method.learned == "dam":  # a column vector per input, values exact in binary
+        stats = [torch.full(SHAPE[-1:], 0.375 + k / 8, dtype=dtype) for k in range(count)]
+    elif method.learned:  # one lambda per input
+        stats = [torch.tensor(0.375 + k / 8, dtype=dtype) for k in range(count)]
     return MergeInputs(base, others, shared, per_input, rng, True, stats)
 
 

@@ -353,7 +353,7 @@ def build_plan(
     )
     if method.statistics and (statistics_required or recipe.statistics is not None):
         plan.statistics = _open_statistics(recipe, method, search_dirs)
-    if method.learned and (statistics_required or recipe.coefficients is not None):
+    if method.learned and statistics_required:  # a run learns them before the first merge
         plan.statistics = _open_coefficients(recipe, method, search_dirs)
     return plan
 

@@ -69,6 +69,9 @@ class ParameterSpaceSpec(BaseModel):
     layer_groups: int = Field(default=1, ge=1)
     filters: list[str] = Field(default_factory=list)  # e.g. [self_attn, mlp]; the rest follow
     dtype: Optional[str] = None
+    # a learned method (dam, adamerging): the coefficient file its `scale` genes tune; default
+    # the run's own learned merge of that method (learned before the first candidate)
+    coefficients: Optional[str] = None
 
 
 class ParameterSpace(SearchSpace):
@@ -113,6 +116,12 @@ class ParameterSpace(SearchSpace):
         # the LiNeS schedule: one gene each, whatever the filters and layer groups
         self.lines = [k for k in spec.parameters if k in LINES]
         self.statistics: Optional[str] = None  # a run names its statistics folder here
+        self.coefficients: Optional[str] = spec.coefficients  # or the run's learned file
+        if spec.coefficients is not None and not method.learned:
+            raise EvomergeError(
+                f"field 'search_space.coefficients': {method.name} reads no learned "
+                "coefficients; use it with dam or adamerging"
+            )
         known.update({k: Param(k, float, "shared", v) for k, v in LINES.items()})
         self.shared = [k for k in spec.parameters if known[k].scope == "shared" and k not in LINES]
         self.per_model = [k for k in spec.parameters if known[k].scope != "shared"]
@@ -306,4 +315,6 @@ class ParameterSpace(SearchSpace):
             data["lines"] = lines
         if self.method.statistics and self.statistics:
             data["statistics"] = self.statistics
+        if self.method.learned and self.coefficients:
+            data["coefficients"] = self.coefficients
         return Recipe.from_dict(data, source="search space")

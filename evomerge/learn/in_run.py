@@ -1,0 +1,166 @@
+"""A run's learned merges: the `dam` / `adamerging` baselines and the merge a search over a
+learned method tunes are learned once, before the first candidate, into the run folder
+(`learned/<method>/`), where a resume and an export find them again; a `references_from` run
+that learned the same merge on the same data lends its file instead."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+from typing import Optional
+
+import yaml
+
+from evomerge.baselines import LEARNED, learned_file
+from evomerge.calibration import parameter_part
+from evomerge.config import LmEvalFitnessSpec, RunConfig
+from evomerge.errors import EvomergeError
+from evomerge.learn.command import check_method, experts, learn_coefficients
+from evomerge.learn.data import source_texts
+from evomerge.learn.train import TrainSettings
+from evomerge.merge.learned import Coefficients
+from evomerge.merge.methods import get_method
+from evomerge.spaces.base import SearchSpace
+
+
+def space_file(folder: Path, config: RunConfig, space: SearchSpace) -> Optional[Path]:
+    """The run's coefficient file a search over a learned method tunes (None: the space is not
+    over one, or names its own file)."""
+    part = parameter_part(space)
+    method = getattr(part, "method", None)
+    if method is None or not method.learned or part.spec.coefficients is not None:
+        return None
+    name = (
+        method.name if part.models == experts(config) else f"{method.name}-{'-'.join(part.models)}"
+    )
+    return learned_file(Path(folder) / LEARNED, name)
+
+
+def name_learned(space: SearchSpace, folder: Path, config: RunConfig) -> None:
+    """Make every recipe a search over a learned method decodes name the run's file."""
+    path = space_file(folder, config, space)
+    if path is not None:
+        parameter_part(space).coefficients = str(path)
+
+
+def needed(
+    config: RunConfig, baselines: dict[str, str], space: SearchSpace, folder: Path
+) -> dict[Path, tuple[str, list[str]]]:
+    """Coefficient file -> (method, model names) for each learned merge the run reads from its
+    own folder."""
+    out: dict[Path, tuple[str, list[str]]] = {}
+    learned_dir = (Path(folder) / LEARNED).resolve()
+    for recipe in baselines.values():
+        data = yaml.safe_load(recipe)
+        path = Path(data.get("coefficients") or "")
+        if get_method(data["merge_method"]).learned and learned_dir in path.parents:
+            out[path] = (data["merge_method"], experts(config))
+    path = space_file(folder, config, space)
+    if path is not None:
+        part = parameter_part(space)
+        out[path.resolve()] = (part.method.name, list(part.models))
+    return out
+
+
+def check_learning(config: RunConfig, wanted: dict[Path, tuple[str, list[str]]]) -> None:
+    """Fail before the run is created when a learned merge cannot be trained."""
+    for method, names in wanted.values():
+        check_method(config, method)
+        if method == "dam":
+            source_texts(config, names)
+        elif not isinstance(config.fitness, LmEvalFitnessSpec):
+            raise EvomergeError(
+                "field 'baselines': adamerging trains on the inputs of lm-eval fitness tasks; "
+                "a Python fitness has none (use dam)"
+            )
+
+
+def settings_of(config: RunConfig, progress: bool) -> TrainSettings:
+    spec = config.learning
+    if spec is None:
+        return TrainSettings(progress=progress)
+    return TrainSettings(
+        steps=spec.steps,
+        lr=spec.lr,
+        batch_size=spec.batch_size,
+        seed=spec.seed,
+        granularity=spec.granularity,
+        embeddings_and_norms=spec.embeddings_and_norms,
+        progress=progress,
+    )
+
+
+def borrowed(config: RunConfig, folder: Path, path: Path) -> Optional[Path]:
+    """The same learned file in the `references_from` run (same place in its folder, same
+    models), when that run learned on the same data with the same settings."""
+    if not config.references_from:
+        return None
+    other = Path(config.references_from) / "run.yaml"
+    if not other.is_file() or not learns_alike(config, RunConfig.load(other)):
+        return None
+    theirs = Path(config.references_from) / path.relative_to(Path(folder).resolve())
+    if not theirs.is_file():
+        return None
+    mine = Coefficients(theirs)
+    return theirs if mine.models == [config.models[n] for n in experts(config)] else None
+
+
+def ensure_learned(
+    folder: Path,
+    config: RunConfig,
+    baselines: dict[str, str],
+    space: SearchSpace,
+    progress: bool = True,
+) -> None:
+    """Learn (or borrow) every learned merge the run reads and has not stored yet; a kill
+    mid-way leaves no half file, and the next resume learns it again."""
+    for path, (method, names) in needed(config, baselines, space, folder).items():
+        if path.is_file():
+            continue
+        source = borrowed(config, folder, path)
+        if source is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            for file in source.parent.iterdir():
+                shutil.copy2(file, path.parent / file.name)
+            print(f"learned {method}: borrowed from {source}", file=sys.stderr)
+            continue
+        subset = config.model_copy(
+            update={
+                "models": {
+                    k: v for k, v in config.models.items() if k in names or k == config.base_model
+                }
+            }
+        )
+        _, learned = learn_coefficients(subset, method, path, settings_of(config, progress))
+        s = learned.summary
+        print(
+            f"learned {method}: {s['steps']} steps in {s['seconds']:.1f} s, loss "
+            f"{s['loss_first']:.4f} -> {s['loss_last']:.4f}: {path}",
+            file=sys.stderr,
+        )
+
+
+def learns_alike(mine: RunConfig, theirs: RunConfig) -> bool:
+    """Whether two runs learn the same merges: the same data and the same training settings."""
+
+    def learning(c: RunConfig) -> dict:
+        return c.model_dump(include={"calibration", "learning"})
+
+    return learning(mine) == learning(theirs)
+
+
+def is_learned(recipe: str) -> bool:
+    return get_method(yaml.safe_load(recipe)["merge_method"]).learned is not None
+
+
+def same_merge(theirs: Optional[str], mine: str, their_folder: Path, my_folder: Path) -> bool:
+    """The same recipe, a learned one naming each run's own coefficient file."""
+    if theirs is None:
+        return False
+    if theirs == mine:
+        return True
+    if not is_learned(mine):
+        return False
+    here, there = str(Path(my_folder).resolve() / LEARNED), str(Path(their_folder) / LEARNED)
+    return theirs.replace(there, here) == mine
