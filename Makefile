@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup test lint demo bench clean
+.PHONY: setup test test-fast lint demo bench clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -24,6 +24,12 @@ setup: $(VENV)/.installed
 test: setup
 	$(PY) -m ruff check evomerge tests benchmarks
 	$(PY) -m pytest -q
+
+# the quick loop while changing code: everything but the slow, cluster, PostgreSQL and
+# real-model tests (`make test` runs them all, as CI does)
+test-fast: setup
+	$(PY) -m ruff check evomerge tests benchmarks
+	$(PY) -m pytest -q -m "not slow and not cluster and not postgres and not real_model"
 
 lint: setup
 	$(PY) -m ruff check evomerge tests benchmarks

@@ -23,6 +23,7 @@ from evomerge.merge.statistics import (
     write_statistics,
 )
 from evomerge.pool import Pool
+from evomerge.scoring import task_manager, working_dir
 from evomerge.spaces.base import SearchSpace
 
 STATISTICS = "statistics"  # the run folder's statistics, one file per source
@@ -101,12 +102,8 @@ def check_no_held_out(
 def held_out_prompts(fitness: LmEvalFitnessSpec) -> list[tuple[str, int, str]]:
     """(task, document number, its prompt) for every held-out document (prompts shorter than
     8 characters say too little to count as an overlap)."""
-    from lm_eval.tasks import TaskManager
-
-    from evomerge.scoring import working_dir
-
     folder = Path(fitness.include_path) if fitness.include_path else None
-    manager = TaskManager(include_path=fitness.include_path)
+    manager = task_manager(fitness.include_path)
     with working_dir(folder):
         loaded = manager.load(list(fitness.held_out.tasks))["tasks"]
     out = []

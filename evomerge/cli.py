@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Optional
 
+from evomerge import __version__
 from evomerge.errors import EvomergeError
 
 
@@ -204,25 +205,28 @@ def _cmd_zoo_real(args: argparse.Namespace) -> int:
 def _cmd_learn(args: argparse.Namespace) -> int:
     from evomerge.config import RunConfig
     from evomerge.learn.command import learn_folder, summary_line
-    from evomerge.learn.train import TrainSettings
+    from evomerge.learn.in_run import settings_of
 
     config = RunConfig.load(args.config)
     for flag, value in (("--steps", args.steps), ("--batch-size", args.batch_size)):
         if value is not None and value <= 0:
             raise EvomergeError(f"{flag} {value}: must be a positive number")
-    if not args.lr > 0:
+    if args.lr is not None and not args.lr > 0:
         raise EvomergeError(f"--lr {args.lr}: must be > 0")
     if args.device:
         config.device = args.device
-    settings = TrainSettings(
-        steps=args.steps,
-        lr=args.lr,
-        batch_size=args.batch_size or TrainSettings.batch_size,
-        seed=args.seed,
-        granularity=args.granularity,
-        embeddings_and_norms=args.embeddings_and_norms,
-        progress=not args.quiet,
-    )
+    settings = settings_of(config, progress=not args.quiet)  # the config's `learning:`, then
+    given = {  # what the command line says
+        "steps": args.steps,
+        "lr": args.lr,
+        "batch_size": args.batch_size,
+        "seed": args.seed,
+        "granularity": args.granularity,
+        "embeddings_and_norms": args.embeddings_and_norms or None,
+    }
+    for key, value in given.items():
+        if value is not None:
+            setattr(settings, key, value)
     out, learned = learn_folder(config, args.method, Path(args.out), settings, args.force)
     print(summary_line(learned, out))
     return 0
@@ -243,6 +247,7 @@ def _cmd_zoo_train(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="evomerge", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"evomerge {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     merge = sub.add_parser("merge", help="materialize a recipe (ours or a mergekit YAML)")
@@ -278,14 +283,13 @@ def build_parser() -> argparse.ArgumentParser:
     learn.add_argument("config", help="run config YAML (its models, calibration and fitness)")
     learn.add_argument("--method", required=True, choices=("dam", "adamerging"))
     learn.add_argument("--out", required=True, help="output folder (a Hugging Face checkpoint)")
-    learn.add_argument("--steps", type=int, help="training steps (default: one pass over the data)")
-    learn.add_argument("--lr", type=float, default=1e-3, help="Adam's learning rate (1e-3)")
+    learn.add_argument("--steps", type=int, help="training steps (default: one data pass)")
+    learn.add_argument("--lr", type=float, help="Adam's learning rate (default 1e-3)")
     learn.add_argument("--batch-size", type=int, help="texts per step and source (default 8)")
-    learn.add_argument("--seed", type=int, default=0, help="the order texts are drawn in")
+    learn.add_argument("--seed", type=int, help="the order texts are drawn in (default 0)")
     learn.add_argument(
         "--granularity",
         choices=("layer", "tensor"),
-        default="layer",
         help="AdaMerging: one lambda per source per decoder layer (default) or per tensor",
     )
     learn.add_argument(

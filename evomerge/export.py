@@ -20,6 +20,7 @@ import yaml
 from evomerge.config import RunConfig
 from evomerge.errors import EvomergeError
 from evomerge.merge.engine import merge_to_disk
+from evomerge.merge.learned import as_stored
 from evomerge.pareto import pareto_records
 from evomerge.recipe import Recipe
 from evomerge.store import Record, RunStore
@@ -158,7 +159,7 @@ def already_exported(out: Path, recipe: Recipe) -> bool:
     """A folder is published by one rename when complete, so one holding this very recipe is
     done; anything else at `out` is left to merge_to_disk to refuse."""
     try:
-        return (out / "evomerge_recipe.yaml").read_text() == recipe.to_yaml()
+        return (out / "evomerge_recipe.yaml").read_text() == as_stored(recipe).to_yaml()
     except OSError:
         return False
 

@@ -341,18 +341,19 @@ class RayPool:
     def _expire(self) -> list[tuple[Candidate, str, Outcome]]:
         if self.timeout is None:
             return []
-        now, expired = time.monotonic(), []
+        expired = []
         for ref, job in list(self.jobs.items()):
-            if job.started is not None and now - job.started > self.timeout:
-                del self.jobs[ref]
-                self._replace(job.actor)
-                expired.append(
-                    (
-                        job.candidate,
-                        job.recipe,
-                        Outcome(error=f"timed out after {self.timeout:g} s"),
-                    )
-                )
+            if job.started is None or time.monotonic() - job.started <= self.timeout:
+                continue
+            # finished but not collected yet (ray.wait hands back one at a time, and replacing
+            # a worker blocks this loop while others' clocks run): collected next, not expired
+            if self.ray.wait([ref], timeout=0)[0]:
+                continue
+            del self.jobs[ref]
+            self._replace(job.actor)
+            expired.append(
+                (job.candidate, job.recipe, Outcome(error=f"timed out after {self.timeout:g} s"))
+            )
         return expired
 
     def measure_sources(self, jobs: list[SourceJob]) -> Iterator[tuple[int, bytes]]:

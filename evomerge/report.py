@@ -17,6 +17,7 @@ import pandas as pd
 
 from evomerge.config import RunConfig
 from evomerge.errors import EvomergeError
+from evomerge.merge.learned import learned_summary
 from evomerge.pareto import hypervolume_curve, losses_of, reference_point
 from evomerge.status import frame_of
 from evomerge.store import RunStore, read_run_meta
@@ -344,8 +345,14 @@ def write_report(run_folder: Path, exports: Optional[Path] = None) -> Path:
         rows.append(
             f"<tr><td>{int(r['index'])}</td>{cells}<td>{html.escape(held)}</td><td>{link}</td></tr>"
         )
+    def kind_of(kind: str, result: dict) -> str:
+        learned = learned_summary(result.get("recipe"))
+        if not learned:
+            return kind
+        return f"learned {learned['method']} ({learned.get('steps')} steps)"
+
     src_rows = "".join(
-        f"<tr><td>{kind}</td><td>{html.escape(k)}</td>"
+        f"<tr><td>{html.escape(kind_of(kind, v))}</td><td>{html.escape(k)}</td>"
         + "".join(
             f"<td>{v['values'][n]:.6g}</td>" if v.get("values") else "<td>failed</td>"
             for n in names

@@ -44,12 +44,14 @@ from evomerge.learn.in_run import (
 )
 from evomerge.merge.engine import plan_for
 from evomerge.merge.io import ModelSource
+from evomerge.merge.learned import learned_method
 from evomerge.merge.methods import get_method
 from evomerge.optim import Candidate, Evaluation, Optimizer, make_optimizer
 from evomerge.pareto import pareto_records
 from evomerge.pool import Pool
 from evomerge.racing import DocumentPlan, Race, Racer, check_stages
 from evomerge.recipe import Recipe
+from evomerge.scoring import task_manager, working_dir
 from evomerge.spaces import SearchSpace, build_space, read_space_spec
 from evomerge.store import Record, RunStore, genome_key, read_run_meta
 from evomerge.tracking import MlflowTracker, check_tracking
@@ -177,9 +179,12 @@ def prepare(config: RunConfig, folder: Optional[Path] = None) -> tuple[RunConfig
     )
     for name, recipe in baselines.items():
         parsed = Recipe.from_yaml_text(recipe)
-        unlearned = get_method(parsed.merge_method).learned is not None and not (
-            parsed.coefficients and Path(parsed.coefficients).is_file()
-        )  # learned before the first candidate, checked then
+        unlearned = (  # the run learns it before the first candidate, and checks it then
+            learned_method(recipe) is not None
+            and parsed.coefficients is not None
+            and learned_dir.resolve() in Path(parsed.coefficients).parents
+            and not Path(parsed.coefficients).is_file()
+        )
         try:
             plan_for(
                 parsed,
@@ -210,7 +215,9 @@ def prepare(config: RunConfig, folder: Optional[Path] = None) -> tuple[RunConfig
         resolved.calibration = calibration.model_copy(
             update={
                 "file": None if calibration.file is None else absolute(calibration.file),
-                "files": {k: absolute(v) for k, v in calibration.files.items()},
+                "files": {  # only the models the run keeps: run.yaml must load again
+                    k: absolute(v) for k, v in calibration.files.items() if k in resolved.models
+                },
             }
         )
     check_calibration(resolved, space)
@@ -264,9 +271,7 @@ def check_fitness(config: RunConfig) -> None:
             "held-out tasks the run would report the scores it was tuned on; add "
             "fitness.held_out, or set allow_benchmark_fitness: true"
         )
-    from lm_eval.tasks import TaskManager
-
-    manager = TaskManager(include_path=fitness.include_path)
+    manager = task_manager(fitness.include_path)
     for field, names in (("fitness.tasks", fitness.tasks), ("fitness.held_out.tasks", held)):
         unknown = [t for t in names if t not in manager.all_tasks]
         if unknown:
@@ -279,11 +284,7 @@ def check_fitness(config: RunConfig) -> None:
 
 @functools.lru_cache(maxsize=8)
 def _task_sizes(tasks: tuple[str, ...], include_path: Optional[str]) -> dict[str, int]:
-    from lm_eval.tasks import TaskManager
-
-    from evomerge.scoring import working_dir
-
-    manager = TaskManager(include_path=include_path)
+    manager = task_manager(include_path)
     with working_dir(Path(include_path) if include_path else None):
         loaded = manager.load(list(tasks))["tasks"]
     return {name: len(task.eval_docs) for name, task in loaded.items() if name in tasks}
@@ -333,27 +334,60 @@ def optimizer_for(config: RunConfig, space: SearchSpace) -> Optimizer:
 
 
 def create_run(config: RunConfig, folder: Path) -> Run:
-    if folder.exists() and any(folder.iterdir()):
+    """Create the run folder atomically: everything is written into a hidden sibling that is
+    renamed into place once the store, its study and run.yaml are complete, so that at every
+    instant (a SIGKILL, a power cut, a preemption included) `folder` is either absent or a run
+    that `evomerge resume` continues."""
+    folder = Path(folder)
+    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
         raise EvomergeError(
             f"--out {folder}: exists and is not empty; resume it with `evomerge resume {folder}` "
             "or choose another folder"
         )
     resolved, space = prepare(config, folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    remove_abandoned_creations(folder)
+    staging = creation_folder(folder)
+    shutil.rmtree(staging, ignore_errors=True)
     try:
         store = RunStore.create(
-            folder,
+            staging,
             resolved.store,
             [(o.name, o.direction) for o in resolved.objectives],
             space.gene_names(),
         )
         text = yaml.safe_dump(resolved.model_dump(mode="json", exclude_none=True), sort_keys=False)
-        (folder / RUN_CONFIG).write_text(text)
+        (staging / RUN_CONFIG).write_text(text)
+        store.close()
+        if folder.exists():
+            folder.rmdir()  # empty (checked above): the finished run takes its place
+        os.replace(staging, folder)
     except BaseException:
-        shutil.rmtree(folder, ignore_errors=True)
+        shutil.rmtree(staging, ignore_errors=True)
         raise
+    store = RunStore.open(folder)
     name_statistics(space, folder)  # data-aware recipes read the run's own statistics
     name_learned(space, folder, resolved)  # and learned ones its learned coefficients
     return Run(folder, resolved, space, store)
+
+
+def creation_folder(folder: Path, pid: Optional[int] = None) -> Path:
+    """The hidden sibling a run is built in by process `pid` (default: this one)."""
+    return folder.parent / f".{folder.name}.creating-{os.getpid() if pid is None else pid}"
+
+
+def remove_abandoned_creations(folder: Path) -> None:
+    """Half-built runs of `folder` whose creating process is gone (killed mid-creation)."""
+    for leftover in folder.parent.glob(f".{folder.name}.creating-*"):
+        pid = leftover.name.rpartition("-")[2]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(leftover, ignore_errors=True)
+        except PermissionError:  # alive, someone else's
+            pass
 
 
 def open_run(folder: Path) -> Run:

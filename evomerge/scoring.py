@@ -14,11 +14,21 @@ downloaded from the hub is the user's choice (the run config's `offline`, or the
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from pathlib import Path
 from typing import Any, Optional, Union
 
 SKIP_KEYS = {"alias", "name", "sample_len", "samples"}
+
+
+@functools.lru_cache(maxsize=16)
+def task_manager(include_path: Optional[str]) -> Any:
+    """lm-eval's task index, once per process and task folder: building one reads every
+    registered task's YAML (13 s here), and a run start asks for it several times."""
+    from lm_eval.tasks import TaskManager  # lm-eval is heavy: imported when tasks are used
+
+    return TaskManager(include_path=include_path)
 
 
 @contextlib.contextmanager
@@ -50,14 +60,12 @@ class LmEvalFitness:
         fewshot_as_multiturn: bool = False,
         gen_kwargs: Optional[dict[str, Any]] = None,
     ) -> None:
-        from lm_eval.tasks import TaskManager
-
         from evomerge.errors import EvomergeError
 
         folder = Path(include_path).resolve() if include_path else None
         if folder is not None and not folder.is_dir():
             raise EvomergeError(f"field 'fitness.include_path': {include_path} is not a folder")
-        manager = TaskManager(include_path=str(folder) if folder else None)
+        manager = task_manager(str(folder) if folder else None)
         unknown = [t for t in tasks if t not in manager.all_tasks]
         if unknown:
             raise EvomergeError(

@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 
 from evomerge.config import RunConfig
+from evomerge.merge.learned import learned_summary
 from evomerge.pareto import front_positions, pareto_records
 from evomerge.store import RunStore, read_run_meta
 from evomerge.tracking import RUN_ID_NOTE
@@ -61,7 +62,8 @@ def reference_frame(store: RunStore, config: RunConfig) -> pd.DataFrame:
     rows = []
     for kind, stored in (("source", store.sources()), ("baseline", store.baselines())):
         for name, result in stored.items():
-            row = {"kind": kind, "name": name}
+            learned = learned_summary(result.get("recipe"))
+            row = {"kind": f"learned ({learned['method']})" if learned else kind, "name": name}
             for o in config.objectives:
                 row[o.name] = (result.get("values") or {}).get(o.name, np.nan)
             for key, value in (result.get("held_out") or {}).items():
@@ -82,6 +84,9 @@ def status_data(folder: Path) -> dict:
 
     def reference(result: dict) -> dict:
         out = {"values": result.get("values"), "held_out": result.get("held_out")}
+        learned = learned_summary(result.get("recipe"))
+        if learned:  # how it was trained: method, steps, seconds, tokens, losses
+            out["learned"] = learned
         return {**out, "error": result["error"]} if result.get("error") else out
 
     return {

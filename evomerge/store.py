@@ -155,6 +155,13 @@ class RunStore:
             raise EvomergeError(f"{folder}: its store holds no evomerge study") from None
         return cls(folder, study, study.user_attrs.get("gene_names", []))
 
+    def close(self) -> None:
+        """Let go of the database connections (the folder is about to be renamed)."""
+        storage = self.study._storage
+        engine = getattr(getattr(storage, "_backend", storage), "engine", None)
+        if engine is not None:
+            engine.dispose()
+
     # ----- evaluations ------------------------------------------------------------------------
     @contextlib.contextmanager
     def _writing(self) -> Iterator[None]:

@@ -14,6 +14,8 @@ from evomerge.store import RunStore
 from tests.test_run import run_config
 from tests.test_workers import make_tasks
 
+pytestmark = pytest.mark.cluster
+
 FITNESS = '''
 """A fitness that says where it runs: the node, and whether this file is the driver's copy."""
 import os

@@ -12,6 +12,8 @@ from evomerge.merge import reduce
 from evomerge.merge.methods import METHODS, MergeInputs, slerp_tensors
 from evomerge.merge.rng import TensorRng
 
+pytestmark = pytest.mark.slow
+
 SHAPE = (6000, 5000)  # 30M elements: where fp32 accumulation drifts by 0.1%
 # weights exact in binary: a sign election over sums that are exactly 0 must not hinge on the
 # rounding of 0.6 * delta, which fp32 and float64 round differently

@@ -13,6 +13,8 @@ from evomerge.recipe import Recipe
 
 from .helpers import load_folder
 
+pytestmark = pytest.mark.slow
+
 mergekit = pytest.importorskip("mergekit")
 
 

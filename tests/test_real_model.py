@@ -20,6 +20,8 @@ from evomerge.recipe import Recipe
 
 from .helpers import load_folder, scale_layer_inputs
 
+pytestmark = pytest.mark.real_model
+
 EMBED = "model.embed_tokens.weight"
 
 

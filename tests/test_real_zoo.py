@@ -14,6 +14,8 @@ from evomerge.cli import main
 from evomerge.zoo import lora
 from evomerge.zoo.real import EXPERTS, SKILLS, SYSTEM, RealZooSettings, chat_text, splits
 
+pytestmark = pytest.mark.real_model
+
 REPO = Path(__file__).resolve().parent.parent
 
 

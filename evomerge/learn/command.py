@@ -60,10 +60,18 @@ def learned_recipe(config: RunConfig, method: str, coefficients: Path, seed: int
     return Recipe.from_dict(data, source=f"learned {method} merge")
 
 
+def load_tokenizer(config: RunConfig, first: str) -> Any:
+    from transformers import AutoTokenizer
+
+    name = config.base_model or first
+    path = ModelSource(config.models[name]).path
+    return AutoTokenizer.from_pretrained(path, trust_remote_code=config.trust_remote_code)
+
+
 def _load(config: RunConfig, names: list[str], device: torch.device) -> tuple[FrozenSources, Any]:
     """The skeleton (the first model, fp32, on `device`) and every named source's tensors there;
     the skeleton's own parameters serve as its source's tensors."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     sources = {name: ModelSource(config.models[name]) for name in names}
     first = names[0]
@@ -82,40 +90,50 @@ def _load(config: RunConfig, names: list[str], device: torch.device) -> tuple[Fr
             if key in source.index
         }
         source.close()
-    tokenizer_from = sources[config.base_model].path if config.base_model else sources[first].path
-    tokenizer = AutoTokenizer.from_pretrained(
-        tokenizer_from, trust_remote_code=config.trust_remote_code
-    )
-    return FrozenSources(skeleton, tensors), tokenizer
+    return FrozenSources(skeleton, tensors), load_tokenizer(config, first)
 
 
-def learn(config: RunConfig, method: str, settings: TrainSettings) -> Learned:
-    """Train `method`'s coefficients on the config's models: DAM on each expert's own text,
-    AdaMerging on the fitness tasks' inputs; bad input fails before any model is loaded."""
+def learn(
+    config: RunConfig, method: str, settings: TrainSettings, names: Optional[list[str]] = None
+) -> Learned:
+    """Train `method`'s coefficients for the models `names` (default: every one but the base,
+    in the config's order): DAM on each one's own text, AdaMerging on the fitness tasks'
+    inputs; bad input fails before any model is loaded."""
     check_method(config, method)
-    names = experts(config)
-    texts = source_texts(config, names) if method == "dam" else None
+    names = names or experts(config)
     if config.calibration is not None and settings.max_length == TrainSettings.max_length:
         settings.max_length = config.calibration.max_length
+    if method == "dam":
+        texts = source_texts(config, names)
+    else:
+        prompts = task_inputs(config, load_tokenizer(config, names[0]))
     device = pick_device(config.device)
     loading = [*([config.base_model] if config.base_model else []), *names]
     sources, tokenizer = _load(config, loading, device)
     if method == "dam":
         return train_dam(sources, tokenizer, names, texts, config.base_model, settings)
-    prompts = task_inputs(config, tokenizer)
-    return train_adamerging(sources, tokenizer, config.base_model, names, prompts, settings)
+    templated = bool(getattr(config.fitness, "apply_chat_template", False))
+    return train_adamerging(
+        sources, tokenizer, config.base_model, names, prompts, settings, templated
+    )
 
 
 def learn_coefficients(
-    config: RunConfig, method: str, path: Path, settings: TrainSettings
+    config: RunConfig,
+    method: str,
+    path: Path,
+    settings: TrainSettings,
+    names: Optional[list[str]] = None,
 ) -> tuple[Path, Learned]:
     """Train and store the coefficient file at `path`, its training log beside it."""
-    learned = learn(config, method, settings)
-    refs = [config.models[name] for name in experts(config)]
+    names = names or experts(config)
+    learned = learn(config, method, settings, names)
+    refs = [config.models[name] for name in names]
     base = config.models[config.base_model] if config.base_model else None
-    write_coefficients(path, method, refs, base, learned.coefficients, learned.summary)
-    log = path.with_name(LOG)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    log = path.with_name(LOG)  # first: a file under the coefficients' name is a finished one
     log.write_text("".join(json.dumps(row) + "\n" for row in learned.log))
+    write_coefficients(path, method, refs, base, learned.coefficients, learned.summary)
     return path, learned
 
 

@@ -12,7 +12,7 @@ from evomerge.calibration import check_no_held_out, held_out_of
 from evomerge.config import LmEvalFitnessSpec, RunConfig
 from evomerge.errors import EvomergeError
 from evomerge.merge.statistics import read_calibration
-from evomerge.scoring import working_dir
+from evomerge.scoring import task_manager, working_dir
 
 
 def source_texts(config: RunConfig, sources: list[str]) -> dict[str, list[str]]:
@@ -48,10 +48,8 @@ def task_inputs(config: RunConfig, tokenizer: Any) -> list[str]:
             "field 'fitness': AdaMerging trains on the inputs of lm-eval fitness tasks; a "
             "Python fitness has none to read (use --method dam)"
         )
-    from lm_eval.tasks import TaskManager
-
     folder = Path(fitness.include_path) if fitness.include_path else None
-    manager = TaskManager(include_path=fitness.include_path)
+    manager = task_manager(fitness.include_path)
     with working_dir(folder):
         loaded = manager.load(list(fitness.tasks))["tasks"]
     prompts: dict[str, None] = {}  # a prompt shared by an MC and a generative task counts once

@@ -5,6 +5,8 @@ that learned the same merge on the same data lends its file instead."""
 
 from __future__ import annotations
 
+import hashlib
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -14,13 +16,12 @@ import yaml
 
 from evomerge.baselines import LEARNED, learned_file
 from evomerge.calibration import parameter_part
-from evomerge.config import LmEvalFitnessSpec, RunConfig
+from evomerge.config import LearningSpec, LmEvalFitnessSpec, RunConfig
 from evomerge.errors import EvomergeError
-from evomerge.learn.command import check_method, experts, learn_coefficients
-from evomerge.learn.data import source_texts
+from evomerge.learn.command import check_method, experts, learn_coefficients, load_tokenizer
+from evomerge.learn.data import source_texts, task_inputs
 from evomerge.learn.train import TrainSettings
-from evomerge.merge.learned import Coefficients
-from evomerge.merge.methods import get_method
+from evomerge.merge.learned import LOG, Coefficients, learned_method
 from evomerge.spaces.base import SearchSpace
 
 
@@ -52,10 +53,10 @@ def needed(
     out: dict[Path, tuple[str, list[str]]] = {}
     learned_dir = (Path(folder) / LEARNED).resolve()
     for recipe in baselines.values():
-        data = yaml.safe_load(recipe)
-        path = Path(data.get("coefficients") or "")
-        if get_method(data["merge_method"]).learned and learned_dir in path.parents:
-            out[path] = (data["merge_method"], experts(config))
+        method = learned_method(recipe)
+        path = Path(yaml.safe_load(recipe).get("coefficients") or "")
+        if method is not None and learned_dir in path.parents:
+            out[path] = (method, experts(config))
     path = space_file(folder, config, space)
     if path is not None:
         part = parameter_part(space)
@@ -64,16 +65,19 @@ def needed(
 
 
 def check_learning(config: RunConfig, wanted: dict[Path, tuple[str, list[str]]]) -> None:
-    """Fail before the run is created when a learned merge cannot be trained."""
+    """Fail before the run is created when a learned merge cannot be trained: no text for a
+    source, text or a fitness prompt that holds a held-out document, no base, no prompts."""
     for method, names in wanted.values():
         check_method(config, method)
         if method == "dam":
             source_texts(config, names)
         elif not isinstance(config.fitness, LmEvalFitnessSpec):
             raise EvomergeError(
-                "field 'baselines': adamerging trains on the inputs of lm-eval fitness tasks; "
+                "field 'fitness': adamerging trains on the inputs of lm-eval fitness tasks; "
                 "a Python fitness has none (use dam)"
             )
+        else:
+            task_inputs(config, load_tokenizer(config, names[0]))
 
 
 def settings_of(config: RunConfig, progress: bool) -> TrainSettings:
@@ -121,18 +125,16 @@ def ensure_learned(
         source = borrowed(config, folder, path)
         if source is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
-            for file in source.parent.iterdir():
-                shutil.copy2(file, path.parent / file.name)
+            log = source.with_name(LOG)
+            if log.is_file():
+                shutil.copy2(log, path.with_name(LOG))
+            partial = path.with_name(path.name + ".partial")
+            shutil.copy2(source, partial)  # a kill mid-copy leaves no file under the name
+            os.replace(partial, path)
             print(f"learned {method}: borrowed from {source}", file=sys.stderr)
             continue
-        subset = config.model_copy(
-            update={
-                "models": {
-                    k: v for k, v in config.models.items() if k in names or k == config.base_model
-                }
-            }
-        )
-        _, learned = learn_coefficients(subset, method, path, settings_of(config, progress))
+        settings = settings_of(config, progress)
+        _, learned = learn_coefficients(config, method, path, settings, names)
         s = learned.summary
         print(
             f"learned {method}: {s['steps']} steps in {s['seconds']:.1f} s, loss "
@@ -145,13 +147,22 @@ def learns_alike(mine: RunConfig, theirs: RunConfig) -> bool:
     """Whether two runs learn the same merges: the same data and the same training settings."""
 
     def learning(c: RunConfig) -> dict:
-        return c.model_dump(include={"calibration", "learning"})
+        data = c.model_dump(include={"calibration", "learning"})
+        data["learning"] = data.get("learning") or LearningSpec().model_dump()
+        calibration = data.get("calibration") or {}
+        for key, path in [("file", calibration.get("file")), *calibration.get("files", {}).items()]:
+            if path is not None:  # the text itself, wherever its file lives
+                text = Path(path).read_bytes() if Path(path).is_file() else path.encode()
+                calibration.setdefault("texts", {})[key] = hashlib.sha256(text).hexdigest()
+        calibration.pop("file", None)
+        calibration.pop("files", None)
+        return data
 
     return learning(mine) == learning(theirs)
 
 
 def is_learned(recipe: str) -> bool:
-    return get_method(yaml.safe_load(recipe)["merge_method"]).learned is not None
+    return learned_method(recipe) is not None
 
 
 def same_merge(theirs: Optional[str], mine: str, their_folder: Path, my_folder: Path) -> bool:

@@ -8,10 +8,13 @@ temporary). Device memory while training, P the parameter count and b the source
 parameter:
 
     sources  N x P x b (plus the base: AdaMerging, or a DAM with a base for the other tensors)
-  + merged   P x 4 (fp32, alive through one forward and backward)
+  + merged   2 x P x 4 (fp32 merged weights alive through one forward and backward, and one
+             more tensor while they are built or their gradient flows)
   + coefficients x 16 (value, gradient, Adam's two moments)
-  + activations of one batch: forward and backward of the merged model, and for DAM the
-    teacher's logits (batch x tokens x vocabulary x 4, twice: the logits and their softmax)
+  + activations of one batch (one source's, for DAM: each source steps back on its own): what
+    the merged model keeps for backward, and the logits over the vocabulary (DAM: the
+    teacher's and the merge's, their log-softmaxes and their gradient; AdaMerging: the logits
+    and their gradient); `training_bytes` computes each term
 
 DAM (arXiv:2410.08371): loss = sum_i T^2 KL(p_i^T || q^T) averaged over the non-padding tokens
 of source i's own texts, p_i^T the source's and q^T the merge's next-token distribution at
@@ -85,7 +88,21 @@ class FrozenSources:
         self.device = next(skeleton.parameters()).device
 
     def forward(self, params: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]):
-        return functional_call(self.skeleton, params, args=(), kwargs=batch).logits
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        return functional_call(
+            self.skeleton, params, args=(), kwargs={**inputs, "use_cache": False}
+        ).logits
+
+    def aliases(self) -> dict[str, list[str]]:
+        """Parameter name -> the other names the same tensor goes by (a tied head)."""
+        first: dict[int, str] = {}
+        out: dict[str, list[str]] = {}
+        for name, p in self.skeleton.named_parameters(remove_duplicate=False):
+            if id(p) in first:
+                out.setdefault(first[id(p)], []).append(name)
+            else:
+                first[id(p)] = name
+        return out
 
     def linear_weights(self) -> list[str]:
         """Names of the linear layers' weights (what DAM scales column by column)."""
@@ -104,9 +121,14 @@ class FrozenSources:
 
 
 def _batches(
-    texts: list[str], tokenizer: Any, settings: TrainSettings, seed: int
+    texts: list[str],
+    tokenizer: Any,
+    settings: TrainSettings,
+    seed: int,
+    templated: bool = False,
 ) -> Iterator[dict[str, torch.Tensor]]:
-    """Padded batches of `texts`, reshuffled every pass, forever."""
+    """Padded batches of `texts`, reshuffled every pass, forever (`templated`: the texts went
+    through the chat template, which wrote their special tokens already)."""
     order = list(range(len(texts)))
     rng = random.Random(seed)
     while True:
@@ -119,13 +141,17 @@ def _batches(
                 padding=True,
                 truncation=True,
                 max_length=settings.max_length,
+                add_special_tokens=not templated,
             )
 
 
 def _pad_tokenizer(tokenizer: Any) -> Any:
+    """Right padding (the last kept token is each row's mask sum less one); a text longer than
+    max_length loses its beginning, never the end where a prompt is answered."""
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "right"
+    tokenizer.truncation_side = "left"
     return tokenizer
 
 
@@ -325,7 +351,7 @@ def train_dam(
         "coefficients": sum(c.numel() for c in flat),
     }
     out = {name: [c.detach().cpu() for c in values] for name, values in coefficients.items()}
-    return Learned(out, log, summary)
+    return Learned(with_aliases(out, sources), log, summary)
 
 
 def train_adamerging(
@@ -335,6 +361,7 @@ def train_adamerging(
     models: list[str],
     prompts: list[str],
     settings: TrainSettings,
+    templated: bool = False,
 ) -> Learned:
     """AdaMerging's lambdas for `models` over `base`, by entropy on the fitness prompts."""
     torch.manual_seed(settings.seed)
@@ -344,7 +371,7 @@ def train_adamerging(
         g: torch.full((len(models),), ADAMERGING_INIT, device=sources.device, requires_grad=True)
         for g in dict.fromkeys(group_of.values())
     }
-    stream = _batches(prompts, tokenizer, settings, settings.seed)
+    stream = _batches(prompts, tokenizer, settings, settings.seed, templated)
     steps = settings.steps or math.ceil(len(prompts) / settings.batch_size)
     tokens = {"forward": 0, "backward": 0}
 
@@ -383,4 +410,48 @@ def train_adamerging(
         name: [lambdas[group_of[name]][k].detach().cpu().clone() for k in range(len(models))]
         for name in sources.names
     }
-    return Learned(out, log, summary)
+    return Learned(with_aliases(out, sources), log, summary)
+
+
+def with_aliases(
+    coefficients: dict[str, list[torch.Tensor]], sources: FrozenSources
+) -> dict[str, list[torch.Tensor]]:
+    """The same coefficients under every name of a tied tensor (a checkpoint that stores the
+    tied head as well merges it as the embedding, so disk and live model agree)."""
+    out = dict(coefficients)
+    for name, others in sources.aliases().items():
+        if name in coefficients:
+            for other in others:
+                out[other] = [c.clone() for c in coefficients[name]]
+    return out
+
+
+def training_bytes(
+    method: str,
+    parameters: int,
+    sources: int,
+    coefficients: int,
+    config: dict[str, Any],
+    batch_size: int,
+    tokens: int,
+) -> dict[str, int]:
+    """The module docstring's formula, term by term, for fp32 sources: `parameters` per model,
+    `sources` models held (the skeleton's own included), a batch of `batch_size` texts of
+    `tokens` tokens. Activations per token and decoder layer: ~10 hidden-sized and 4
+    intermediate-sized fp32 tensors kept for backward; logits: DAM keeps the teacher's and the
+    merge's logits and log-softmaxes and their gradient (5 vocabulary-sized tensors per
+    token), AdaMerging the logits and their gradient (2)."""
+    hidden = int(config.get("hidden_size", 0))
+    inter = int(config.get("intermediate_size", 4 * hidden))
+    layers = int(config.get("num_hidden_layers", 0))
+    vocab = int(config.get("vocab_size", 0))
+    rows = batch_size * tokens
+    terms = {
+        "sources": sources * parameters * 4,
+        "merged": 2 * parameters * 4,  # the merged weights, and one more tensor while built
+        "coefficients": coefficients * 16,
+        "activations": rows * layers * (10 * hidden + 4 * inter) * 4,
+        "logits": rows * vocab * (5 if method == "dam" else 2) * 4,
+    }
+    terms["total"] = sum(terms.values())
+    return terms

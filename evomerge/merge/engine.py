@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from evomerge.errors import EvomergeError
 from evomerge.merge.io import ModelSource, ShardedWriter, copy_tokenizer
 from evomerge.merge.layerwise import merge_layerwise
-from evomerge.merge.learned import COEFFICIENTS, LOG, Coefficients
+from evomerge.merge.learned import COEFFICIENTS, LOG, Coefficients, as_stored
 from evomerge.merge.live import build_live_model, unwritten
 from evomerge.merge.memory import keep_freed_memory
 from evomerge.merge.ops import (
@@ -175,7 +175,7 @@ def _write_metadata(plan: MergePlan, folder: Path) -> None:
         log = plan.statistics.path.with_name(LOG)
         if log.is_file():
             shutil.copy2(log, (folder / COEFFICIENTS).with_name(LOG))
-        recipe = recipe.model_copy(update={"coefficients": COEFFICIENTS})
+        recipe = as_stored(recipe)
     (folder / "evomerge_recipe.yaml").write_text(recipe.to_yaml())
     if plan.recipe.merge_method != "dataflow" and not plan.method.learned:  # mergekit has neither
         (folder / "mergekit_config.yml").write_text(plan.recipe.to_mergekit_yaml())

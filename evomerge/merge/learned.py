@@ -29,14 +29,18 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
+import yaml
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from evomerge.errors import EvomergeError
 from evomerge.merge.methods import MergeInputs, Method, Param, _finite, register
+
+if TYPE_CHECKING:
+    from evomerge.recipe import Recipe
 
 FORMAT = "evomerge-coefficients/1"
 LEARNED = ("dam", "adamerging")
@@ -117,8 +121,9 @@ class Coefficients:
     def names(self) -> set[str]:
         return {key.partition(":")[2] for key in self.keys}
 
-    def check(self, model_refs: Iterable[str], kind: str) -> None:
-        """Fail now when the file was learned by another method or for other models."""
+    def check(self, model_refs: Iterable[str], kind: str, base: Optional[str] = None) -> None:
+        """Fail now when the file was learned by another method, for other models or over
+        another base."""
         if self.method != kind:
             raise EvomergeError(
                 f"field 'coefficients': {self.path} holds {self.method} coefficients; the "
@@ -130,6 +135,45 @@ class Coefficients:
                 f"field 'coefficients': {self.path} was learned for the models {self.models}; "
                 f"the recipe merges {given} (same models, same order)"
             )
+        if (base or None) != self.base and (kind == "adamerging" or self.base is not None):
+            raise EvomergeError(
+                f"field 'coefficients': {self.path} was learned over the base {self.base!r}; "
+                f"the recipe's base_model is {base!r}"
+            )
+
+
+def as_stored(recipe: Recipe) -> Recipe:
+    """The recipe as a merged model's folder stores it: a learned one names the copy of its
+    coefficient file in the folder."""
+    if recipe.merge_method in LEARNED and recipe.coefficients:
+        return recipe.model_copy(update={"coefficients": COEFFICIENTS})
+    return recipe
+
+
+def learned_method(recipe: Optional[str]) -> Optional[str]:
+    """"dam" or "adamerging" for a learned merge's recipe (YAML), else None (data-flow recipes
+    included)."""
+    data = yaml.safe_load(recipe) if recipe else None
+    if isinstance(data, dict) and data.get("merge_method") in LEARNED:
+        return data["merge_method"]
+    return None
+
+
+def learned_summary(recipe: Optional[str]) -> Optional[dict[str, Any]]:
+    """For a learned merge's recipe (YAML), its method and how its coefficients were trained
+    (read from the file's metadata); None for any other recipe."""
+    if not recipe:
+        return None
+    data = yaml.safe_load(recipe)
+    if not isinstance(data, dict) or data.get("merge_method") not in LEARNED:
+        return None
+    out: dict[str, Any] = {"method": data["merge_method"]}
+    path = Path(data.get("coefficients") or "")
+    if path.is_file():
+        trained = Coefficients(path).trained
+        keys = ("steps", "seconds", "tokens_forward", "tokens_backward", "loss_last")
+        out.update({k: trained[k] for k in keys if k in trained})
+    return out
 
 
 def _mean(tensors: list[torch.Tensor]) -> torch.Tensor:

@@ -414,7 +414,7 @@ def _open_coefficients(recipe: Recipe, method: Method, search_dirs: Iterable) ->
         src.model for out in recipe.slices or [] for src in out.sources
     ]
     merged = [ref for ref in dict.fromkeys(inputs) if ref != recipe.base_model]
-    coefficients.check(merged, method.name)
+    coefficients.check(merged, method.name, recipe.base_model)
     return coefficients
 
 
