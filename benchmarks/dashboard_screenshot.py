@@ -44,7 +44,7 @@ def wait_for(url: str, seconds: float = 30) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run", type=Path)
-    parser.add_argument("--out", type=Path, default=ROOT / "results/bench/optuna_dashboard.png")
+    parser.add_argument("--out", type=Path, default=ROOT / "docs/assets/optuna_dashboard.png")
     parser.add_argument("--port", type=int, default=8089)
     args = parser.parse_args()
     dashboard = shutil.which("optuna-dashboard") or str(
