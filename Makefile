@@ -23,6 +23,7 @@ setup: $(VENV)/.installed
 
 test: setup
 	$(PY) -m ruff check evomerge tests benchmarks
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet --site-dir site
 	$(PY) -m pytest -q
 
 # the quick loop while changing code: everything but the slow, cluster, PostgreSQL and

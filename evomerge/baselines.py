@@ -105,6 +105,9 @@ def _recipe(
             data = yaml.safe_load(path.read_text(encoding="utf-8"))
         except (OSError, yaml.YAMLError) as exc:
             raise EvomergeError(f"{field}: cannot read recipe {spec.recipe} ({exc})") from None
+        named = data.get("coefficients") if isinstance(data, dict) else None
+        if isinstance(named, str) and not Path(named).is_absolute():  # beside its recipe file
+            data = {**data, "coefficients": str((path.parent / named).resolve())}
     try:
         recipe = Recipe.from_dict(data, source=f"{field} recipe")
     except EvomergeError as exc:

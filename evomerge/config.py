@@ -314,6 +314,9 @@ class RunConfig(BaseModel):
         if base_dir is not None:  # relative paths: from the current folder, else the config's
             if isinstance(config.search_space, str):
                 config.search_space = _beside(config.search_space, base_dir)
+            elif isinstance(config.search_space.get("coefficients"), str):  # a learned space's
+                named = _beside(config.search_space["coefficients"], base_dir)
+                config.search_space["coefficients"] = str(Path(named).resolve())
             if config.references_from:
                 config.references_from = _beside(config.references_from, base_dir)
             if config.calibration is not None:

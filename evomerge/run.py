@@ -246,8 +246,12 @@ def check_space_recipes(space: SearchSpace, sources: dict[str, ModelSource]) -> 
     negative t) fails here, before the run, rather than as a failed evaluation at every corner
     the optimizer visits."""
     for label, part, genome in space.must_plan():
+        recipe = part.decode(genome)
+        # a learned merge's own file (a space that names one) is checked now, against the
+        # space's models; the run's learned file does not exist before the run learns it
+        given = recipe.coefficients is not None and Path(recipe.coefficients).is_file()
         try:
-            plan_for(part.decode(genome), sources, statistics_required=False)
+            plan_for(recipe, sources, statistics_required=given)
         except EvomergeError as exc:
             raise EvomergeError(
                 f"field 'search_space': at {label} the recipe is invalid: {exc}"
