@@ -202,6 +202,13 @@ def _cmd_zoo_real(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_config(args: argparse.Namespace) -> int:
+    from evomerge.config_docs import reference_markdown, schema
+
+    print(reference_markdown() if args.reference else schema(), end="")
+    return 0
+
+
 def _cmd_learn(args: argparse.Namespace) -> int:
     from evomerge.config import RunConfig
     from evomerge.learn.command import learn_folder, summary_line
@@ -301,6 +308,12 @@ def build_parser() -> argparse.ArgumentParser:
     learn.add_argument("--force", action="store_true", help="replace an existing output folder")
     learn.add_argument("--quiet", action="store_true", help="no progress bar")
     learn.set_defaults(handler=_cmd_learn)
+
+    config = sub.add_parser("config", help="the run config's JSON Schema, or its reference")
+    shown = config.add_mutually_exclusive_group()
+    shown.add_argument("--schema", action="store_true", help="JSON Schema for editors (default)")
+    shown.add_argument("--reference", action="store_true", help="the Markdown reference page")
+    config.set_defaults(handler=_cmd_config)
 
     run = sub.add_parser("run", help="start a search from a run config")
     run.add_argument("config", help="run config YAML")

@@ -27,10 +27,23 @@ NonEmpty = Annotated[str, Field(min_length=1)]
 
 class Objective(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    name: str = Field(min_length=1)
-    metric: Optional[str] = Field(default=None, min_length=1)  # e.g. "arith: acc,none"
-    weights: Optional[dict[str, float]] = None  # or a weighted sum of metrics
-    direction: Literal["maximize", "minimize"] = "maximize"
+    name: str = Field(
+        min_length=1,
+        description="The objective's name, as status, the report and the store call it.",
+    )
+    metric: Optional[str] = Field(
+        default=None,
+        min_length=1,
+        description=(
+            'One fitness metric, e.g. "arith: acc,none" (lm-eval\'s "task: metric,filter").'
+        ),
+    )
+    weights: Optional[dict[str, float]] = Field(
+        None, description="Or a weighted sum of metrics: metric -> weight."
+    )
+    direction: Literal["maximize", "minimize"] = Field(
+        "maximize", description="maximize or minimize."
+    )
 
     @model_validator(mode="after")
     def _one_source(self) -> Objective:
@@ -54,26 +67,46 @@ class Objective(BaseModel):
 
 class OptimizerSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    name: str
-    options: dict[str, Any] = Field(default_factory=dict)
+    name: str = Field(description="cma, sep_cma, m2n2, nsga2, tpe, random, map or nested_map.")
+    options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="The optimizer's own settings (population_size, sigma, ...).",
+    )
 
 
 class PythonFitness(BaseModel):
     """`module:function(model, tokenizer) -> {metric: value}`, run in the worker."""
 
     model_config = ConfigDict(extra="forbid")
-    kind: Literal["python"] = "python"
-    function: str = Field(pattern=r"^[\w.]+:\w+$")
-    options: dict[str, Any] = Field(default_factory=dict)  # passed as keyword arguments
-    # the folder the module is imported from besides the current one: the run config's, when
-    # the module sits next to it (set on load); on a cluster it is shipped to every node
-    path: Optional[str] = None
+    kind: Literal["python"] = Field(
+        "python", description="python: a function scores the live model."
+    )
+    function: str = Field(
+        pattern=r"^[\w.]+:\w+$",
+        description="module:function(model, tokenizer) -> {metric: value}, run in the worker.",
+    )
+    options: dict[str, Any] = Field(
+        default_factory=dict, description="Passed as keyword arguments."
+    )
+    path: Optional[str] = Field(
+        None,
+        description=(
+            "The folder the module is imported from besides the current one: the run config's, "
+            "when the module sits next to it (set on load); on a cluster it is shipped to every "
+            "node."
+        ),
+    )
 
 
 class HeldOut(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    tasks: list[str] = Field(min_length=1)
-    limit: Optional[int] = Field(default=None, gt=0)
+    tasks: list[str] = Field(
+        min_length=1,
+        description="lm-eval tasks scored for the Pareto set, the sources and the baselines only.",
+    )
+    limit: Optional[int] = Field(
+        default=None, gt=0, description="The first N documents of each held-out task."
+    )
 
 
 class Fidelity(BaseModel):
@@ -82,12 +115,27 @@ class Fidelity(BaseModel):
     at a stage go on to the next."""
 
     model_config = ConfigDict(extra="forbid")
-    stages: list[Union[Annotated[int, Field(gt=0)], Literal["full"]]] = Field(min_length=2)
-    promote: float = Field(default=0.5, gt=0, le=1)
-    window: int = Field(default=8, ge=2)
-    # what a race that ends early is told: its stage mean shifted by the mean stage-to-final
-    # change ("mean"), or an item-response estimate of its score on all documents ("irt")
-    estimator: Literal["mean", "irt"] = "mean"
+    stages: list[Union[Annotated[int, Field(gt=0)], Literal["full"]]] = Field(
+        min_length=2,
+        description="Documents per task at each racing stage, increasing; the last may be full.",
+    )
+    promote: float = Field(
+        default=0.5,
+        gt=0,
+        le=1,
+        description="The fraction of the latest window of candidates at a stage that goes on.",
+    )
+    window: int = Field(
+        default=8, ge=2, description="How many recent candidates at a stage the promotion compares."
+    )
+    estimator: Literal["mean", "irt"] = Field(
+        "mean",
+        description=(
+            "What a race that ends early is told: its stage mean shifted by the mean stage-to-"
+            'final change ("mean"), or an item-response estimate of its score on all documents '
+            '("irt").'
+        ),
+    )
 
     @field_validator("stages")
     @classmethod
@@ -104,27 +152,56 @@ class LmEvalFitnessSpec(BaseModel):
     """lm-eval tasks (registered names, or YAML+JSONL tasks in `include_path`)."""
 
     model_config = ConfigDict(extra="forbid")
-    kind: Literal["lm_eval"]
-    tasks: list[str] = Field(min_length=1)
-    include_path: Optional[str] = None
-    limit: Optional[int] = Field(default=None, gt=0)  # first N documents of each task
-    samples: Optional[dict[str, list[int]]] = None  # or fixed document ids per task
-    batch_size: Union[Annotated[int, Field(gt=0)], Literal["auto"]] = 8
-    # few-shot examples: one count for every task, or {task: count}
+    kind: Literal["lm_eval"] = Field(description="lm_eval: lm-eval tasks score the live model.")
+    tasks: list[str] = Field(
+        min_length=1,
+        description="lm-eval task names: registered ones, or YAML+JSONL tasks in include_path.",
+    )
+    include_path: Optional[str] = Field(
+        None, description="A folder of task YAMLs (and their data) besides lm-eval's own."
+    )
+    limit: Optional[int] = Field(default=None, gt=0, description="First N documents of each task.")
+    samples: Optional[dict[str, list[int]]] = Field(
+        None, description="Or fixed document ids per task."
+    )
+    batch_size: Union[Annotated[int, Field(gt=0)], Literal["auto"]] = Field(
+        8, description="lm-eval's batch size, or auto."
+    )
     num_fewshot: Union[
         Annotated[int, Field(ge=0)], dict[str, Annotated[int, Field(ge=0)]], None
-    ] = None
-    # instruct models: prompts go through the tokenizer's chat template, with this system
-    # message (None: the template's own default), few-shot examples as turns of the chat
-    apply_chat_template: bool = False
-    system_instruction: Optional[str] = None
-    fewshot_as_multiturn: bool = False
-    # generation settings for generate_until tasks (max_gen_toks, until, temperature, ...)
-    gen_kwargs: Optional[dict[str, Any]] = None
-    # scored only for the final Pareto set, so reported numbers are not the ones searched on
-    held_out: Optional[HeldOut] = None
-    # score candidates on growing document subsets and promote only the promising ones
-    fidelity: Optional[Fidelity] = None
+    ] = Field(None, description="Few-shot examples: one count for every task, or {task: count}.")
+    apply_chat_template: bool = Field(
+        False,
+        description=(
+            "Instruct models: prompts go through the tokenizer's chat template, with this system "
+            "message (None: the template's own default), few-shot examples as turns of the chat."
+        ),
+    )
+    system_instruction: Optional[str] = Field(
+        None, description="The system message of the chat template (apply_chat_template)."
+    )
+    fewshot_as_multiturn: bool = Field(
+        False, description="Few-shot examples as turns of the chat (needs apply_chat_template)."
+    )
+    gen_kwargs: Optional[dict[str, Any]] = Field(
+        None,
+        description=(
+            "Generation settings for generate_until tasks (max_gen_toks, until, temperature, ...)."
+        ),
+    )
+    held_out: Optional[HeldOut] = Field(
+        None,
+        description=(
+            "Scored only for the final Pareto set, so reported numbers are not the ones searched "
+            "on."
+        ),
+    )
+    fidelity: Optional[Fidelity] = Field(
+        None,
+        description=(
+            "Score candidates on growing document subsets and promote only the promising ones."
+        ),
+    )
 
     @model_validator(mode="after")
     def _multiturn_needs_chat(self) -> LmEvalFitnessSpec:
@@ -143,12 +220,21 @@ class CalibrationSpec(BaseModel):
     each source's own text that DAM distils it from (`files`, per model name)."""
 
     model_config = ConfigDict(extra="forbid")
-    # JSONL with a "text" (or "prompt" and "target") field, or plain text lines: every source's
-    file: Optional[NonEmpty] = None
-    # model name -> its own text (the same formats); a source not named reads `file`
-    files: dict[str, NonEmpty] = Field(default_factory=dict)
-    limit: Optional[int] = Field(default=64, gt=0)  # the first N texts
-    max_length: int = Field(default=256, gt=1)  # tokens per text
+    file: Optional[NonEmpty] = Field(
+        None,
+        description=(
+            'JSONL with a "text" (or "prompt" and "target") field, or plain text lines: every '
+            "source's."
+        ),
+    )
+    files: dict[str, NonEmpty] = Field(
+        default_factory=dict,
+        description=(
+            "Model name -> its own text (the same formats); a source not named reads `file`."
+        ),
+    )
+    limit: Optional[int] = Field(default=64, gt=0, description="The first N texts.")
+    max_length: int = Field(default=256, gt=1, description="Tokens per text.")
 
     @model_validator(mode="after")
     def _some_text(self) -> CalibrationSpec:
@@ -166,86 +252,219 @@ class LearningSpec(BaseModel):
     search over a learned method tunes)."""
 
     model_config = ConfigDict(extra="forbid")
-    steps: Optional[int] = Field(default=None, gt=0)  # default: one pass over the data
-    lr: float = Field(default=1e-3, gt=0)  # Adam's learning rate
-    batch_size: int = Field(default=8, gt=0)  # texts per step (DAM: per source)
-    granularity: Literal["layer", "tensor"] = "layer"  # AdaMerging: one lambda per ...
-    embeddings_and_norms: bool = False  # DAM: coefficients for those tensors too
-    seed: int = 0  # the order texts are drawn in
+    steps: Optional[int] = Field(default=None, gt=0, description="Default: one pass over the data.")
+    lr: float = Field(default=1e-3, gt=0, description="Adam's learning rate.")
+    batch_size: int = Field(default=8, gt=0, description="Texts per step (DAM: per source).")
+    granularity: Literal["layer", "tensor"] = Field(
+        "layer", description='AdaMerging: one lambda per source per "layer" or "tensor".'
+    )
+    embeddings_and_norms: bool = Field(
+        False, description="DAM: coefficients for those tensors too."
+    )
+    seed: int = Field(0, description="The order texts are drawn in.")
 
 
 class TrackingSpec(BaseModel):
     """Where evaluations are mirrored for experiment tracking (the run store stays the truth)."""
 
     model_config = ConfigDict(extra="forbid")
-    # an MLflow tracking URI: sqlite:///mlflow.db, http(s)://server, or a folder (file store)
-    mlflow: NonEmpty
-    experiment: NonEmpty = "evomerge"
+    mlflow: NonEmpty = Field(
+        description=(
+            "An MLflow tracking URI: sqlite:///mlflow.db, http(s)://server, or a folder (file "
+            "store)."
+        )
+    )
+    experiment: NonEmpty = Field(
+        "evomerge", description="The MLflow experiment the run is logged under."
+    )
 
 
 class RunConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    name: Optional[str] = None
-    models: dict[str, NonEmpty] = Field(min_length=1)  # name -> local folder or hub name
-    base_model: Optional[str] = None
-    search_space: Union[str, dict[str, Any]]
-    objectives: list[Objective] = Field(min_length=1)
-    optimizer: OptimizerSpec
-    budget: int = Field(gt=0)
-    seed: int = 0
+    name: Optional[str] = Field(
+        None, description="The run's name: its folder under results/ unless --out names one."
+    )
+    models: dict[str, NonEmpty] = Field(
+        min_length=1, description="Model name -> local folder or hub name."
+    )
+    base_model: Optional[str] = Field(
+        None,
+        description=(
+            "The model the experts were fine-tuned from (a key of models), where a method needs "
+            "one."
+        ),
+    )
+    search_space: Union[str, dict[str, Any]] = Field(
+        description=(
+            "A search-space file, or one written inline (kind: parameter, dataflow, ps_dfs)."
+        )
+    )
+    objectives: list[Objective] = Field(
+        min_length=1, description="What the search optimizes: one or more objectives."
+    )
+    optimizer: OptimizerSpec = Field(description="The optimizer and its options.")
+    budget: int = Field(
+        gt=0,
+        description="Evaluations the search may spend (sources and baselines are not counted).",
+    )
+    seed: int = Field(0, description="The seed of the optimizer and of every stochastic merge.")
     fitness: Annotated[
         Union[
             Annotated[PythonFitness, Tag("python")], Annotated[LmEvalFitnessSpec, Tag("lm_eval")]
         ],
         Discriminator(_fitness_kind),
-    ]
-    pool: Literal["ray", "local"] = "ray"  # local: score in this process, one at a time
-    # Ray actors; default: one per GPU of the cluster, else one per threads_per_worker CPUs
-    workers: Optional[int] = Field(default=None, gt=0)
-    threads_per_worker: Optional[int] = Field(default=None, gt=0)  # CPU actors; default 2
-    # GPUs each worker reserves on a GPU cluster: 0.5 puts two small-model workers on a GPU;
-    # 2 or more (whole) spreads one worker's live model over that many GPUs of a node
-    gpus_per_worker: float = Field(default=1.0, gt=0)
-    # seconds to wait for Ray to place every worker (and for it to load its sources) before the
-    # run ends with what was asked and what the cluster has
-    placement_timeout: float = Field(default=600.0, gt=0)
-    # where a GPU worker keeps the source tensors: device, host (pinned, streamed to the device
-    # tensor by tensor) or auto (the device when everything fits it with headroom)
-    sources: Literal["auto", "device", "host"] = "auto"
-    # a tensor larger than this (fp32, per input) is merged in row chunks where its method
-    # merges entry by entry: bounds the merge temporaries; the weights are the same
-    merge_chunk_mib: int = Field(default=256, gt=0)
-    candidate_timeout: Optional[float] = Field(default=None, gt=0)  # seconds per candidate
-    # stop (exit 2, resumable) after this many evaluations in a row failed: a broken fitness or
-    # task must not spend the budget
-    max_consecutive_failures: int = Field(default=10, gt=0)
-    ray_address: Optional[str] = None  # or RAY_ADDRESS; default: a local Ray started by the run
-    device: str = "auto"
-    # the dtype every candidate, source and baseline is scored in (the merge math stays fp32);
-    # default: the recipe's output dtype. bfloat16 halves CPU scoring time on CPUs with bf16
-    score_dtype: Optional[Literal["float32", "bfloat16", "float16"]] = None
-    store: Optional[str] = None  # None: SQLite under the run folder; or postgresql://...
-    score_sources: bool = True  # score each source model first (report, hypervolume reference)
-    # start the search from the source models the space can express (their scores reused), so a
-    # run never ends below a model the user already had; false for ablations
-    seed_with_sources: bool = True
-    # another run folder whose scores of the same sources and baselines this run reuses, when
-    # its fitness, objectives and score_dtype are this run's (a set of ablation runs scores
-    # them once)
-    references_from: Optional[str] = None
-    # merges the search is measured against (presets or recipes), scored like the sources
-    baselines: list[Union[str, BaselineSpec]] = Field(default_factory=list)
-    reference: Optional[list[float]] = None  # hypervolume reference, one value per objective
-    allow_pickle: bool = False
-    trust_remote_code: bool = False
-    # search on a public benchmark's test split without held-out tasks (refused by default)
-    allow_benchmark_fitness: bool = False
-    tracking: Optional[TrackingSpec] = None
-    calibration: Optional[CalibrationSpec] = None
-    learning: Optional[LearningSpec] = None  # default: LearningSpec()'s settings
-    # Hugging Face offline mode for the run's processes: true (local models and tasks only),
-    # false (hub downloads allowed), or unset: as HF_HUB_OFFLINE / HF_DATASETS_OFFLINE say
-    offline: Optional[bool] = None
+    ] = Field(
+        description="How a candidate is scored: lm-eval tasks (kind: lm_eval) or a Python function."
+    )
+    pool: Literal["ray", "local"] = Field(
+        "ray", description="ray: Ray actors; local: score in this process, one candidate at a time."
+    )
+    workers: Optional[int] = Field(
+        default=None,
+        gt=0,
+        description=(
+            "Ray actors; default: one per GPU of the cluster, else one per threads_per_worker CPUs."
+        ),
+    )
+    threads_per_worker: Optional[int] = Field(
+        default=None, gt=0, description="CPU actors; default 2."
+    )
+    gpus_per_worker: float = Field(
+        default=1.0,
+        gt=0,
+        description=(
+            "GPUs each worker reserves on a GPU cluster: 0.5 puts two small-model workers on a "
+            "GPU; 2 or more (whole) spreads one worker's live model over that many GPUs of a node."
+        ),
+    )
+    placement_timeout: float = Field(
+        default=600.0,
+        gt=0,
+        description=(
+            "Seconds to wait for Ray to place every worker (and for it to load its sources) before"
+            " the run ends with what was asked and what the cluster has."
+        ),
+    )
+    sources: Literal["auto", "device", "host"] = Field(
+        "auto",
+        description=(
+            "Where a GPU worker keeps the source tensors: device, host (pinned, streamed to the "
+            "device tensor by tensor) or auto (the device when everything fits it with headroom)."
+        ),
+    )
+    merge_chunk_mib: int = Field(
+        default=256,
+        gt=0,
+        description=(
+            "A tensor larger than this (fp32, per input) is merged in row chunks where its method "
+            "merges entry by entry: bounds the merge temporaries; the weights are the same."
+        ),
+    )
+    candidate_timeout: Optional[float] = Field(
+        default=None,
+        gt=0,
+        description=(
+            "Seconds a candidate may take on its worker before it is killed and recorded as failed."
+        ),
+    )
+    max_consecutive_failures: int = Field(
+        default=10,
+        gt=0,
+        description=(
+            "Stop (exit 2, resumable) after this many evaluations in a row failed: a broken "
+            "fitness or task must not spend the budget."
+        ),
+    )
+    ray_address: Optional[str] = Field(
+        None,
+        description=(
+            "The Ray cluster's address (or RAY_ADDRESS); default: a local Ray started by the run."
+        ),
+    )
+    device: str = Field(
+        "auto", description="Where workers merge and score: cpu, cuda, cuda:N or auto."
+    )
+    score_dtype: Optional[Literal["float32", "bfloat16", "float16"]] = Field(
+        None,
+        description=(
+            "The dtype every candidate, source and baseline is scored in (the merge math stays "
+            "fp32); default: the recipe's output dtype. bfloat16 halves CPU scoring time on CPUs "
+            "with bf16."
+        ),
+    )
+    store: Optional[str] = Field(
+        None,
+        description=(
+            "Where evaluations are committed: default SQLite under the run folder, or a "
+            "postgresql:// URL."
+        ),
+    )
+    score_sources: bool = Field(
+        True, description="Score each source model first (report, hypervolume reference)."
+    )
+    seed_with_sources: bool = Field(
+        True,
+        description=(
+            "Start the search from the source models the space can express (their scores reused), "
+            "so a run never ends below a model the user already had; false for ablations."
+        ),
+    )
+    references_from: Optional[str] = Field(
+        None,
+        description=(
+            "Another run folder whose scores of the same sources and baselines this run reuses, "
+            "when its fitness, objectives and score_dtype are this run's (a set of ablation runs "
+            "scores them once)."
+        ),
+    )
+    baselines: list[Union[str, BaselineSpec]] = Field(
+        default_factory=list,
+        description=(
+            "Merges the search is measured against (presets or recipes), scored like the sources."
+        ),
+    )
+    reference: Optional[list[float]] = Field(
+        None, description="Hypervolume reference, one value per objective."
+    )
+    allow_pickle: bool = Field(
+        False,
+        description=(
+            "Load .bin/.pt weights (with torch's weights_only loader); safetensors only by default."
+        ),
+    )
+    trust_remote_code: bool = Field(
+        False, description="Run model code from the checkpoints' repositories (off by default)."
+    )
+    allow_benchmark_fitness: bool = Field(
+        False,
+        description=(
+            "Search on a public benchmark's test split without held-out tasks (refused by default)."
+        ),
+    )
+    tracking: Optional[TrackingSpec] = Field(
+        None, description="Mirror evaluations to MLflow (the store stays the truth)."
+    )
+    calibration: Optional[CalibrationSpec] = Field(
+        None,
+        description=(
+            "Text for data-aware merges (fisher, regmean) and each source's own text for DAM."
+        ),
+    )
+    learning: Optional[LearningSpec] = Field(
+        None,
+        description=(
+            "How the run trains its learned merges (dam / adamerging baselines, a search over "
+            "them)."
+        ),
+    )
+    offline: Optional[bool] = Field(
+        None,
+        description=(
+            "Hugging Face offline mode for the run's processes: true (local models and tasks "
+            "only), false (hub downloads allowed), or unset: as HF_HUB_OFFLINE / "
+            "HF_DATASETS_OFFLINE say."
+        ),
+    )
 
     @model_validator(mode="after")
     def _names(self) -> RunConfig:
