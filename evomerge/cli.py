@@ -133,7 +133,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
             frame.to_parquet(args.parquet, index=False)
             print(f"wrote {len(frame)} rows to {args.parquet}")
         return 0
-    print(summary(folder))
+    print(summary(folder, wide=args.wide))
     return 0
 
 
@@ -330,6 +330,9 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("folder", help="run folder")
     status.add_argument(
         "--json", action="store_true", help="sources, baselines and Pareto set as JSON"
+    )
+    status.add_argument(
+        "--wide", action="store_true", help="tables as they are, however wide (full task names)"
     )
     status.add_argument("--csv", help="write every evaluation to this CSV file")
     status.add_argument("--parquet", help="write every evaluation to this Parquet file")

@@ -110,7 +110,45 @@ def out_of_memory(error: object) -> bool:
     return text.startswith("OutOfMemoryError") or "out of memory" in text.lower()
 
 
-def summary(folder: Path) -> str:
+WIDTH = 120  # a terminal's columns: wider tables are shown long (one row per model per task)
+SPLITS = ("_heldout", "_held_out", "_held", "_fit", "_test", "_validation", "_val", "_dev")
+METRICS = {"exact_match": "em", "acc_norm": "acc_n"}
+
+
+def short_metric(key: str) -> str:
+    """'held_out:sm2_add_heldout: acc,none' -> 'sm2_add acc': the task without its split
+    suffix, the metric without lm-eval's default filter."""
+    task, _, metric = key.removeprefix("held_out:").partition(": ")
+    for suffix in SPLITS:
+        if task.endswith(suffix):
+            task = task[: -len(suffix)]
+            break
+    name, _, flt = metric.partition(",")
+    name = METRICS.get(name, name)
+    return f"{task} {name}" + ("" if flt in ("", "none") else f",{flt}")
+
+
+def readable(frame: pd.DataFrame, keys: list[str], wide: bool) -> list[str]:
+    """`frame` as lines for a terminal: held-out columns named short and kept only where
+    something was scored; where it would pass WIDTH, the key columns as one table and the
+    held-out scores as another, one row per model per task (`wide`: one table as it is)."""
+    held = [c for c in frame.columns if c.startswith("held_out:") and frame[c].notna().any()]
+    shown = frame[[c for c in frame.columns if not c.startswith("held_out:")] + held]
+    if wide:
+        return shown.to_string(index=False).splitlines()
+    named = shown.rename(columns={c: short_metric(c) for c in held})
+    text = named.to_string(index=False)
+    if max(map(len, text.splitlines()), default=0) <= WIDTH or not held:
+        return text.splitlines()
+    lines = shown.drop(columns=held).to_string(index=False).splitlines()
+    long = shown.melt(id_vars=keys, value_vars=held, var_name="held-out task", value_name="score")
+    long = long.dropna(subset=["score"])
+    long["held-out task"] = long["held-out task"].map(short_metric)
+    table = long[[*keys, "held-out task", "score"]].to_string(index=False)
+    return [*lines, "", *table.splitlines()]
+
+
+def summary(folder: Path, wide: bool = False) -> str:
     meta = read_run_meta(folder)
     config = RunConfig.load(folder / "run.yaml")
     store = RunStore.open(folder)
@@ -166,10 +204,10 @@ def summary(folder: Path) -> str:
         lines += ["", "best per objective:", best.to_string(index=False)]
         references = reference_frame(store, config)
         if not references.empty:
-            lines += ["", "sources and baselines:", references.to_string(index=False)]
+            lines += ["", "sources and baselines:", *readable(references, ["name"], wide)]
         held = [c for c in frame.columns if c.startswith("held_out:")]
         front = frame[frame["pareto"]][["index", *[o.name for o in config.objectives], *held]]
-        lines += ["", f"Pareto set ({len(front)}):", front.to_string(index=False)]
+        lines += ["", f"Pareto set ({len(front)}):", *readable(front, ["index"], wide)]
         if len(config.objectives) > 1:
             lines.append(_hypervolume_line(good, config, store))
     if failed:
