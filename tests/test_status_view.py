@@ -39,3 +39,16 @@ def test_status_tables_fit_the_terminal_and_wide_keeps_everything():
     assert max(map(len, wide)) > 120 and "held_out:sm2_add_heldout: acc,none" in wide[0]
     narrow = frame()[["kind", "name", "mean", f"held_out:{TASKS[0]}"]]
     assert readable(narrow, ["name"], wide=False)[0].split()[-2:] == ["sm2_add", "acc"]
+
+
+def test_info_lines_show_by_default_and_quiet_keeps_warnings_only(llama, tmp_path, capsys):
+    from evomerge.cli import main
+
+    from .test_run import run_config, write
+
+    config = write(tmp_path, run_config(llama, budget=1))
+    assert main(["run", str(config), "--out", str(tmp_path / "loud")]) == 0
+    assert "memory per worker" in capsys.readouterr().err
+    assert main(["run", str(config), "--out", str(tmp_path / "quiet"), "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert "memory per worker" not in err and "run folder" not in err

@@ -6,9 +6,9 @@ that learned the same merge on the same data lends its file instead."""
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import shutil
-import sys
 from pathlib import Path
 from typing import Optional
 
@@ -23,6 +23,8 @@ from evomerge.learn.data import source_texts, task_inputs
 from evomerge.learn.train import TrainSettings
 from evomerge.merge.learned import LOG, Coefficients, learned_method
 from evomerge.spaces.base import SearchSpace
+
+log = logging.getLogger("evomerge")
 
 
 def space_file(folder: Path, config: RunConfig, space: SearchSpace) -> Optional[Path]:
@@ -125,22 +127,21 @@ def ensure_learned(
         source = borrowed(config, folder, path)
         if source is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
-            log = source.with_name(LOG)
-            if log.is_file():
-                shutil.copy2(log, path.with_name(LOG))
+            trail = source.with_name(LOG)
+            if trail.is_file():
+                shutil.copy2(trail, path.with_name(LOG))
             partial = path.with_name(path.name + ".partial")
             shutil.copy2(source, partial)  # a kill mid-copy leaves no file under the name
             os.replace(partial, path)
-            print(f"learned {method}: borrowed from {source}", file=sys.stderr)
+            log.info("learned %s: borrowed from %s", method, source)
             continue
         settings = settings_of(config, progress)
         _, learned = learn_coefficients(config, method, path, settings, names)
         s = learned.summary
-        print(
-            f"learned {method}: {s['steps']} steps in {s['seconds']:.1f} s, loss "
-            f"{s['loss_first']:.4f} -> {s['loss_last']:.4f}: {path}",
-            file=sys.stderr,
-        )
+        log.info(
+            "learned %s: %d steps in %.1f s, loss %.4f -> %.4f: %s",
+            method, s["steps"], s["seconds"], s["loss_first"], s["loss_last"], path,
+        )  # fmt: skip
 
 
 def learns_alike(mine: RunConfig, theirs: RunConfig) -> bool:
