@@ -25,6 +25,9 @@ from evomerge.merge.live import build_live_model
 from evomerge.merge.ops import CHUNK_BYTES
 from evomerge.recipe import Recipe
 
+# a source's calibration statistics to measure: (model reference, texts, kinds, max length)
+SourceJob = tuple[str, list[str], list[str], int]
+
 
 @dataclass
 class Outcome:

@@ -8,11 +8,8 @@ from collections.abc import Iterator
 from typing import Optional, Protocol
 
 from evomerge.config import RunConfig
-from evomerge.evaluator import Evaluator, Outcome
+from evomerge.evaluator import Evaluator, Outcome, SourceJob
 from evomerge.optim import Candidate
-
-# what a worker needs to measure a source's statistics: reference, texts, kinds, max_length
-SourceJob = tuple[str, list[str], list[str], int]
 
 
 class Pool(Protocol):

@@ -26,9 +26,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 from evomerge.errors import EvomergeError
-from evomerge.evaluator import Evaluator, Outcome
+from evomerge.evaluator import Evaluator, Outcome, SourceJob
 from evomerge.optim import Candidate
-from evomerge.pool import SourceJob
 from evomerge.shipping import stage
 
 log = logging.getLogger("evomerge")

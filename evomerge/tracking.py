@@ -16,14 +16,24 @@ import logging
 import os
 import re
 import time
-from typing import TYPE_CHECKING, Optional
+from pathlib import Path
+from typing import Optional, Protocol
 
 from evomerge import __version__
+from evomerge.config import RunConfig
 from evomerge.errors import EvomergeError
+from evomerge.spaces.base import SearchSpace
+from evomerge.store import Record, RunStore
 
-if TYPE_CHECKING:
-    from evomerge.run import Run
-    from evomerge.store import Record
+
+class Run(Protocol):
+    """What the tracker reads of a run (the loop's Run has it): the tracker sits below the
+    loop, which owns one."""
+
+    folder: Path
+    config: RunConfig
+    space: SearchSpace
+    store: RunStore
 
 log = logging.getLogger("evomerge")
 RUN_ID_NOTE = "mlflow_run_id"

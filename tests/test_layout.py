@@ -48,6 +48,43 @@ def test_merge_package_has_no_cycles_and_no_lazy_imports():
         visit(node, [])
 
 
+def _module_name(file: Path) -> str:
+    parts = file.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def test_the_package_has_no_import_cycles():
+    """Imports run downwards between the package's parts, lazy ones included (a lazy import may
+    spare a heavy dependency, never hide a cycle)."""
+    modules = {_module_name(f): f for f in PACKAGE.rglob("*.py")}
+    graph: dict[str, set[str]] = {}
+    for name, file in modules.items():
+        found = set()
+        for node in ast.walk(ast.parse(file.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module in modules:
+                for alias in node.names:  # `from evomerge.merge import learned` is a module
+                    child = f"{node.module}.{alias.name}"
+                    found.add(child if child in modules else node.module)
+            elif isinstance(node, ast.Import):
+                found |= {a.name for a in node.names if a.name in modules}
+        graph[name] = found - {name}
+
+    state: dict[str, str] = {}
+
+    def visit(node: str, trail: list[str]) -> None:
+        if state.get(node) == "done":
+            return
+        assert state.get(node) != "open", f"import cycle: {' -> '.join([*trail, node])}"
+        state[node] = "open"
+        for dep in sorted(graph[node]):
+            if not (node.startswith(dep + ".") or dep == "evomerge"):  # a package's own init
+                visit(dep, [*trail, node])
+        state[node] = "done"
+
+    for node in sorted(graph):
+        visit(node, [])
+
+
 def test_product_imports_no_test_tooling():
     for file in PACKAGE.rglob("*.py"):
         for module, _ in _imports(file):
