@@ -23,7 +23,9 @@ from evomerge.merge.engine import load_source_tensors, merge_into_model, pick_de
 from evomerge.merge.io import ModelSource
 from evomerge.merge.live import build_live_model
 from evomerge.merge.ops import CHUNK_BYTES
+from evomerge.merge.statistics import measure_source
 from evomerge.recipe import Recipe
+from evomerge.scoring import LmEvalFitness
 
 # a source's calibration statistics to measure: (model reference, texts, kinds, max length)
 SourceJob = tuple[str, list[str], list[str], int]
@@ -63,8 +65,6 @@ def load_callable(spec: str, search_dirs: tuple[Path, ...] = ()) -> Callable[...
 def make_fitness(spec: dict[str, Any]) -> Callable[..., Any]:
     """The fitness callable a run config's `fitness` mapping describes."""
     if spec.get("kind") == "lm_eval":
-        from evomerge.scoring import LmEvalFitness
-
         options = {k: v for k, v in spec.items() if k not in ("kind", "held_out", "fidelity")}
         return LmEvalFitness(**options)
     fn = load_callable(spec["function"], (Path(spec["path"]),) if spec.get("path") else ())
@@ -188,8 +188,6 @@ class Evaluator:
     ) -> bytes:
         """A source's calibration statistics measured on this worker's device (where the
         run's GPUs are), as the bytes of their safetensors file for the driver to store."""
-        from evomerge.merge.statistics import measure_source
-
         where = self.sources[ref].path if ref in self.sources else None
         return measure_source(
             ref,

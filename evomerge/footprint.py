@@ -28,7 +28,9 @@ import torch
 
 from evomerge.config import RunConfig
 from evomerge.errors import EvomergeError
+from evomerge.merge.engine import plan_for
 from evomerge.merge.io import ModelSource
+from evomerge.merge.ops import row_chunks
 from evomerge.spaces.base import SearchSpace
 
 GIB = 2**30
@@ -90,9 +92,6 @@ def _largest_piece(space: SearchSpace, sources: dict[str, ModelSource], chunk_mi
     """Elements of the largest piece the start recipe merges at once (a whole tensor, or a
     row chunk where its method merges entry by entry); every source's largest tensor where
     the start recipe does not plan on its own (a layer path)."""
-    from evomerge.merge.engine import plan_for
-    from evomerge.merge.ops import row_chunks
-
     whole = max(math.prod(info.shape) for s in sources.values() for info in s.index.values())
     try:
         plan = plan_for(space.decode(space.initial()), sources, statistics_required=False)

@@ -10,6 +10,7 @@ from typing import Optional, Protocol
 from evomerge.config import RunConfig
 from evomerge.evaluator import Evaluator, Outcome, SourceJob
 from evomerge.optim import Candidate
+from evomerge.ray_pool import RayPool
 
 
 class Pool(Protocol):
@@ -96,8 +97,6 @@ def make_pool(config: RunConfig, reserve_bytes: int = 0) -> Pool:
     }
     if config.pool == "local":
         return LocalPool(Evaluator(**kwargs, threads=config.threads_per_worker))
-    from evomerge.ray_pool import RayPool
-
     return RayPool(
         config.workers,
         kwargs,

@@ -18,7 +18,13 @@ import pandas as pd
 from evomerge.config import RunConfig
 from evomerge.errors import EvomergeError
 from evomerge.merge.learned import learned_summary
-from evomerge.pareto import hypervolume_curve, losses_of, reference_point
+from evomerge.pareto import (
+    hypervolume,
+    hypervolume_curve,
+    losses_of,
+    non_dominated,
+    reference_point,
+)
 from evomerge.status import frame_of
 from evomerge.store import RunStore, read_run_meta
 
@@ -182,8 +188,6 @@ def _figures(frame: pd.DataFrame, config: RunConfig, references: dict) -> dict:
 
 def _reference_hypervolumes(marks: dict, config: RunConfig, ref) -> dict[str, float]:
     """kind -> hypervolume of those reference models alone (what the search must exceed)."""
-    from evomerge.pareto import hypervolume, non_dominated
-
     out = {}
     for kind, scored in marks.items():
         if scored:
@@ -345,6 +349,7 @@ def write_report(run_folder: Path, exports: Optional[Path] = None) -> Path:
         rows.append(
             f"<tr><td>{int(r['index'])}</td>{cells}<td>{html.escape(held)}</td><td>{link}</td></tr>"
         )
+
     def kind_of(kind: str, result: dict) -> str:
         learned = learned_summary(result.get("recipe"))
         if not learned:

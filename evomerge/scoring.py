@@ -19,6 +19,8 @@ import os
 from pathlib import Path
 from typing import Any, Optional, Union
 
+from evomerge.errors import EvomergeError
+
 SKIP_KEYS = {"alias", "name", "sample_len", "samples"}
 
 
@@ -60,8 +62,6 @@ class LmEvalFitness:
         fewshot_as_multiturn: bool = False,
         gen_kwargs: Optional[dict[str, Any]] = None,
     ) -> None:
-        from evomerge.errors import EvomergeError
-
         folder = Path(include_path).resolve() if include_path else None
         if folder is not None and not folder.is_dir():
             raise EvomergeError(f"field 'fitness.include_path': {include_path} is not a folder")

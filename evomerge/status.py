@@ -9,7 +9,14 @@ import pandas as pd
 
 from evomerge.config import RunConfig
 from evomerge.merge.learned import learned_summary
-from evomerge.pareto import front_positions, pareto_records
+from evomerge.pareto import (
+    front_positions,
+    hypervolume,
+    losses_of,
+    non_dominated,
+    pareto_records,
+    reference_point,
+)
 from evomerge.store import RunStore, read_run_meta
 from evomerge.tracking import RUN_ID_NOTE
 
@@ -227,8 +234,6 @@ def _racing_line(frame: pd.DataFrame, config: RunConfig) -> str:
 
 
 def _hypervolume_line(good: pd.DataFrame, config: RunConfig, store: RunStore) -> str:
-    from evomerge.pareto import hypervolume, losses_of, non_dominated, reference_point
-
     names = [o.name for o in config.objectives]
     losses = losses_of(good[names].to_dict("records"), config.objectives)
     sources = [v["values"] for v in store.sources().values() if v.get("values")]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import math
 from typing import Any
 
 import numpy as np
@@ -68,8 +69,6 @@ def make_optimizer(
 
 
 def _plain_number(value: Any) -> bool:
-    import math
-
     if isinstance(value, bool) or value is None:
         return True
     return isinstance(value, (int, float)) and math.isfinite(value) and abs(value) < 1e12
