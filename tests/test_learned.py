@@ -296,3 +296,36 @@ def test_a_run_learns_its_baselines_once_and_searches_over_the_learned_merge(
     assert main(["merge", str(exported / "evomerge_recipe.yaml"), str(again), "--quiet"]) == 0
     x, y = load_folder(exported), load_folder(again)
     assert all(torch.equal(x[k], y[k]) for k in x)
+
+
+def test_references_from_lends_a_learned_merge_only_when_it_learned_alike(llama, tmp_path):
+    from evomerge.learn.in_run import borrowed, learns_alike, same_merge
+
+    theirs, mine = tmp_path / "theirs", tmp_path / "mine"
+    data = learn_config(llama, tmp_path, learning={"steps": 3})
+    for folder in (theirs, mine):
+        folder.mkdir()
+        (folder / "run.yaml").write_text(yaml.safe_dump(data))
+    config = RunConfig.from_dict({**data, "references_from": str(theirs)})
+    refs = [config.models[n] for n in ("a", "b")]
+    write_coefficients(
+        theirs / "learned" / "dam" / "coefficients.safetensors", "dam", refs,
+        config.models["base"], {"w": [torch.ones(2), torch.ones(2)]},
+    )  # fmt: skip
+    path = (mine / "learned" / "dam" / "coefficients.safetensors").resolve()
+    assert borrowed(config, mine, path) == theirs / "learned" / "dam" / "coefficients.safetensors"
+    # the same text under another file name is the same data; other steps are not
+    copy = tmp_path / "copy.txt"
+    copy.write_text((tmp_path / "a.txt").read_text())
+    moved = {**data, "calibration": {"files": {**data["calibration"]["files"], "a": str(copy)}}}
+    assert learns_alike(RunConfig.from_dict(moved), RunConfig.from_dict(data))
+    longer = RunConfig.from_dict({**data, "learning": {"steps": 4}, "references_from": str(theirs)})
+    assert not learns_alike(longer, RunConfig.from_dict(data))
+    assert borrowed(longer, mine, path) is None
+    # a learned recipe is the same merge in both runs, each naming its own file
+    file = theirs.resolve() / "learned" / "dam" / "coefficients.safetensors"
+    recipe = f"merge_method: dam\ncoefficients: {file}\n"
+    assert same_merge(
+        recipe, recipe.replace(str(theirs.resolve()), str(mine.resolve())), theirs.resolve(), mine
+    )
+    assert not same_merge(recipe, recipe.replace("dam\n", "adamerging\n", 1), theirs, mine)
