@@ -47,6 +47,7 @@ from benchmarks.demo_headline import CONFIG, held_columns, run_search  # noqa: E
 
 EXPERTS = ["add", "decode"]
 UNTUNED = ["task_arithmetic", "ties", "fisher", "regmean"]  # besides the presets
+FULL_EVALUATION = 6 * 48  # documents of one full-fidelity evaluation: six tasks of 48
 LR = 1e-3  # the paper's rate, for DAM and AdaMerging alike
 
 
@@ -100,18 +101,31 @@ def run_to(config: dict, folder: Path, budget: int, progress: bool) -> None:
     run_search({**config, "budget": budget}, folder, progress)
 
 
-def best_of(folder: Path, upto: int) -> dict:
-    """The best-fitness evaluation among the first `upto` and its held-out scores."""
+def documents(record, config: dict) -> int:
+    """Fitness documents a search paid to score this evaluation: each racing stage it reached,
+    times the tasks (a seed whose score was reused from the sources or baselines paid none)."""
+    if record.origin in ("source", "baseline") and not record.stages:
+        return 0
+    fitness = config["fitness"]
+    full = 48  # documents per fitness task of the real zoo
+    stages = [full if s == "full" else s for s in fitness["fidelity"]["stages"]]
+    reached = len(record.stages) if record.stages else len(stages)
+    return sum(stages[:reached]) * len(fitness["tasks"])
+
+
+def best_of(folder: Path, upto: int, config: dict) -> dict:
+    """The best-fitness evaluation among the first `upto`, its held-out scores, and what the
+    search spent to get there."""
     from evomerge.store import RunStore
 
-    records = [r for r in RunStore.open(folder).records() if r.number < upto and r.values]
-    best = max(records, key=lambda r: r.values["mean"])
-    seconds = sum(r.seconds for r in RunStore.open(folder).records() if r.number < upto)
+    every = [r for r in RunStore.open(folder).records() if r.number < upto]
+    best = max((r for r in every if r.values), key=lambda r: r.values["mean"])
     return {
         "index": best.number,
         "fitness": best.values["mean"],
         "held_out": held_columns(best.held_out or {}),
-        "evaluation_seconds": round(seconds, 1),
+        "evaluation_seconds": round(sum(r.seconds for r in every), 1),
+        "documents": sum(documents(r, config) for r in every),
     }
 
 
@@ -128,6 +142,34 @@ def scored(result: dict) -> dict:
         "fitness": (result.get("values") or {}).get("mean"),
         "held_out": held_columns(result.get("held_out") or {}),
     }
+
+
+def table(references: dict, summary: dict) -> str:
+    """The README's table: references once, each trained or searched arm over its seeds."""
+    lines = [
+        "| arm | fitness | held-out mean ± se | held-out per task | documents scored |"
+        " training steps, s, tokens |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, r in references.items():
+        held = r["held_out"]
+        tasks = " / ".join(f"{v:.2f}" for k, v in held.items() if k != "mean")
+        lines.append(f"| {name} | {r['fitness']:.3f} | {held['mean']:.3f} | {tasks} | 288 | |")
+    for arm, s in summary.items():
+        se = s["held_out"]["se"]
+        tasks = " / ".join(f"{v:.2f}" for v in s["held_out_tasks"].values())
+        training = ""
+        if s["training_seconds"]["mean"]:
+            training = (
+                f"{s['training_seconds']['mean']:.0f} s, "
+                f"{s['training_tokens']['mean'] / 1000:.1f}k fwd"
+            )
+        lines.append(
+            f"| {arm} | {s['fitness']['mean']:.3f} | {s['held_out']['mean']:.3f} ± "
+            f"{se if se is not None else float('nan'):.3f} | {tasks} | "
+            f"{s['documents']['mean']:.0f} | {training} |"
+        )
+    return "\n".join(lines)
 
 
 def mean_se(values: list[float]) -> dict:
@@ -147,6 +189,9 @@ def main() -> None:
     parser.add_argument("--hybrid", type=int, default=8, help="hybrid search budget")
     parser.add_argument("--steps", default="8,30", help="training steps: small,large")
     parser.add_argument("--quiet", action="store_true")
+    parser.add_argument(
+        "--summarize", action="store_true", help="only read the finished runs in --runs again"
+    )
     args = parser.parse_args()
     small_steps, large_steps = (int(x) for x in args.steps.split(","))
 
@@ -169,9 +214,12 @@ def main() -> None:
     }
     statistics_dir = (args.runs / "statistics").resolve()
     t0 = time.perf_counter()
-    prepare_statistics({"calibration": {"limit": 32}, **{"models": base["models"]}}, shared,
-                       statistics_dir)  # fmt: skip
+    if not args.summarize:
+        prepare_statistics({"calibration": {"limit": 32}, **{"models": base["models"]}}, shared,
+                           statistics_dir)  # fmt: skip
     seconds = {"statistics": round(time.perf_counter() - t0, 1)}
+    if args.summarize:
+        seconds = json.loads((args.out / "learned_vs_search.json").read_text())["seconds"]
     untuned = [{"name": f"untuned {m}", "recipe": untuned_recipe(m, ARMS[m][0], statistics_dir)}
                for m in UNTUNED]  # fmt: skip
 
@@ -195,24 +243,30 @@ def main() -> None:
             if folder != first:
                 config["references_from"] = str(first.resolve())
             start = time.perf_counter()
+            go = not args.summarize
             if kind == "ps":
-                run_to(config, folder, args.small, not args.quiet)
-                row["ps small"] = best_of(folder, args.small)
-                run_to(config, folder, args.large, not args.quiet)
-                row["ps large"] = best_of(folder, args.large)
+                if go:
+                    run_to(config, folder, args.small, not args.quiet)
+                row["ps small"] = best_of(folder, args.small, config)
+                if go:
+                    run_to(config, folder, args.large, not args.quiet)
+                row["ps large"] = best_of(folder, args.large, config)
             else:
-                run_to(config, folder, args.hybrid, not args.quiet)
-                row["hybrid"] = best_of(folder, args.hybrid)
+                if go:
+                    run_to(config, folder, args.hybrid, not args.quiet)
+                row["hybrid"] = best_of(folder, args.hybrid, config)
                 row["hybrid"]["training"] = learned_cost(folder, "dam")
-            seconds[f"{kind}_s{seed}"] = round(time.perf_counter() - start, 1)
+            if go:
+                seconds[f"{kind}_s{seed}"] = round(time.perf_counter() - start, 1)
             data = status_data(folder)
             size = "small" if kind == "ps" else "large"
             for method in ("dam", "adamerging"):
                 row[f"{method} {size}"] = {
                     **scored(data["baselines"][method]),
                     "training": learned_cost(folder, method),
+                    "documents": FULL_EVALUATION,  # scored once, on every fitness document
                 }
-            print(f"{kind} seed {seed}: {seconds[f'{kind}_s{seed}']} s", flush=True)
+            print(f"{kind} seed {seed}: {seconds.get(f'{kind}_s{seed}')} s", flush=True)
         per_seed.append(row)
 
     data = status_data(first)
@@ -225,14 +279,17 @@ def main() -> None:
     for arm in arms:
         held = [r[arm]["held_out"]["mean"] for r in per_seed if r[arm]["held_out"]]
         fit = [r[arm]["fitness"] for r in per_seed if r[arm]["fitness"] is not None]
-        cost = [
-            r[arm].get("evaluation_seconds", 0) + r[arm].get("training", {}).get("seconds", 0)
-            for r in per_seed
-        ]
         summary[arm] = {
             "fitness": mean_se(fit),
             "held_out": mean_se(held),
-            "seconds": mean_se(cost),
+            "search_seconds": mean_se([r[arm].get("evaluation_seconds", 0) for r in per_seed]),
+            "training_seconds": mean_se(
+                [r[arm].get("training", {}).get("seconds", 0) for r in per_seed]
+            ),
+            "documents": mean_se([r[arm]["documents"] for r in per_seed]),
+            "training_tokens": mean_se(
+                [r[arm].get("training", {}).get("tokens_forward", 0) for r in per_seed]
+            ),
         }
         tasks = [k for k in per_seed[0][arm]["held_out"] if k != "mean"]
         summary[arm]["held_out_tasks"] = {
@@ -253,16 +310,7 @@ def main() -> None:
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "learned_vs_search.json").write_text(json.dumps(result, indent=1) + "\n")
-    print("| arm | fitness | held-out mean (± se) | seconds |")
-    print("|---|---|---|---|")
-    for name, r in references.items():
-        print(f"| {name} | {r['fitness']:.3f} | {r['held_out'].get('mean', float('nan')):.3f} | |")
-    for arm, s in summary.items():
-        se = s["held_out"]["se"]
-        print(
-            f"| {arm} | {s['fitness']['mean']:.3f} | {s['held_out']['mean']:.3f}"
-            f" ± {se if se is not None else float('nan'):.3f} | {s['seconds']['mean']:.0f} |"
-        )
+    print(table(references, summary))
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ def space_file(folder: Path, config: RunConfig, space: SearchSpace) -> Optional[
     name = (
         method.name if part.models == experts(config) else f"{method.name}-{'-'.join(part.models)}"
     )
-    return learned_file(Path(folder) / LEARNED, name)
+    return learned_file(Path(folder).resolve() / LEARNED, name)  # workers may run elsewhere
 
 
 def name_learned(space: SearchSpace, folder: Path, config: RunConfig) -> None:
