@@ -366,6 +366,10 @@ def create_run(config: RunConfig, folder: Path) -> Run:
         if folder.exists():
             folder.rmdir()  # empty (checked above): the finished run takes its place
         os.replace(staging, folder)
+    except (EvomergeError, OSError) as exc:  # told of the folder asked for, not the sibling
+        shutil.rmtree(staging, ignore_errors=True)
+        reason = str(exc) if isinstance(exc, EvomergeError) else f"--out {folder}: {exc}"
+        raise EvomergeError(reason.replace(str(staging), str(folder))) from None
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
