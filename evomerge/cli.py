@@ -412,7 +412,6 @@ def configure_logging(quiet: bool) -> None:
     handler.setFormatter(logging.Formatter("%(message)s"))
     log.handlers = [handler]
     log.setLevel(logging.WARNING if quiet else logging.INFO)
-    log.propagate = False
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
