@@ -218,8 +218,9 @@ def main() -> None:
         prepare_statistics({"calibration": {"limit": 32}, **{"models": base["models"]}}, shared,
                            statistics_dir)  # fmt: skip
     seconds = {"statistics": round(time.perf_counter() - t0, 1)}
-    if args.summarize:
-        seconds = json.loads((args.out / "learned_vs_search.json").read_text())["seconds"]
+    earlier = args.out / "learned_vs_search.json"
+    if args.summarize and earlier.exists():
+        seconds = json.loads(earlier.read_text()).get("seconds", {})
     untuned = [{"name": f"untuned {m}", "recipe": untuned_recipe(m, ARMS[m][0], statistics_dir)}
                for m in UNTUNED]  # fmt: skip
 
