@@ -42,7 +42,7 @@ from evomerge.learn.in_run import (
     needed,
     same_merge,
 )
-from evomerge.merge.engine import plan_for
+from evomerge.merge.engine import plan_for, remove_if_orphaned
 from evomerge.merge.io import ModelSource
 from evomerge.merge.learned import learned_method
 from evomerge.merge.methods import get_method
@@ -388,14 +388,8 @@ def remove_abandoned_creations(folder: Path) -> None:
     """Half-built runs of `folder` whose creating process is gone (killed mid-creation)."""
     for leftover in folder.parent.glob(f".{folder.name}.creating-*"):
         pid = leftover.name.rpartition("-")[2]
-        if not pid.isdigit():
-            continue
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
-            shutil.rmtree(leftover, ignore_errors=True)
-        except PermissionError:  # alive, someone else's
-            pass
+        if pid.isdigit():
+            remove_if_orphaned(leftover, int(pid))
 
 
 def open_run(folder: Path) -> Run:

@@ -153,12 +153,17 @@ def remove_abandoned(out: Path) -> None:
         pid = leftover.name.rpartition("-")[2]
         if not pid.isdigit() or leftover not in {scratch(out, k, int(pid)) for k in SCRATCH_KINDS}:
             continue
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
-            shutil.rmtree(leftover, ignore_errors=True)
-        except PermissionError:  # alive, someone else's
-            pass
+        remove_if_orphaned(leftover, int(pid))
+
+
+def remove_if_orphaned(leftover: Path, pid: int) -> None:
+    """Remove a folder that process `pid` was writing, if that process is gone."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        shutil.rmtree(leftover, ignore_errors=True)
+    except PermissionError:  # alive, someone else's
+        pass
 
 
 def _write_metadata(plan: MergePlan, folder: Path) -> None:
