@@ -113,6 +113,19 @@ def documents(record, config: dict) -> int:
     return sum(stages[:reached]) * len(fitness["tasks"])
 
 
+def finished(folder: Path, budget: int) -> bool:
+    """The run holds `budget` evaluations and its best one's held-out scores."""
+    from evomerge.store import RunStore
+
+    if not (folder / "run.json").exists():
+        return False
+    records = RunStore.open(folder).records()
+    scored = [r for r in records if r.values]
+    if len(records) < budget or not scored:
+        return False
+    return max(scored, key=lambda r: r.values["mean"]).held_out is not None
+
+
 def best_of(folder: Path, upto: int, config: dict) -> dict:
     """The best-fitness evaluation among the first `upto`, its held-out scores, and what the
     search spent to get there."""
@@ -245,6 +258,8 @@ def main() -> None:
                 config["references_from"] = str(first.resolve())
             start = time.perf_counter()
             go = not args.summarize
+            if args.summarize and not finished(folder, args.large if kind == "ps" else args.hybrid):
+                continue  # a run not finished yet: its arms are left out of this summary
             if kind == "ps":
                 if go:
                     run_to(config, folder, args.small, not args.quiet)
@@ -275,31 +290,33 @@ def main() -> None:
     for name, result in data["baselines"].items():
         if name not in ("dam", "adamerging"):
             references[name.removeprefix("untuned ")] = scored(result)
-    arms = [k for k in per_seed[0] if k != "seed"]
+    arms = list(dict.fromkeys(k for r in per_seed for k in r if k != "seed"))
     summary = {}
     for arm in arms:
-        held = [r[arm]["held_out"]["mean"] for r in per_seed if r[arm]["held_out"]]
-        fit = [r[arm]["fitness"] for r in per_seed if r[arm]["fitness"] is not None]
+        rows = [r for r in per_seed if arm in r]
+        held = [r[arm]["held_out"]["mean"] for r in rows if r[arm]["held_out"]]
+        fit = [r[arm]["fitness"] for r in rows if r[arm]["fitness"] is not None]
         summary[arm] = {
             "fitness": mean_se(fit),
             "held_out": mean_se(held),
-            "search_seconds": mean_se([r[arm].get("evaluation_seconds", 0) for r in per_seed]),
+            "search_seconds": mean_se([r[arm].get("evaluation_seconds", 0) for r in rows]),
             "training_seconds": mean_se(
-                [r[arm].get("training", {}).get("seconds", 0) for r in per_seed]
+                [r[arm].get("training", {}).get("seconds", 0) for r in rows]
             ),
-            "documents": mean_se([r[arm]["documents"] for r in per_seed]),
+            "documents": mean_se([r[arm]["documents"] for r in rows]),
             "training_tokens": mean_se(
-                [r[arm].get("training", {}).get("tokens_forward", 0) for r in per_seed]
+                [r[arm].get("training", {}).get("tokens_forward", 0) for r in rows]
             ),
         }
-        tasks = [k for k in per_seed[0][arm]["held_out"] if k != "mean"]
+        tasks = [k for k in rows[0][arm]["held_out"] if k != "mean"]
         summary[arm]["held_out_tasks"] = {
-            t: statistics.fmean(r[arm]["held_out"][t] for r in per_seed) for t in tasks
+            t: statistics.fmean(r[arm]["held_out"][t] for r in rows) for t in tasks
         }
     result = {
         "seconds": seconds,
         "settings": {
-            "seeds": args.seeds,
+            "seeds": args.seeds,  # asked for; each arm's summary says how many it has (n)
+            "seeds measured": {arm: [r["seed"] for r in per_seed if arm in r] for arm in arms},
             "search budgets": [args.small, args.large],
             "hybrid budget": args.hybrid,
             "training steps": [small_steps, large_steps],
