@@ -160,27 +160,25 @@ def scored(result: dict) -> dict:
 def table(references: dict, summary: dict) -> str:
     """The README's table: references once, each trained or searched arm over its seeds."""
     lines = [
-        "| arm | fitness | held-out mean ± se | held-out per task | documents scored |"
-        " training steps, s, tokens |",
-        "|---|---|---|---|---|---|",
+        "| arm | seeds | fitness | held-out mean ± se | held-out per task | documents scored |"
+        " training |",
+        "|---|---|---|---|---|---|---|",
     ]
     for name, r in references.items():
         held = r["held_out"]
         tasks = " / ".join(f"{v:.2f}" for k, v in held.items() if k != "mean")
-        lines.append(f"| {name} | {r['fitness']:.3f} | {held['mean']:.3f} | {tasks} | 288 | |")
+        lines.append(f"| {name} | | {r['fitness']:.3f} | {held['mean']:.3f} | {tasks} | 288 | |")
     for arm, s in summary.items():
         se = s["held_out"]["se"]
         tasks = " / ".join(f"{v:.2f}" for v in s["held_out_tasks"].values())
         training = ""
         if s["training_seconds"]["mean"]:
-            training = (
-                f"{s['training_seconds']['mean']:.0f} s, "
-                f"{s['training_tokens']['mean'] / 1000:.1f}k fwd"
-            )
+            training = f"{s['training_tokens']['mean'] / 1000:.1f}k tokens"
+        spread = f" ± {se:.3f}" if se is not None else ""
         lines.append(
-            f"| {arm} | {s['fitness']['mean']:.3f} | {s['held_out']['mean']:.3f} ± "
-            f"{se if se is not None else float('nan'):.3f} | {tasks} | "
-            f"{s['documents']['mean']:.0f} | {training} |"
+            f"| {arm} | {s['held_out']['n']} | {s['fitness']['mean']:.3f} | "
+            f"{s['held_out']['mean']:.3f}{spread} | {tasks} | {s['documents']['mean']:.0f} | "
+            f"{training} |"
         )
     return "\n".join(lines)
 
