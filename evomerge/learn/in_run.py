@@ -18,7 +18,13 @@ from evomerge.baselines import LEARNED, learned_file
 from evomerge.calibration import parameter_part
 from evomerge.config import LearningSpec, LmEvalFitnessSpec, RunConfig
 from evomerge.errors import EvomergeError
-from evomerge.learn.command import check_method, experts, learn_coefficients, load_tokenizer
+from evomerge.learn.command import (
+    check_method,
+    experts,
+    learn_coefficients,
+    load_tokenizer,
+    summary_line,
+)
 from evomerge.learn.data import source_texts, task_inputs
 from evomerge.learn.train import TrainSettings
 from evomerge.merge.learned import LOG, Coefficients, learned_method
@@ -137,11 +143,7 @@ def ensure_learned(
             continue
         settings = settings_of(config, progress)
         _, learned = learn_coefficients(config, method, path, settings, names)
-        s = learned.summary
-        log.info(
-            "learned %s: %d steps in %.1f s, loss %.4f -> %.4f: %s",
-            method, s["steps"], s["seconds"], s["loss_first"], s["loss_last"], path,
-        )  # fmt: skip
+        log.info("learned %s", summary_line(learned, path))
 
 
 def learns_alike(mine: RunConfig, theirs: RunConfig) -> bool:

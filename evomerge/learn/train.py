@@ -31,7 +31,7 @@ from __future__ import annotations
 import math
 import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -268,6 +268,31 @@ def _run(
     return log, time.perf_counter() - start
 
 
+def _summary(
+    method: str,
+    settings: TrainSettings,
+    steps: int,
+    tokens: dict[str, int],
+    log: list[dict[str, Any]],
+    seconds: float,
+    trained: Iterable[torch.Tensor],
+) -> dict[str, Any]:
+    """What the coefficient file's `trained` metadata records of a training run."""
+    return {
+        "method": method,
+        "steps": steps,
+        "lr": settings.lr,
+        "batch_size": settings.batch_size,
+        "seed": settings.seed,
+        "tokens_forward": tokens["forward"],
+        "tokens_backward": tokens["backward"],
+        "seconds": round(seconds, 2),
+        "loss_first": log[0]["loss"] if log else None,
+        "loss_last": log[-1]["loss"] if log else None,
+        "coefficients": sum(t.numel() for t in trained),
+    }
+
+
 def train_dam(
     sources: FrozenSources,
     tokenizer: Any,
@@ -336,20 +361,8 @@ def train_dam(
 
     flat = [c for values in coefficients.values() for c in values]
     log, seconds = _run(steps, flat, settings, step_loss, desc="DAM")
-    summary = {
-        "method": "dam",
-        "steps": steps,
-        "lr": settings.lr,
-        "batch_size": settings.batch_size,
-        "seed": settings.seed,
-        "texts": {m: len(texts[m]) for m in models},
-        "tokens_forward": tokens["forward"],
-        "tokens_backward": tokens["backward"],
-        "seconds": round(seconds, 2),
-        "loss_first": log[0]["loss"] if log else None,
-        "loss_last": log[-1]["loss"] if log else None,
-        "coefficients": sum(c.numel() for c in flat),
-    }
+    summary = _summary("dam", settings, steps, tokens, log, seconds, flat)
+    summary["texts"] = {m: len(texts[m]) for m in models}
     out = {name: [c.detach().cpu() for c in values] for name, values in coefficients.items()}
     return Learned(with_aliases(out, sources), log, summary)
 
@@ -391,21 +404,8 @@ def train_adamerging(
                 value.clamp_(0.0, 1.0)
 
     log, seconds = _run(steps, list(lambdas.values()), settings, step_loss, clamp, "AdaMerging")
-    summary = {
-        "method": "adamerging",
-        "steps": steps,
-        "lr": settings.lr,
-        "batch_size": settings.batch_size,
-        "seed": settings.seed,
-        "granularity": settings.granularity,
-        "texts": len(prompts),
-        "tokens_forward": tokens["forward"],
-        "tokens_backward": tokens["backward"],
-        "seconds": round(seconds, 2),
-        "loss_first": log[0]["loss"] if log else None,
-        "loss_last": log[-1]["loss"] if log else None,
-        "coefficients": sum(v.numel() for v in lambdas.values()),
-    }
+    summary = _summary("adamerging", settings, steps, tokens, log, seconds, lambdas.values())
+    summary.update(granularity=settings.granularity, texts=len(prompts))
     out = {
         name: [lambdas[group_of[name]][k].detach().cpu().clone() for k in range(len(models))]
         for name in sources.names
