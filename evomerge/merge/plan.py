@@ -9,7 +9,7 @@ outside the layers (embeddings, final norm, lm_head) read it at t = 0.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, Optional
 
@@ -382,17 +382,8 @@ def _open_statistics(recipe: Recipe, method: Method, search_dirs: Iterable) -> S
             "on calibration text; name their folder, or run `evomerge merge RECIPE OUT "
             "--calibration FILE` to compute them"
         )
-    folder = Path(recipe.statistics)
-    if not folder.is_absolute():
-        for where in search_dirs:
-            if where is not None and (Path(where) / folder).is_dir():
-                folder = Path(where) / folder
-                break
-    statistics = Statistics(folder)
-    inputs = [m.model for m in recipe.models or []] or [
-        src.model for out in recipe.slices or [] for src in out.sources
-    ]
-    statistics.check(dict.fromkeys(inputs), method.statistics)
+    statistics = Statistics(_found(recipe.statistics, search_dirs, Path.is_dir))
+    statistics.check(dict.fromkeys(_inputs(recipe)), method.statistics)
     return statistics
 
 
@@ -403,19 +394,28 @@ def _open_coefficients(recipe: Recipe, method: Method, search_dirs: Iterable) ->
             f"field 'coefficients': {method.name} merges with learned coefficients; name their "
             "file, or train one with `evomerge learn CONFIG --method dam|adamerging --out DIR`"
         )
-    path = Path(recipe.coefficients)
-    if not path.is_absolute():
-        for where in search_dirs:
-            if where is not None and (Path(where) / path).is_file():
-                path = Path(where) / path
-                break
-    coefficients = Coefficients(path)
-    inputs = [m.model for m in recipe.models or []] or [
-        src.model for out in recipe.slices or [] for src in out.sources
-    ]
-    merged = [ref for ref in dict.fromkeys(inputs) if ref != recipe.base_model]
+    coefficients = Coefficients(_found(recipe.coefficients, search_dirs, Path.is_file))
+    merged = [ref for ref in dict.fromkeys(_inputs(recipe)) if ref != recipe.base_model]
     coefficients.check(merged, method.name, recipe.base_model)
     return coefficients
+
+
+def _found(named: str, search_dirs: Iterable, exists: Callable[[Path], bool]) -> Path:
+    """A path a recipe names: as it is, or, when relative, in the first search folder (the
+    recipe's own) that holds it."""
+    path = Path(named)
+    if not path.is_absolute():
+        for where in search_dirs:
+            if where is not None and exists(Path(where) / path):
+                return Path(where) / path
+    return path
+
+
+def _inputs(recipe: Recipe) -> list[str]:
+    """The models a recipe's merge reads, in recipe order (repeats kept)."""
+    return [m.model for m in recipe.models or []] or [
+        src.model for out in recipe.slices or [] for src in out.sources
+    ]
 
 
 def _layer_tensors(source: ModelSource, layer: int) -> list[tuple[str, str]]:
