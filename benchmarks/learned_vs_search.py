@@ -215,7 +215,7 @@ def main() -> None:
     )
     base["models"] = {k: str(Path(v).resolve()) for k, v in base["models"].items()}
     # fp32 scores: the same on every CPU, and on CPUs without bf16 instructions (AVX-512 BF16,
-    # AMX) about 6x faster than the demo's bfloat16
+    # AMX) about 5x faster than the demo's bfloat16 (benchmarks/bf16_matmul.py)
     base["score_dtype"] = "float32"
     shared = write_calibration(args.runs)
     base["calibration"] = {
