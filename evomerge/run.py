@@ -334,6 +334,7 @@ def optimizer_for(config: RunConfig, space: SearchSpace) -> Optimizer:
         space.initial(),
         len(config.objectives),
         config.seed,
+        space.step_sizes(),
     )
 
 

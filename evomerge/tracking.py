@@ -35,6 +35,7 @@ class Run(Protocol):
     space: SearchSpace
     store: RunStore
 
+
 log = logging.getLogger("evomerge")
 RUN_ID_NOTE = "mlflow_run_id"
 BATCH = 500  # MLflow accepts at most 1,000 metrics per batch

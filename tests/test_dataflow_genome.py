@@ -32,7 +32,8 @@ def test_layout_sizes_per_scaling_form():
 def test_paper_initialisation_is_model_a_in_order_unscaled():
     g = DataflowGenome(MODELS, repetitions=2, sigma=0.2)
     x = g.initial()
-    assert np.allclose(x[:3], 0.4) and not np.any(x[3:])
+    assert np.allclose(x[:3], 0.4) and np.allclose(x[3:10], -0.4)  # off: as far as on
+    assert not np.any(x[10:])  # every scale 1
     assert steps(g.decode(x)) == [("a", 0, 1.0), ("a", 1, 1.0), ("a", 2, 1.0)]
 
 

@@ -151,7 +151,7 @@ def as_stored(recipe: Recipe) -> Recipe:
 
 
 def learned_method(recipe: Optional[str]) -> Optional[str]:
-    """"dam" or "adamerging" for a learned merge's recipe (YAML), else None (data-flow recipes
+    """ "dam" or "adamerging" for a learned merge's recipe (YAML), else None (data-flow recipes
     included)."""
     data = yaml.safe_load(recipe) if recipe else None
     if isinstance(data, dict) and data.get("merge_method") in LEARNED:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import difflib
 import inspect
 import math
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 
@@ -44,7 +44,10 @@ def make_optimizer(
     x0: np.ndarray,
     n_objectives: int,
     seed: int,
+    steps: Optional[np.ndarray] = None,
 ) -> Optimizer:
+    """`steps`: the search space's first step per gene, for optimizers that take one (CMA-ES);
+    an explicit `sigma` option overrides it."""
     if name not in OPTIMIZERS:
         close = difflib.get_close_matches(name, OPTIMIZERS, n=1)
         hint = f"did you mean '{close[0]}'?" if close else f"choose one of {sorted(OPTIMIZERS)}"
@@ -63,7 +66,10 @@ def make_optimizer(
                 f"{type(value).__name__}"
             )
     try:
-        return OPTIMIZERS[name](lower, upper, x0, n_objectives, seed, **options)
+        cls = OPTIMIZERS[name]
+        if getattr(cls, "takes_steps", False):
+            return cls(lower, upper, x0, n_objectives, seed, steps, **options)
+        return cls(lower, upper, x0, n_objectives, seed, **options)
     except (TypeError, ValueError, OverflowError) as exc:
         raise EvomergeError(f"field 'optimizer.options': {name} cannot use them ({exc})") from None
 

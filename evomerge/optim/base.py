@@ -44,6 +44,7 @@ class Optimizer(ABC):
     name: str = "optimizer"
     multi_objective: bool = False
     generational: bool = False  # True: a whole generation is asked before any is learnt from
+    takes_steps: bool = False  # True: the constructor takes the space's first step per gene
 
     def __init__(
         self, lower: np.ndarray, upper: np.ndarray, x0: np.ndarray, n_objectives: int, seed: int

@@ -25,6 +25,7 @@ class CMAES(Optimizer):
     name = "cma"
     generational = True
     strategy = CMA
+    takes_steps = True
 
     def __init__(
         self,
@@ -33,6 +34,7 @@ class CMAES(Optimizer):
         x0,
         n_objectives: int,
         seed: int,
+        steps: Optional[np.ndarray] = None,
         *,
         sigma: Optional[float] = None,
         population_size: Optional[int] = None,
@@ -40,6 +42,17 @@ class CMAES(Optimizer):
     ) -> None:
         super().__init__(lower, upper, x0, n_objectives, seed)
         width = float(np.min(self.upper - self.lower))
+        self.cov: Optional[np.ndarray] = None
+        if sigma is None and steps is not None:
+            # the space's own first steps per gene: sigma times the root of a diagonal covariance
+            steps = np.asarray(steps, dtype=float)
+            if steps.shape != self.lower.shape or not np.all(steps > 0):
+                raise EvomergeError("search space: step sizes must be one positive value per gene")
+            if self.strategy is CMA:
+                sigma = float(np.max(steps))
+                self.cov = np.diag((steps / sigma) ** 2)
+            else:
+                sigma = float(np.min(steps))
         sigma = sigma if sigma is not None else width / 4
         if not sigma > 0:
             raise EvomergeError("optimizer.options.sigma: must be > 0")
@@ -61,7 +74,10 @@ class CMAES(Optimizer):
 
     def _strategy_at(self, mean: np.ndarray) -> Any:
         bounds = np.stack([self.lower, self.upper], axis=1)
-        return self.strategy(mean=np.array(mean, dtype=float), bounds=bounds, **self.settings)
+        extra = {"cov": self.cov} if self.cov is not None else {}
+        return self.strategy(
+            mean=np.array(mean, dtype=float), bounds=bounds, **self.settings, **extra
+        )
 
     # ----- seeds: scored first, the mean starts at the best of them ------------------------------
     def seed_with(self, genomes: list[np.ndarray]) -> None:

@@ -13,9 +13,15 @@ from evomerge.errors import EvomergeError
 from evomerge.recipe import describe_validation_error
 from evomerge.spaces.base import SearchSpace
 from evomerge.spaces.dataflow_space import CombinedSpace, CombinedSpec, DataflowSpace, DataflowSpec
+from evomerge.spaces.layer_swap import LayerSwapSpace, LayerSwapSpec
 from evomerge.spaces.parameter import ParameterSpace, ParameterSpaceSpec
 
-KINDS = {"parameter": ParameterSpaceSpec, "dataflow": DataflowSpec, "ps_dfs": CombinedSpec}
+KINDS = {
+    "parameter": ParameterSpaceSpec,
+    "layer_swap": LayerSwapSpec,
+    "dataflow": DataflowSpec,
+    "ps_dfs": CombinedSpec,
+}
 
 __all__ = ["KINDS", "SearchSpace", "build_space", "read_space_spec"]
 
@@ -52,6 +58,8 @@ def build_space(
 ) -> SearchSpace:
     if isinstance(spec, ParameterSpaceSpec):
         return ParameterSpace(spec, models, base, depth_of)
+    if isinstance(spec, LayerSwapSpec):
+        return LayerSwapSpace(spec, models, base, depth_of)
     if isinstance(spec, DataflowSpec):
         return DataflowSpace(spec, models, depth_of)
     return CombinedSpace(spec, models, base, depth_of)

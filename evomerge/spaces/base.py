@@ -35,6 +35,12 @@ class SearchSpace(ABC):
         may start: the start, and wherever a space can reach values a merge method refuses."""
         return [("the start genome", self, self.initial())]
 
+    def step_sizes(self) -> Optional[np.ndarray]:
+        """The first step an optimizer should take on each gene, where the space knows better
+        than a fraction of the bounds (a DFS genome: σ, so that a step flips a few slots);
+        None: the optimizer's own default."""
+        return None
+
     @abstractmethod
     def model_names(self) -> list[str]:
         """The run's models (by name) that some genome of this space merges: a worker loads

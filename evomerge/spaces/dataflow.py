@@ -1,8 +1,10 @@
 """The data-flow genome of Akiba et al. (evolutionary model merge): which layers, in which order,
 with which scale on the stream.
 
-The source models' layers are laid end to end (M layers in all) and that sequence is repeated r
-times, giving T = M x r slots. The genome holds an indicator per slot (slot t is on the path when
+The source models' layers are laid end to end (M layers in all; `layout: interleaved` orders
+them by depth instead, layer 0 of every model, then layer 1, ..., so that taking layer k from
+the other model is a move of two slots) and that sequence is repeated r times, giving
+T = M x r slots. The genome holds an indicator per slot (slot t is on the path when
 I_t > 0; its layer is t mod M) followed by the scaling genes. W[i, j] is the scale applied to the
 stream entering layer j when the previous layer on the path was i; the first layer reads the
 embeddings unscaled. W is stored as log2 scales, in one of these forms:
@@ -28,6 +30,7 @@ from evomerge.recipe import PathStep
 from evomerge.spaces.base import MAX_GENES
 
 ScalingForm = Literal["full", "per_layer", "low_rank", "none"]
+Layout = Literal["end_to_end", "interleaved"]
 
 
 @dataclass(frozen=True)
@@ -42,6 +45,7 @@ class DataflowGenome:
     indicator_bounds: tuple[float, float] = (-1.0, 1.0)
     sigma: float = 0.1  # the optimizer's initial step; the paper initialises "on" slots at +2σ
     max_layers: Optional[int] = None  # longest path: the strongest slots are kept beyond it
+    layout: Layout = "end_to_end"
 
     def __post_init__(self) -> None:
         if not self.models or any(depth < 1 for _, depth in self.models):
@@ -70,7 +74,15 @@ class DataflowGenome:
     # ----- layout ----------------------------------------------------------------------------
     @property
     def layers(self) -> list[tuple[str, int]]:
-        """The M layers laid end to end: (model, layer index within it)."""
+        """The M layers in slot order: (model, layer index within it)."""
+        if self.layout == "interleaved":
+            deepest = max(depth for _, depth in self.models)
+            return [
+                (name, layer)
+                for layer in range(deepest)
+                for name, depth in self.models
+                if layer < depth
+            ]
         return [(name, layer) for name, depth in self.models for layer in range(depth)]
 
     @property
@@ -118,11 +130,19 @@ class DataflowGenome:
         return lo, hi
 
     def initial(self) -> np.ndarray:
-        """The paper's start: every slot off except the first model's first repetition, at +2σ;
-        every scale 1."""
+        """The paper's start: every slot off except the first model's layers in the first
+        repetition; on at +2σ and off at -2σ, so that a step of σ flips a few slots (a local
+        move) rather than half of them; every scale 1."""
         x = np.zeros(self.size)
-        x[: self.models[0][1]] = 2 * self.sigma
+        first = self.models[0][0]
+        for t, (name, _layer) in enumerate(self.layers):
+            x[t] = 2 * self.sigma if name == first else -2 * self.sigma
+        x[self.num_layers : self.slots] = -2 * self.sigma
         return x
+
+    def step_sizes(self) -> np.ndarray:
+        """The optimizer's first step on each gene: σ on indicators and on log2 scales."""
+        return np.full(self.size, self.sigma)
 
     # ----- genome -> path ----------------------------------------------------------------------
     def scale_matrix(self, genome: np.ndarray) -> np.ndarray:

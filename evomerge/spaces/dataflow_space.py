@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from evomerge.errors import EvomergeError
 from evomerge.recipe import PathStep, Recipe
 from evomerge.spaces.base import SearchSpace
-from evomerge.spaces.dataflow import DataflowGenome, ScalingForm
+from evomerge.spaces.dataflow import DataflowGenome, Layout, ScalingForm
 from evomerge.spaces.parameter import ParameterSpace, ParameterSpaceSpec
 
 MERGED = "merged"  # in a ps_dfs space, the name of the parameter-space stage's result
@@ -31,6 +31,9 @@ class DataflowSpec(BaseModel):
     sigma: float = Field(default=0.1, gt=0)
     # longest path a candidate may have; default: twice the deepest model of the space
     max_layers: Optional[int] = Field(default=None, ge=1)
+    # end_to_end: the paper's slot order; interleaved: by depth, so a layer taken from the other
+    # model is a local move
+    layout: Layout = "end_to_end"
     dtype: Optional[str] = None
 
 
@@ -67,6 +70,7 @@ class DataflowSpace(SearchSpace):
             rank=spec.rank,
             scale_bounds=tuple(spec.scale_bounds),
             sigma=spec.sigma,
+            layout=spec.layout,
         )
 
     def gene_names(self) -> list[str]:
@@ -77,6 +81,9 @@ class DataflowSpace(SearchSpace):
 
     def initial(self) -> np.ndarray:
         return self.genome.initial()
+
+    def step_sizes(self) -> Optional[np.ndarray]:
+        return self.genome.step_sizes()
 
     @property
     def embed_from(self) -> str:
@@ -154,6 +161,15 @@ class CombinedSpace(SearchSpace):
 
     def initial(self) -> np.ndarray:
         return np.concatenate([self.ps.initial(), self.dfs.initial()])
+
+    def step_sizes(self) -> Optional[np.ndarray]:
+        """The PS part's own steps (a quarter of each gene's range unless it says otherwise),
+        then the DFS part's σ."""
+        ps = self.ps.step_sizes()
+        if ps is None:
+            low, high = self.ps.bounds()
+            ps = (high - low) / 4
+        return np.concatenate([ps, self.dfs.step_sizes()])
 
     def model_names(self) -> list[str]:
         names = self.dfs.model_names()

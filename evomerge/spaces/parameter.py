@@ -1,16 +1,18 @@
 """Parameter-space (PS) search: one merge method, a weight/density/... gene per model, optionally
 per layer group and per tensor filter (attention / mlp / the rest).
 
-Layer groups become mergekit's per-layer value lists (a list of G values is read at
-t = layer / (n - 1), so G genes span the depth); filters become ``{filter, value}`` entries
-with a final catch-all for the rest. Method parameters shared by all inputs (slerp's ``t``,
-``lambda``) get one gene set, not one per model.
+Layer groups become mergekit's per-layer value lists. With ``layer_shape: gradient`` a list of
+G values is read at t = layer / (n - 1), so G genes span the depth and values blend between
+them; with ``layer_shape: blocks`` group g owns the contiguous layers [g n / G, (g + 1) n / G)
+outright (the list holds one value per layer), so a swap at a block boundary can be written.
+Filters become ``{filter, value}`` entries with a final catch-all for the rest. Method
+parameters shared by all inputs (slerp's ``t``, ``lambda``) get one gene set, not one per model.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -67,6 +69,8 @@ class ParameterSpaceSpec(BaseModel):
     parameters: dict[str, GeneRange] = Field(min_length=1)
     fixed: dict[str, Any] = Field(default_factory=dict)  # method parameters held constant
     layer_groups: int = Field(default=1, ge=1)
+    # gradient: values blend linearly across depth; blocks: each group owns its layers outright
+    layer_shape: Literal["gradient", "blocks"] = "gradient"
     filters: list[str] = Field(default_factory=list)  # e.g. [self_attn, mlp]; the rest follow
     dtype: Optional[str] = None
     # a learned method (dam, adamerging): the coefficient file its `scale` genes tune; default
@@ -128,6 +132,7 @@ class ParameterSpace(SearchSpace):
         self.method = method
         self.blocks = [*spec.filters, None]  # None: the rest
         depth = depth_of(base if base is not None else names[0])
+        self.depth = depth
         if spec.layer_groups > depth:
             raise EvomergeError(
                 f"field 'search_space.layer_groups': {spec.layer_groups} groups for models "
@@ -273,6 +278,12 @@ class ParameterSpace(SearchSpace):
         return genome
 
     # ----- decode -----------------------------------------------------------------------------
+    def block_of_layers(self) -> list[int]:
+        """The layer group that owns each layer under `layer_shape: blocks`: contiguous, and as
+        even as the depth allows."""
+        groups = self.spec.layer_groups
+        return [(layer * groups) // self.depth for layer in range(self.depth)]
+
     def settings(self, genome: np.ndarray) -> dict[Optional[str], dict[str, Any]]:
         """Per owner (model, or None for shared), each parameter's mergekit setting."""
         x = np.asarray(genome, dtype=float)
@@ -284,6 +295,8 @@ class ParameterSpace(SearchSpace):
             values.setdefault((owner, param, block), []).append(round(float(value), 8))
         out: dict[Optional[str], dict[str, Any]] = {}
         for (owner, param, block), series in values.items():
+            if len(series) > 1 and self.spec.layer_shape == "blocks":
+                series = [series[g] for g in self.block_of_layers()]
             value: Any = series[0] if len(series) == 1 else series
             target = out.setdefault(owner, {})
             if not self.spec.filters or param in LINES:

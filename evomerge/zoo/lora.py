@@ -5,12 +5,16 @@ ordinary checkpoint."""
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Optional
 
 import torch
 from safetensors.torch import load_file, save_file
 
-TARGETS = ("gate_proj", "up_proj", "down_proj")  # the MLP: where factual skills live
+MLP = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+ATTENTION = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
+TARGETS = MLP  # the default: where factual skills live
 
 
 class LoRALinear(torch.nn.Module):
@@ -31,30 +35,52 @@ class LoRALinear(torch.nn.Module):
         return self.linear(x) + (x @ self.A.T) @ self.B.T * self.scale
 
 
-def attach(model: torch.nn.Module, rank: int, alpha: float, seed: int) -> list[torch.nn.Parameter]:
-    """Freeze the model and wrap its MLP projections; returns the trainable factors."""
+def _sites(
+    model: torch.nn.Module, targets: Sequence[str], layers: Optional[Sequence[int]]
+) -> list[tuple[int, str, torch.nn.Module, str]]:
+    """(layer index, target path, parent module, attribute) of every adapted projection."""
+    chosen = range(len(model.model.layers)) if layers is None else layers
+    sites = []
+    for i in chosen:
+        for target in targets:
+            parent_name, attribute = target.rsplit(".", 1)
+            sites.append((i, target, model.model.layers[i].get_submodule(parent_name), attribute))
+    return sites
+
+
+def attach(
+    model: torch.nn.Module,
+    rank: int,
+    alpha: float,
+    seed: int,
+    targets: Sequence[str] = TARGETS,
+    layers: Optional[Sequence[int]] = None,
+) -> list[torch.nn.Parameter]:
+    """Freeze the model and wrap the `targets` projections of `layers` (all when None);
+    returns the trainable factors."""
     for p in model.parameters():
         p.requires_grad_(False)
     trainable = []
-    for i, layer in enumerate(model.model.layers):
-        for k, name in enumerate(TARGETS):
-            wrapped = LoRALinear(getattr(layer.mlp, name), rank, alpha, seed * 1000 + i * 8 + k)
-            setattr(layer.mlp, name, wrapped)
-            trainable += [wrapped.A, wrapped.B]
+    for i, target, parent, attribute in _sites(model, targets, layers):
+        k = (MLP + ATTENTION).index(target) if target in MLP + ATTENTION else len(MLP + ATTENTION)
+        wrapped = LoRALinear(getattr(parent, attribute), rank, alpha, seed * 1000 + i * 8 + k)
+        setattr(parent, attribute, wrapped)
+        trainable += [wrapped.A, wrapped.B]
     return trainable
 
 
 def detach(model: torch.nn.Module, dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
-    """Unwrap the projections and return the factors as `<weight name>.lora_A/.lora_B` (the
-    scale folded into B), in `dtype`; the model is the base again."""
+    """Unwrap every adapted projection and return the factors as `<weight name>.lora_A/.lora_B`
+    (the scale folded into B), in `dtype`; the model is the base again."""
     factors = {}
-    for i, layer in enumerate(model.model.layers):
-        for name in TARGETS:
-            wrapped = getattr(layer.mlp, name)
-            key = f"model.layers.{i}.mlp.{name}.weight"
-            factors[f"{key}.lora_A"] = wrapped.A.detach().to(dtype).contiguous()
-            factors[f"{key}.lora_B"] = (wrapped.B.detach() * wrapped.scale).to(dtype).contiguous()
-            setattr(layer.mlp, name, wrapped.linear)
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, LoRALinear):
+            continue
+        key = f"{name}.weight"
+        factors[f"{key}.lora_A"] = module.A.detach().to(dtype).contiguous()
+        factors[f"{key}.lora_B"] = (module.B.detach() * module.scale).to(dtype).contiguous()
+        parent_name, attribute = name.rsplit(".", 1)
+        setattr(model.get_submodule(parent_name), attribute, module.linear)
     return factors
 
 
@@ -62,8 +88,9 @@ def save_factors(factors: dict[str, torch.Tensor], path: Path, metadata: dict[st
     save_file(factors, str(path), metadata=metadata)
 
 
-def apply_factors(model: torch.nn.Module, path: Path) -> int:
-    """Add `B @ A` (computed in float32) to each named weight; returns how many were changed."""
+def apply_factors(model: torch.nn.Module, path: Path, scale: float = 1.0) -> int:
+    """Add `scale * B @ A` (computed in float32) to each named weight; returns how many were
+    changed."""
     factors = load_file(str(path))
     weights = dict(model.named_parameters())
     names = sorted({k.rsplit(".lora_", 1)[0] for k in factors})
@@ -71,5 +98,5 @@ def apply_factors(model: torch.nn.Module, path: Path) -> int:
         for name in names:
             a = factors[f"{name}.lora_A"].float()
             b = factors[f"{name}.lora_B"].float()
-            weights[name].add_(b @ a)
+            weights[name].add_(scale * (b @ a))
     return len(names)
