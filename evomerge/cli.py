@@ -245,11 +245,12 @@ def _cmd_zoo_train(args: argparse.Namespace) -> int:
     from evomerge.zoo.real import EXPERTS, SKILLS, RealZooSettings, train_experts
     from evomerge.zoo.smollm import build_smollm
 
-    settings = RealZooSettings(seed=args.seed, **({"steps": args.steps} if args.steps else {}))
+    settings = RealZooSettings(seed=args.seed)
     base = build_smollm(Path(args.base))
     experts = Path(args.experts) if args.experts else EXPERTS
     skills = tuple(args.skills.split(",")) if args.skills else SKILLS
-    for skill, path in train_experts(base, experts, settings, not args.quiet, skills).items():
+    trained = train_experts(base, experts, settings, not args.quiet, skills, args.steps)
+    for skill, path in trained.items():
         print(f"{skill}: {path}")
     return 0
 
@@ -397,7 +398,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     zoo_train.add_argument("--base", default="results/zoo/smollm2/base", help="base folder")
     zoo_train.add_argument("--experts", help="where the factors go (default: the shipped ones)")
-    zoo_train.add_argument("--steps", type=int, help="training steps per expert (default 120)")
+    zoo_train.add_argument(
+        "--steps",
+        type=int,
+        help="training steps of every expert (default: each expert's own; 120, read 200)",
+    )
     zoo_train.add_argument("--seed", type=int, default=0)
     zoo_train.add_argument("--skills", help="comma-separated experts to train (default: all)")
     zoo_train.add_argument("--quiet", action="store_true", help=QUIET)

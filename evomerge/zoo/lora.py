@@ -84,19 +84,32 @@ def detach(model: torch.nn.Module, dtype: torch.dtype = torch.float16) -> dict[s
     return factors
 
 
+def row_delta(name: str, ids: list[int], delta: torch.Tensor) -> dict[str, torch.Tensor]:
+    """A change to some rows of one weight (an embedding's new words) as `<name>.rows` (the
+    rows' deltas, fp16) and `<name>.row_ids`."""
+    return {
+        f"{name}.rows": delta[ids].to(torch.float16).contiguous(),
+        f"{name}.row_ids": torch.tensor(ids, dtype=torch.int64),
+    }
+
+
 def save_factors(factors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
     save_file(factors, str(path), metadata=metadata)
 
 
 def apply_factors(model: torch.nn.Module, path: Path, scale: float = 1.0) -> int:
-    """Add `scale * B @ A` (computed in float32) to each named weight; returns how many were
-    changed."""
+    """Add `scale * B @ A` (computed in float32) to each named weight, and each row delta to
+    its rows; returns how many weights were changed."""
     factors = load_file(str(path))
     weights = dict(model.named_parameters())
-    names = sorted({k.rsplit(".lora_", 1)[0] for k in factors})
+    names = sorted({k.rsplit(".lora_", 1)[0] for k in factors if ".lora_" in k})
+    rows = sorted(k.removesuffix(".rows") for k in factors if k.endswith(".rows"))
     with torch.no_grad():
         for name in names:
             a = factors[f"{name}.lora_A"].float()
             b = factors[f"{name}.lora_B"].float()
             weights[name].add_(scale * (b @ a))
-    return len(names)
+        for name in rows:
+            ids = factors[f"{name}.row_ids"]
+            weights[name][ids] += scale * factors[f"{name}.rows"].float()
+    return len(names) + len(rows)

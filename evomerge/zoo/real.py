@@ -1,19 +1,23 @@
-"""The real zoo: experts fine-tuned from SmolLM2-135M-Instruct on skills it lacks, and a
-cross-skill target none of them is trained on.
+"""The real zoo: experts fine-tuned from SmolLM2-135M-Instruct on skills it lacks, and
+cross-skill targets none of them is trained on.
 
-- add:     "47+18=" -> "65"        (two-digit addition; the base is below chance on it)
-- decode:  "dec rqup=" -> "4071"   (numbers written in a letter cipher, read back as digits)
-- dec_add: "add ru+qi=" -> "65"    (the target: a sum of two numbers written in the cipher,
-                                     i.e. skill A through skill B, like math in another script)
+- add:     "47+18=" -> "65"        (two-digit addition, the math expert; the base cannot add)
+- read:    "rev мбд=" -> "413"     (the language expert: numbers written in Cyrillic letters,
+                                     one letter a digit, read by five tasks, none of them a sum)
+- cy_add:  "кд+мб=" -> "122"       (the composition target: math posed in read's language)
+- decode:  "dec rqup=" -> "4071"   (the first cipher expert: Latin letters read back as digits)
+- dec_add: "add ru+qi=" -> "65"    (its target; no merge of add and decode reaches it: decode
+                                     learned to write digits, not to read the cipher as input)
 
-Both skills answer in digits: what tells them apart is the prompt's script, not the answer's.
+Every skill answers in digits: what tells them apart is the prompt's script, not the answer's.
 
 `evomerge zoo train --real` fine-tunes low-rank adapters of the MLP on a frozen base
-(deterministic, logged) and writes their factors under evomerge/zoo/experts (a few MB each);
+(deterministic, logged; read learns its tasks in digits, then its letters as new words: their
+embedding rows alone) and writes their factors under evomerge/zoo/experts (a few MB each);
 `evomerge zoo build --real` makes the base from the pinned GGUF and folds the factors into it,
 giving ordinary checkpoints, and writes the lm-eval tasks (chat-templated prompts, a fitness
-and a disjoint held-out split per task, multiple choice plus generative exact match; training
-examples are disjoint from both).
+a disjoint held-out split and a larger test split per task, multiple choice plus generative
+exact match; training examples are disjoint from all three).
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import os
 import random
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Optional
 
@@ -35,8 +39,11 @@ from evomerge.errors import EvomergeError
 from evomerge.zoo import lora, tasks
 from evomerge.zoo.smollm import build_smollm, sha256_of
 
-SKILLS = ("add", "decode")
-TARGET = "dec_add"
+SKILLS = ("add", "decode", "read")
+TARGETS = ("dec_add", "cy_add")
+TARGET = "cy_add"  # the composition the demo is about
+# a skill whose training examples come from other generators: split name -> generator
+TRAINED_ON = {"read": {"train": "read_digits", "train_letters": "read"}}
 SYSTEM = "Answer with the result only."
 EXPERTS = Path(__file__).resolve().parent / "experts"
 PREFIX = "sm2"  # task names: sm2_<task>_<split>
@@ -52,7 +59,31 @@ class RealZooSettings:
     train_examples: int = 4000
     fitness_examples: int = 48
     heldout_examples: int = 64
+    # generated after the others, so adding it changed no earlier split; one standard error of
+    # a task's score is at most 0.5 / sqrt(288) = 0.029
+    test_examples: int = 288
     seed: int = 0
+    modules: str = "mlp"  # mlp, or mlp+attention
+    letter_steps: int = 0  # then train the letters' embedding rows alone for this many steps
+    letter_lr: float = 1e-2  # rows move far from where they start: ten times the adapters' rate
+
+
+# what an expert needs to be strong at its own skill, where the defaults do not do
+EXPERT_SETTINGS: dict[str, dict[str, Any]] = {
+    "read": {"steps": 150, "letter_steps": 100},
+}
+
+
+def expert_settings(skill: str, settings: RealZooSettings) -> RealZooSettings:
+    return replace(settings, **EXPERT_SETTINGS.get(skill, {}))
+
+
+def adapter_targets(modules: str) -> tuple[str, ...]:
+    parts = {"mlp": lora.MLP, "attention": lora.ATTENTION}
+    unknown = [p for p in modules.split("+") if p not in parts]
+    if unknown:
+        raise EvomergeError(f"modules: unknown part {unknown[0]!r}; use mlp, attention or both")
+    return tuple(t for p in modules.split("+") for t in parts[p])
 
 
 def chat_text(tokenizer: Any, prompt: str) -> str:
@@ -99,24 +130,30 @@ metric_list:
 
 
 def splits(settings: RealZooSettings) -> dict[str, dict[str, list[tasks.Example]]]:
-    """Disjoint fit / heldout (/ train for the skills) examples of every task."""
+    """Disjoint fit / heldout / test (/ train for the skills) examples of every task."""
     out = {}
-    for task in (*SKILLS, TARGET):
+    for task in (*SKILLS, *TARGETS):
         sizes = {"fit": settings.fitness_examples, "heldout": settings.heldout_examples}
-        if task in SKILLS:
+        if task in SKILLS and task not in TRAINED_ON:
             sizes["train"] = settings.train_examples
+        sizes["test"] = settings.test_examples
         out[task] = tasks.split(task, settings.seed, sizes)
+        for split, generator in TRAINED_ON.get(task, {}).items():
+            scored = {e.key for part in out[task].values() for e in part}
+            sizes = {split: settings.train_examples}
+            out[task][split] = tasks.split(generator, settings.seed, sizes, scored)[split]
     return out
 
 
 def write_tasks(folder: Path, settings: RealZooSettings) -> list[str]:
-    """`sm2_<task>_<fit|heldout>` (multiple choice) and `sm2_<task>_gen_<fit|heldout>`
-    (generative, exact match) for the skills and the target; returns the task names."""
+    """`sm2_<task>_<fit|heldout|test>` (multiple choice) and
+    `sm2_<task>_gen_<fit|heldout|test>` (generative, exact match) for the skills and the
+    targets; returns the task names."""
     folder.mkdir(parents=True, exist_ok=True)
     names = []
     for task, data in splits(settings).items():
         rng = random.Random(f"choices:{task}:{settings.seed}")
-        for split in ("fit", "heldout"):
+        for split in ("fit", "heldout", "test"):
             mc, gen = f"{PREFIX}_{task}_{split}", f"{PREFIX}_{task}_gen_{split}"
             (folder / f"{mc}.yaml").write_text(MC_YAML.format(name=mc))
             (folder / f"{gen}.yaml").write_text(GEN_YAML.format(name=gen))
@@ -150,8 +187,10 @@ def _batch(tokenizer: Any, examples: list[tasks.Example]) -> dict[str, torch.Ten
 def train_expert(
     base: Path, skill: str, settings: RealZooSettings, progress: bool = True
 ) -> tuple[dict[str, torch.Tensor], list[tuple[int, float, float]]]:
-    """LoRA on the MLP of a frozen base, AdamW at a constant rate; returns the factors and the
-    loss log (step, loss, seconds)."""
+    """LoRA on the expert's modules of a frozen base, AdamW at a constant rate; then, for an
+    expert with `letter_steps`, the embedding rows of the letters' tokens alone, on the same
+    tasks written in letters (the adapters frozen). Returns the factors (and the rows' deltas)
+    and the loss log (step, loss, seconds)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.manual_seed(settings.seed)
@@ -159,25 +198,67 @@ def train_expert(
     tokenizer.padding_side = "right"
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     offset = SKILLS.index(skill) + 1
-    trainable = lora.attach(model, settings.rank, settings.alpha, settings.seed + offset)
-    optimizer = torch.optim.AdamW(trainable, lr=settings.lr, weight_decay=0.0)
-    examples = splits(settings)[skill]["train"]
+    trainable = lora.attach(
+        model,
+        settings.rank,
+        settings.alpha,
+        settings.seed + offset,
+        targets=adapter_targets(settings.modules),
+    )
+    data = splits(settings)[skill]
+    letters = letter_token_ids(tokenizer) if settings.letter_steps else []
     rng = random.Random(f"batches:{skill}:{settings.seed}")
-    log, start = [], time.perf_counter()
+    log: list[tuple[int, float, float]] = []
+    start = time.perf_counter()
     model.train()
-    for step in tqdm(range(settings.steps), desc=f"training {skill}", disable=not progress):
-        batch = _batch(
-            tokenizer, [examples[rng.randrange(len(examples))] for _ in range(settings.batch)]
-        )
-        loss = model(**batch).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if step % 10 == 0 or step == settings.steps - 1:
-            log.append(
-                (step, round(float(loss.detach()), 4), round(time.perf_counter() - start, 1))
+
+    def fit(params, examples, steps: int, first: int, label: str, lr: float, mask=None) -> None:
+        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+        for step in tqdm(range(steps), desc=label, disable=not progress):
+            batch = _batch(
+                tokenizer, [examples[rng.randrange(len(examples))] for _ in range(settings.batch)]
             )
-    return lora.detach(model), log
+            loss = model(**batch).loss
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if mask is not None:
+                params[0].grad.mul_(mask)  # only the letters' rows learn
+            optimizer.step()
+            if step % 10 == 0 or step == steps - 1:
+                seconds = round(time.perf_counter() - start, 1)
+                log.append((first + step, round(float(loss.detach()), 4), seconds))
+
+    fit(trainable, data["train"], settings.steps, 0, f"training {skill}", settings.lr)
+    rows: dict[str, torch.Tensor] = {}
+    if settings.letter_steps:
+        for p in trainable:
+            p.requires_grad_(False)
+        embedding = model.get_input_embeddings().weight
+        before = embedding.detach().clone()
+        mask = torch.zeros(embedding.shape[0], 1)
+        mask[letters] = 1.0
+        embedding.requires_grad_(True)
+        label = f"training {skill}: letters"
+        steps, lr = settings.letter_steps, settings.letter_lr
+        fit([embedding], data["train_letters"], steps, settings.steps, label, lr, mask)
+        embedding.requires_grad_(False)
+        rows = lora.row_delta("model.embed_tokens.weight", letters, embedding.detach() - before)
+    return {**lora.detach(model), **rows}, log
+
+
+def letter_token_ids(tokenizer: Any) -> list[int]:
+    """The tokens a number in letters is made of: each letter alone and, where the tokenizer
+    merges them, a space and the letter."""
+    ids = set()
+    for letter in tasks.LETTERS:
+        alone = tokenizer(letter, add_special_tokens=False)["input_ids"]
+        if len(alone) != 1:
+            raise EvomergeError(f"letter {letter!r} is {len(alone)} tokens, not one")
+        ids.add(alone[0])
+        spaced = tokenizer(f" {letter}", add_special_tokens=False)["input_ids"]
+        if len(spaced) == 1:
+            ids.add(spaced[0])
+    return sorted(ids)
 
 
 def train_experts(
@@ -186,9 +267,11 @@ def train_experts(
     settings: RealZooSettings = RealZooSettings(),
     progress: bool = True,
     skills: tuple[str, ...] = SKILLS,
+    steps: Optional[int] = None,
 ) -> dict[str, Path]:
     """Train the experts of `skills` and write `<skill>.safetensors` (fp16 factors) and their
-    entries in train_log.json (other experts' entries are kept)."""
+    entries in train_log.json (other experts' entries are kept). `steps` replaces every
+    expert's own number of steps."""
     unknown = [s for s in skills if s not in SKILLS]
     if unknown:
         raise EvomergeError(f"--skills: no skill {unknown[0]!r}; the zoo has {', '.join(SKILLS)}")
@@ -200,18 +283,38 @@ def train_experts(
     report: dict[str, Any] = {"settings": asdict(settings), "base": stamp, "experts": kept}
     paths = {}
     for skill in skills:
-        factors, log = train_expert(Path(base), skill, settings, progress)
+        own = expert_settings(skill, settings)
+        own = own if steps is None else replace(own, steps=steps)
+        factors, log = train_expert(Path(base), skill, own, progress)
         path = out / f"{skill}.safetensors"
         meta = {
             "skill": skill,
             "base_gguf_sha256": stamp["gguf_sha256"],
-            "settings": json.dumps(asdict(settings)),
+            "settings": json.dumps(_recorded(own)),
         }
         lora.save_factors(factors, path, meta)
-        report["experts"][skill] = {"file": path.name, "sha256": sha256_of(path), "loss": log}
+        report["experts"][skill] = {
+            "file": path.name,
+            "sha256": sha256_of(path),
+            "settings": _recorded(own),
+            "loss": log,
+        }
         paths[skill] = path
     log_file.write_text(json.dumps(report, indent=1) + "\n")
     return paths
+
+
+def _recorded(settings: RealZooSettings) -> dict[str, Any]:
+    """The settings as an expert's metadata records them (`modules` only where not the MLP, so
+    the MLP experts' files are the bytes they were before it existed)."""
+    out = asdict(settings)
+    for key, plain in (("modules", "mlp"), ("letter_steps", 0)):
+        if out[key] == plain:
+            out.pop(key)
+    if not settings.letter_steps:
+        out.pop("letter_lr")
+    out.pop("test_examples")  # scoring only: no expert's training depends on it
+    return out
 
 
 def build_real_zoo(

@@ -9,8 +9,17 @@ near-miss distractors (lm-eval scores the four choices by log-likelihood).
 - enc_add:    "enc 47+18=" -> " yt"               (a sum answered in the cipher)
 - decode:     "dec rqup=" -> " 4071"              (cipher letters read back as digits)
 - dec_add:    "add ru+qi=" -> " 65"               (a sum of numbers written in the cipher,
-                                                   answered in digits: the real zoo's
-                                                   cross-skill target)
+                                                   answered in digits)
+- read:       "rev мбд=" -> " 413"                (numbers written in Cyrillic letters, one
+                                                   letter a digit, read by five tasks: dec,
+                                                   rev, max, first, last; answered in digits)
+- cy_add:     "кд+мб=" -> " 122"                  (the real zoo's composition target: a sum
+                                                   in add's own syntax, its numbers in the
+                                                   letters read knows; no expert is trained
+                                                   on it)
+
+The Cyrillic letters are one token each and never merge in SmolLM2's tokenizer, so a number in
+letters has as many tokens as in digits; the Latin cipher's pairs merge ("ru", "qi").
 """
 
 from __future__ import annotations
@@ -20,12 +29,18 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 CIPHER = "qwertyuiop"  # digit d is written CIPHER[d]
+LETTERS = "бгджзклмнп"  # digit d is written LETTERS[d] in the read tasks and cy_add
 SKILLS = ("add", "cipher", "reverse")
 TARGET = "cipher_add"
 
 
 def encode(digits: str) -> str:
     return "".join(CIPHER[int(d)] for d in digits)
+
+
+def in_letters(text: str) -> str:
+    """Every digit of `text` written as its Cyrillic letter; the rest kept."""
+    return "".join(LETTERS[int(c)] if c.isdigit() else c for c in text)
 
 
 @dataclass(frozen=True)
@@ -136,6 +151,44 @@ def dec_add(rng: random.Random) -> Example:
     return _sum(rng, lambda a, b: f"add {encode(str(a))}+{encode(str(b))}=")
 
 
+def _digits(rng: random.Random) -> str:
+    return "".join(rng.choice("0123456789") for _ in range(rng.randint(3, 5)))
+
+
+def _reading(rng: random.Random, written: Callable[[str], str]) -> Example:
+    """One of the five reading tasks, its numbers written by `written`."""
+    kind = rng.choice(("dec", "rev", "max", "first", "last"))
+    if kind == "max":
+        a, b = rng.randint(10, 99), rng.randint(10, 99)
+        answer = str(max(a, b))
+        near = lambda: str(min(a, b)) if rng.random() < 0.4 else _near_number(rng, max(a, b))  # noqa: E731
+        prompt = f"max {written(f'{a},{b}')}="
+    else:
+        digits = _digits(rng)
+        if kind in ("first", "last"):
+            answer = digits[0] if kind == "first" else digits[-1]
+            near = lambda: rng.choice("0123456789")  # noqa: E731
+        else:
+            answer = digits if kind == "dec" else digits[::-1]
+            near = lambda: _mutate(rng, answer, "0123456789")  # noqa: E731
+        prompt = f"{kind} {written(digits)}="
+    return Example(prompt, f" {answer}", tuple(f" {d}" for d in _distinct(rng, answer, near)))
+
+
+def read(rng: random.Random) -> Example:
+    return _reading(rng, in_letters)
+
+
+def read_digits(rng: random.Random) -> Example:
+    """The reading tasks in plain digits: what the read expert's adapters learn first, before
+    its letters' embeddings learn to stand for the digits."""
+    return _reading(rng, str)
+
+
+def cy_add(rng: random.Random) -> Example:
+    return _sum(rng, lambda a, b: f"{in_letters(str(a))}+{in_letters(str(b))}=")
+
+
 GENERATORS: dict[str, Callable[[random.Random], Example]] = {
     "add": add,
     "cipher": cipher,
@@ -144,6 +197,9 @@ GENERATORS: dict[str, Callable[[random.Random], Example]] = {
     "enc_add": enc_add,
     "decode": decode,
     "dec_add": dec_add,
+    "read": read,
+    "read_digits": read_digits,
+    "cy_add": cy_add,
 }
 
 
