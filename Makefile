@@ -36,17 +36,17 @@ lint: setup
 	$(PY) -m ruff check evomerge tests benchmarks
 
 # The main job: the real zoo (SmolLM2-135M-Instruct from its PyPI wheel, two experts folded in
-# from the shipped low-rank factors, cached), then the demo's layer-swap, per-block PS and DFS
-# searches (each resumable: run `make demo` again after an interruption), the headline table,
-# and for the layer-swap run its status, exported Pareto set and report.
+# from the shipped low-rank factors, cached), then the demo's PS, DFS and PS+DFS searches (each
+# resumable: run `make demo` again after an interruption), the headline table, and for the
+# PS+DFS run its status, exported Pareto set and report.
 DEMO_RUNS ?= results/demo
 demo: setup
 	$(VENV)/bin/evomerge zoo real
 	$(PY) benchmarks/demo_headline.py --runs $(DEMO_RUNS)
-	$(VENV)/bin/evomerge status $(DEMO_RUNS)/swap
-	$(VENV)/bin/evomerge export $(DEMO_RUNS)/swap --pareto --to $(DEMO_RUNS)/swap/exports --force --quiet
-	$(VENV)/bin/evomerge report $(DEMO_RUNS)/swap
-	@echo "table: $(DEMO_RUNS)/headline.md  report: $(DEMO_RUNS)/swap/report/index.html  models: $(DEMO_RUNS)/swap/exports"
+	$(VENV)/bin/evomerge status $(DEMO_RUNS)/ps_dfs
+	$(VENV)/bin/evomerge export $(DEMO_RUNS)/ps_dfs --pareto --to $(DEMO_RUNS)/ps_dfs/exports --force --quiet
+	$(VENV)/bin/evomerge report $(DEMO_RUNS)/ps_dfs
+	@echo "table: $(DEMO_RUNS)/headline.md  report: $(DEMO_RUNS)/ps_dfs/report/index.html  models: $(DEMO_RUNS)/ps_dfs/exports"
 
 bench: setup
 	$(PY) benchmarks/merge_speed.py

@@ -30,12 +30,17 @@ def task_vector(factors: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     f = load_file(str(factors))
-    names = sorted({k.rsplit(".lora_", 1)[0] for k in f})
-    return {n: f[f"{n}.lora_B"].float() @ f[f"{n}.lora_A"].float() for n in names}
+    names = sorted({k.rsplit(".lora_", 1)[0] for k in f if ".lora_" in k})
+    out = {n: f[f"{n}.lora_B"].float() @ f[f"{n}.lora_A"].float() for n in names}
+    for key in (k for k in f if k.endswith(".rows")):  # new words: embedding rows
+        name = key.removesuffix(".rows")
+        out[name] = (f[key].float(), f[f"{name}.row_ids"])
+    return out
 
 
 def layer_of(name: str) -> int:
-    return int(name.split(".")[2])
+    """The layer a weight belongs to; -1 for the embeddings (kept in every swap but "base")."""
+    return int(name.split(".")[2]) if ".layers." in name else -1
 
 
 @torch.no_grad()
@@ -93,7 +98,10 @@ def main() -> None:
                 for name, w in weights.items():
                     w.copy_(original[name])
                 for name, d in delta.items():
-                    if keep(layer_of(name)):
+                    if isinstance(d, tuple):
+                        if keep(-1):
+                            weights[name][d[1]] += d[0]
+                    elif keep(layer_of(name)):
                         weights[name].add_(d)
             return round(exact_match(model, tokenizer, examples), 4)
 
@@ -102,7 +110,7 @@ def main() -> None:
             for b in range(args.blocks)
         ]
         row = {"full": score(lambda layer: True), "base": score(lambda layer: False)}
-        row["only"] = [score(lambda layer, b=b: layer in b) for b in blocks]
+        row["only"] = [score(lambda layer, b=b: layer in b or layer < 0) for b in blocks]
         row["without"] = [score(lambda layer, b=b: layer not in b) for b in blocks]
         row["blocks"] = [[b.start, b.stop - 1] for b in blocks]
         results[expert] = row
