@@ -67,7 +67,7 @@ def make_optimizer(
             )
     try:
         cls = OPTIMIZERS[name]
-        if getattr(cls, "takes_steps", False):
+        if cls.takes_steps:
             return cls(lower, upper, x0, n_objectives, seed, steps, **options)
         return cls(lower, upper, x0, n_objectives, seed, **options)
     except (TypeError, ValueError, OverflowError) as exc:

@@ -7,9 +7,24 @@ from typing import Optional
 
 import numpy as np
 
+from evomerge.errors import EvomergeError
 from evomerge.recipe import Recipe
 
 MAX_GENES = 1_000_000  # far past what any optimizer here can search; stops typos like r: 1e9
+
+
+def experts_named(
+    named: Optional[list[str]], models: dict[str, str], base: Optional[str]
+) -> list[str]:
+    """A space's experts: those its `models` names, each a key of the run's models, or by
+    default every run model but the base."""
+    names = named or [m for m in models if m != base]
+    unknown = [m for m in names if m not in models]
+    if unknown:
+        raise EvomergeError(
+            f"field 'search_space.models': {unknown[0]!r} is not a key of the run's 'models'"
+        )
+    return names
 
 
 class SearchSpace(ABC):

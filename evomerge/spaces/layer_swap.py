@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from evomerge.errors import EvomergeError
 from evomerge.recipe import Recipe
-from evomerge.spaces.base import SearchSpace
+from evomerge.spaces.base import SearchSpace, experts_named
 from evomerge.spaces.parameter import GeneRange
 
 
@@ -52,12 +52,7 @@ class LayerSwapSpace(SearchSpace):
         base: Optional[str],
         depth_of: Callable[[str], int],
     ) -> None:
-        names = spec.models or [m for m in models if m != base]
-        unknown = [m for m in names if m not in models]
-        if unknown:
-            raise EvomergeError(
-                f"field 'search_space.models': {unknown[0]!r} is not a key of the run's 'models'"
-            )
+        names = experts_named(spec.models, models, base)
         if len(names) < 2:
             raise EvomergeError(
                 "field 'search_space.models': a layer swap needs at least two experts"

@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from evomerge.errors import EvomergeError
 from evomerge.merge.methods import Param, get_method
 from evomerge.recipe import Recipe
-from evomerge.spaces.base import MAX_GENES, SearchSpace
+from evomerge.spaces.base import MAX_GENES, SearchSpace, experts_named
 
 # What a task-vector or interpolation merge needs to give back one of its inputs unchanged: the
 # other inputs weighted 0 (the base: every weight 0) or slerp's t at that end, nothing pruned and
@@ -90,12 +90,7 @@ class ParameterSpace(SearchSpace):
     ):
         self.spec = spec
         method = get_method(spec.method)
-        names = spec.models or [m for m in models if m != base]
-        unknown = [m for m in names if m not in models]
-        if unknown:
-            raise EvomergeError(
-                f"field 'search_space.models': {unknown[0]!r} is not a key of the run's 'models'"
-            )
+        names = experts_named(spec.models, models, base)
         if method.base == "required" and base is None:
             raise EvomergeError(
                 f"field 'base_model': merge method {method.name} needs a base model"
