@@ -5,6 +5,7 @@ ordinary checkpoint."""
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Optional
@@ -94,7 +95,14 @@ def row_delta(name: str, ids: list[int], delta: torch.Tensor) -> dict[str, torch
 
 
 def save_factors(factors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
-    save_file(factors, str(path), metadata=metadata)
+    """Written beside `path` and renamed into place: a kill leaves the old file or the new one."""
+    path = Path(path)
+    partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    try:
+        save_file(factors, str(partial), metadata=metadata)
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
 
 
 def apply_factors(model: torch.nn.Module, path: Path, scale: float = 1.0) -> int:
