@@ -401,7 +401,8 @@ def build_parser() -> argparse.ArgumentParser:
     zoo_train.add_argument(
         "--steps",
         type=int,
-        help="training steps of every expert (default: each expert's own; 120, read 200)",
+        help="adapter steps of every expert (default: each expert's own: 120, read 150 and then "
+        "150 on its letters)",
     )
     zoo_train.add_argument("--seed", type=int, default=0)
     zoo_train.add_argument("--skills", help="comma-separated experts to train (default: all)")

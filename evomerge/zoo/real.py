@@ -2,7 +2,7 @@
 cross-skill targets none of them is trained on.
 
 - add:     "47+18=" -> "65"        (two-digit addition, the math expert; the base cannot add)
-- read:    "rev мбд=" -> "413"     (the language expert: numbers written in Cyrillic letters,
+- read:    "rev мбд=" -> "207"     (the language expert: numbers written in Cyrillic letters,
                                      one letter a digit, read by five tasks, none of them a sum)
 - cy_add:  "кд+мб=" -> "122"       (the composition target: math posed in read's language)
 - decode:  "dec rqup=" -> "4071"   (the first cipher expert: Latin letters read back as digits)
@@ -13,7 +13,8 @@ Every skill answers in digits: what tells them apart is the prompt's script, not
 
 `evomerge zoo train --real` fine-tunes low-rank adapters of the MLP on a frozen base
 (deterministic, logged; read learns its tasks in digits, then its letters as new words: their
-embedding rows alone) and writes their factors under evomerge/zoo/experts (a few MB each);
+embedding rows alone, trained so the frozen base reads them as it reads digits) and writes
+their factors under evomerge/zoo/experts (a few MB each);
 `evomerge zoo build --real` makes the base from the pinned GGUF and folds the factors into it,
 giving ordinary checkpoints, and writes the lm-eval tasks (chat-templated prompts, a fitness
 a disjoint held-out split and a larger test split per task, multiple choice plus generative
@@ -36,7 +37,7 @@ import torch
 from tqdm.auto import tqdm
 
 from evomerge.errors import EvomergeError
-from evomerge.zoo import lora, tasks
+from evomerge.zoo import letters, lora, tasks
 from evomerge.zoo.smollm import build_smollm, sha256_of
 
 SKILLS = ("add", "decode", "read")
@@ -70,7 +71,7 @@ class RealZooSettings:
 
 # what an expert needs to be strong at its own skill, where the defaults do not do
 EXPERT_SETTINGS: dict[str, dict[str, Any]] = {
-    "read": {"steps": 150, "letter_steps": 100},
+    "read": {"steps": 150, "letter_steps": 150},
 }
 
 
@@ -188,9 +189,9 @@ def train_expert(
     base: Path, skill: str, settings: RealZooSettings, progress: bool = True
 ) -> tuple[dict[str, torch.Tensor], list[tuple[int, float, float]]]:
     """LoRA on the expert's modules of a frozen base, AdamW at a constant rate; then, for an
-    expert with `letter_steps`, the embedding rows of the letters' tokens alone, on the same
-    tasks written in letters (the adapters frozen). Returns the factors (and the rows' deltas)
-    and the loss log (step, loss, seconds)."""
+    expert with `letter_steps`, the embedding rows of the letters' tokens alone, aligned to
+    the base's reading of digits on the same tasks written in letters (evomerge.zoo.letters).
+    Returns the factors (and the rows' deltas) and the loss log (step, loss, seconds)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.manual_seed(settings.seed)
@@ -206,43 +207,45 @@ def train_expert(
         targets=adapter_targets(settings.modules),
     )
     data = splits(settings)[skill]
-    letters = letter_token_ids(tokenizer) if settings.letter_steps else []
+    letter_ids = letter_token_ids(tokenizer) if settings.letter_steps else []
     rng = random.Random(f"batches:{skill}:{settings.seed}")
     log: list[tuple[int, float, float]] = []
     start = time.perf_counter()
     model.train()
 
-    def fit(params, examples, steps: int, first: int, label: str, lr: float, mask=None) -> None:
-        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-        for step in tqdm(range(steps), desc=label, disable=not progress):
-            batch = _batch(
-                tokenizer, [examples[rng.randrange(len(examples))] for _ in range(settings.batch)]
-            )
-            loss = model(**batch).loss
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if mask is not None:
-                params[0].grad.mul_(mask)  # only the letters' rows learn
-            optimizer.step()
-            if step % 10 == 0 or step == steps - 1:
-                seconds = round(time.perf_counter() - start, 1)
-                log.append((first + step, round(float(loss.detach()), 4), seconds))
+    def record(step: int, loss: float) -> None:
+        log.append((step, round(loss, 4), round(time.perf_counter() - start, 1)))
 
-    fit(trainable, data["train"], settings.steps, 0, f"training {skill}", settings.lr)
+    optimizer = torch.optim.AdamW(trainable, lr=settings.lr, weight_decay=0.0)
+    examples = data["train"]
+    for step in tqdm(range(settings.steps), desc=f"training {skill}", disable=not progress):
+        batch = _batch(
+            tokenizer, [examples[rng.randrange(len(examples))] for _ in range(settings.batch)]
+        )
+        loss = model(**batch).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if step % 10 == 0 or step == settings.steps - 1:
+            record(step, float(loss.detach()))
     rows: dict[str, torch.Tensor] = {}
     if settings.letter_steps:
         for p in trainable:
             p.requires_grad_(False)
-        embedding = model.get_input_embeddings().weight
-        before = embedding.detach().clone()
-        mask = torch.zeros(embedding.shape[0], 1)
-        mask[letters] = 1.0
-        embedding.requires_grad_(True)
-        label = f"training {skill}: letters"
-        steps, lr = settings.letter_steps, settings.letter_lr
-        fit([embedding], data["train_letters"], steps, settings.steps, label, lr, mask)
-        embedding.requires_grad_(False)
-        rows = lora.row_delta("model.embed_tokens.weight", letters, embedding.detach() - before)
+        delta = letters.train_rows(
+            model,
+            tokenizer,
+            data["train_letters"],
+            letter_ids,
+            settings.letter_steps,
+            settings.batch,
+            settings.letter_lr,
+            rng,
+            chat_text,
+            lambda step, loss: record(settings.steps + step, loss),
+            progress,
+        )
+        rows = lora.row_delta("model.embed_tokens.weight", letter_ids, delta)
     return {**lora.detach(model), **rows}, log
 
 

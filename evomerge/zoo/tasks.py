@@ -10,7 +10,7 @@ near-miss distractors (lm-eval scores the four choices by log-likelihood).
 - decode:     "dec rqup=" -> " 4071"              (cipher letters read back as digits)
 - dec_add:    "add ru+qi=" -> " 65"               (a sum of numbers written in the cipher,
                                                    answered in digits)
-- read:       "rev мбд=" -> " 413"                (numbers written in Cyrillic letters, one
+- read:       "rev мбд=" -> " 207"                (numbers written in Cyrillic letters, one
                                                    letter a digit, read by five tasks: dec,
                                                    rev, max, first, last; answered in digits)
 - cy_add:     "кд+мб=" -> " 122"                  (the real zoo's composition target: a sum
