@@ -143,16 +143,16 @@ def test_a_scaled_down_demo_is_measured_against_sources_and_baselines(real_zoo, 
     config["fitness"].update(include_path=str(tasks), limit=4, batch_size=8)
     config["fitness"]["fidelity"] = {"stages": [2, "full"], "promote": 0.5, "window": 2}
     config["fitness"]["held_out"].update(limit=4)
-    config["fitness"]["held_out"]["tasks"] = ["sm2_dec_add_heldout", "sm2_add_gen_heldout"]
+    config["fitness"]["held_out"]["tasks"] = ["sm2_cy_add_heldout", "sm2_add_gen_heldout"]
     (tmp_path / "demo.yaml").write_text(yaml.safe_dump(config))
     out = tmp_path / "run"
     assert main(["run", str(tmp_path / "demo.yaml"), "--out", str(out), "--quiet"]) == 0
     capsys.readouterr()
     assert main(["status", str(out), "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
-    assert set(data["sources"]) == {"base", "add", "decode"} and set(data["baselines"]) == {
+    assert set(data["sources"]) == {"base", "add", "read"} and set(data["baselines"]) == {
         "task_arithmetic"
     }
     held = data["baselines"]["task_arithmetic"]["held_out"]
-    assert {"sm2_dec_add_heldout: acc,none", "sm2_add_gen_heldout: exact_match,none"} <= set(held)
+    assert {"sm2_cy_add_heldout: acc,none", "sm2_add_gen_heldout: exact_match,none"} <= set(held)
     assert data["pareto"] and all(p["held_out"] for p in data["pareto"])

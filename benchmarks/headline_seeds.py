@@ -1,0 +1,142 @@
+"""The demo's headline across seeds: its PS, DFS and PS+DFS searches run with several seeds,
+each arm's held-out mean and target score given as the mean and standard error across seeds,
+against the sources and untuned merges (scored once: they do not depend on the seed).
+
+Seed 0 is the demo itself (`make demo` leaves its runs in results/demo, which this reuses);
+the other seeds' runs go under results/demo/seed<N>. Every run is resumable: run this again
+after an interruption and it continues.
+
+    python benchmarks/headline_seeds.py [--seeds 0,1,2] [--runs results/demo]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from demo_headline import CONFIG, budgets_of, held_columns, run_search, variants  # noqa: E402
+
+ARMS = ("ps", "dfs", "ps_dfs")
+
+
+def mean_se(values: list[float]) -> dict[str, float]:
+    n = len(values)
+    mean = sum(values) / n
+    var = sum((v - mean) ** 2 for v in values) / (n - 1) if n > 1 else float("nan")
+    return {"mean": round(mean, 4), "se": round(math.sqrt(var / n), 4), "n": n}
+
+
+def arm_result(folder: Path, target: str) -> dict:
+    """The best searched merge of one run (by fitness), its held-out scores and whether it
+    ended above the best source's fitness (a DFS search starts from that source)."""
+    from evomerge.status import status_data
+
+    data = status_data(folder)
+    best = max(data["pareto"], key=lambda p: p["values"]["mean"])
+    held = held_columns(best["held_out"])
+    best_source = max((s["values"] or {}).get("mean", 0.0) for s in data["sources"].values())
+    return {
+        "index": best["index"],
+        "origin": best.get("seeded_from", best["origin"]),
+        "fitness": best["values"]["mean"],
+        "held_out_mean": held["mean"],
+        "target": held[target],
+        "above_best_source_fitness": best["values"]["mean"] > best_source,
+    }
+
+
+def references(folder: Path, target: str) -> dict[str, dict]:
+    from evomerge.status import status_data
+
+    data = status_data(folder)
+    out = {}
+    for kind in ("sources", "baselines"):
+        for name, scored in data[kind].items():
+            held = held_columns(scored["held_out"])
+            out[name] = {"kind": kind[:-1], "held_out_mean": held["mean"], "target": held[target]}
+    return out
+
+
+def main() -> None:
+    from evomerge.zoo.real import TARGET
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--runs", type=Path, default=ROOT / "results" / "demo")
+    parser.add_argument("--out", type=Path, default=ROOT / "results" / "bench")
+    parser.add_argument("--quiet", action="store_true")
+    args = parser.parse_args()
+
+    config = yaml.safe_load(CONFIG.read_text())
+    config["fitness"]["include_path"] = str(
+        (CONFIG.parent / config["fitness"]["include_path"]).resolve()
+    )
+    budgets = budgets_of(config)
+    target = f"sm2_{TARGET}_gen_heldout: exact_match,none"
+    seeds = [int(s) for s in args.seeds.split(",")]
+    first = args.runs / "ps"  # the demo's own first run scores the references
+    per_seed: dict[int, dict[str, dict]] = {}
+    for seed in seeds:
+        folder = args.runs if seed == 0 else args.runs / f"seed{seed}"
+        seeded = dict(config, seed=seed)
+        per_seed[seed] = {}
+        for arm, variant in variants(seeded, budgets).items():
+            if (folder / arm).resolve() != first.resolve():
+                variant["references_from"] = str(first.resolve())
+            run_search(variant, folder / arm, not args.quiet)
+            per_seed[seed][arm] = arm_result(folder / arm, target)
+            print(f"seed {seed} {arm}: {per_seed[seed][arm]}", flush=True)
+    refs = references(first, target)
+    untuned = [r for r in refs.values() if r["kind"] == "baseline"]
+    sources = [r for r in refs.values() if r["kind"] == "source"]
+    arms = {}
+    for arm in ARMS:
+        held = mean_se([per_seed[s][arm]["held_out_mean"] for s in seeds])
+        on_target = mean_se([per_seed[s][arm]["target"] for s in seeds])
+        arms[arm] = {
+            "held_out_mean": held,
+            "target": on_target,
+            "above_best_source_fitness": sum(
+                per_seed[s][arm]["above_best_source_fitness"] for s in seeds
+            ),
+        }
+    best_arm = max(arms, key=lambda a: arms[a]["target"]["mean"])
+    best = arms[best_arm]
+    best_reference = max(r["held_out_mean"] for r in refs.values())
+    result = {
+        "seeds": seeds,
+        "budgets": budgets,
+        "target": target,
+        "references": refs,
+        "per_seed": {str(s): v for s, v in per_seed.items()},
+        "arms": arms,
+        "checks": {
+            "best_arm": best_arm,
+            "target_at_least_twice_best_source": best["target"]["mean"]
+            >= 2 * max(r["target"] for r in sources),
+            "target_margin_over_best_untuned": round(
+                best["target"]["mean"] - max(r["target"] for r in untuned), 4
+            ),
+            "held_out_margin_over_best_reference_in_se": round(
+                (best["held_out_mean"]["mean"] - best_reference)
+                / max(best["held_out_mean"]["se"], 1e-9),
+                2,
+            ),
+            "dfs_seeds_ending_above_its_seed": arms["dfs"]["above_best_source_fitness"],
+        },
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "headline_seeds.json").write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps({"arms": arms, "checks": result["checks"]}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
