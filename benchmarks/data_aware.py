@@ -1,6 +1,6 @@
 """Data-aware and balancing merges on the real zoo (SmolLM2-135M-Instruct and its add / decode
 experts): the held-out mean of each method untuned (one merge at its paper's defaults) and
-searched (CMA-ES over its genes, the demo's fitness, racing and budget rule), against an
+searched (CMA-ES over its genes, decode_run.yaml's fitness, racing and budget rule), against an
 evolved task-arithmetic / TIES merge.
 
 Calibration text is the fitness splits' own documents (prompt and answer of the three tasks;
@@ -27,7 +27,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.chdir(ROOT)
 
-from benchmarks.demo_headline import CONFIG, held_columns, run_search  # noqa: E402
+from benchmarks.demo_headline import held_columns, run_search  # noqa: E402
+
+# the add and decode pair these comparisons were measured on
+CONFIG = ROOT / "search_spaces" / "examples" / "decode_run.yaml"
 
 EXPERTS = ["add", "decode"]
 

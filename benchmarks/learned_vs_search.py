@@ -1,8 +1,8 @@
 """The seed paper's question on the real zoo (SmolLM2-135M-Instruct and its add / decode
 experts): is an evolutionary search worth its compute against untuned merges and a trained one?
 
-Every arm is measured in this one script, on the demo's fitness (racing included) and held-out
-splits:
+Every arm is measured in this one script, on the add and decode pair's fitness
+(search_spaces/examples/decode_run.yaml, racing included) and held-out splits:
 - the sources; untuned merges (average, task arithmetic, TIES, DARE-TIES) and data-aware ones
   (Fisher, RegMean) at their defaults;
 - DAM (each expert distilled on its own fitness-split texts) and AdaMerging (entropy on the
@@ -43,7 +43,10 @@ from benchmarks.data_aware import (  # noqa: E402
     untuned_recipe,
     write_calibration,
 )
-from benchmarks.demo_headline import CONFIG, held_columns, run_search  # noqa: E402
+from benchmarks.demo_headline import held_columns, run_search  # noqa: E402
+
+# the add and decode pair these comparisons were measured on
+CONFIG = ROOT / "search_spaces" / "examples" / "decode_run.yaml"
 
 EXPERTS = ["add", "decode"]
 UNTUNED = ["task_arithmetic", "ties", "fisher", "regmean"]  # besides the presets
