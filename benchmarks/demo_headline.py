@@ -49,9 +49,11 @@ def variants(config: dict, budgets: dict[str, int]) -> dict[str, dict]:
 def budgets_of(
     config: dict, budget: int | None = None, ps: int | None = None, dfs: int | None = None
 ) -> dict[str, int]:
-    """Evaluations per search: the config's budget for PS and PS+DFS, half of it for DFS."""
+    """Evaluations per search: the config's budget for PS, half of it for DFS and for PS+DFS
+    (whose PS half starts where the PS search's own start is)."""
     budget = budget or config["budget"]
-    return {"ps": ps or budget, "dfs": dfs or max(6, budget // 2), "ps_dfs": budget}
+    half = max(6, budget // 2)
+    return {"ps": ps or budget, "dfs": dfs or half, "ps_dfs": dfs or half}
 
 
 def run_search(config: dict, folder: Path, progress: bool) -> float:
@@ -152,7 +154,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "bench")
     parser.add_argument("--budget", type=int, default=None, help="default: the config's")
     parser.add_argument("--ps-budget", type=int, default=None, help="default: --budget")
-    parser.add_argument("--dfs-budget", type=int, default=None, help="default: half the config's")
+    parser.add_argument(
+        "--dfs-budget", type=int, default=None, help="DFS and PS+DFS; default: half the config's"
+    )
     parser.add_argument("--quiet", action="store_true")
     parser.add_argument(
         "--table-only", action="store_true", help="tabulate the finished runs, run nothing"

@@ -87,7 +87,12 @@ def main() -> None:
     original = {n: w.detach().clone() for n, w in weights.items()}
     depth = len(model.model.layers)
     data = splits(RealZooSettings())
-    results: dict = {"blocks": args.blocks, "depth": depth, "examples": args.examples}
+    saved = args.out / "skill_location.json"
+    kept = json.loads(saved.read_text()) if saved.is_file() else {}
+    same = kept.get("blocks") == args.blocks and kept.get("examples") == args.examples
+    # the experts not run this time keep their rows from the last run at the same settings
+    results: dict = {k: v for k, v in kept.items() if isinstance(v, dict)} if same else {}
+    results.update(blocks=args.blocks, depth=depth, examples=args.examples)
     start = time.perf_counter()
     for expert in args.experts.split(","):
         delta = task_vector(EXPERTS / f"{expert}.safetensors")
@@ -117,7 +122,7 @@ def main() -> None:
         print(expert, json.dumps(row), flush=True)
     results["seconds"] = round(time.perf_counter() - start, 1)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "skill_location.json").write_text(json.dumps(results, indent=1) + "\n")
+    saved.write_text(json.dumps(results, indent=1) + "\n")
     print(markdown(results))
 
 
