@@ -35,7 +35,7 @@ test-fast: setup
 lint: setup
 	$(PY) -m ruff check evomerge tests benchmarks
 
-# The main job: the real zoo (SmolLM2-135M-Instruct from its PyPI wheel, two experts folded in
+# The main job: the real zoo (SmolLM2-135M-Instruct from its PyPI wheel, its experts folded in
 # from the shipped low-rank factors, cached), then the demo's PS, DFS and PS+DFS searches (each
 # resumable: run `make demo` again after an interruption), the headline table, and for the
 # PS+DFS run its status, exported Pareto set and report.
