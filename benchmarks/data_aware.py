@@ -27,10 +27,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.chdir(ROOT)
 
-from benchmarks.demo_headline import held_columns, run_search  # noqa: E402
-
-# the add and decode pair these comparisons were measured on
-CONFIG = ROOT / "search_spaces" / "examples" / "decode_run.yaml"
+from benchmarks.demo_headline import (  # noqa: E402
+    DECODE_CONFIG,
+    held_columns,
+    load_config,
+    run_search,
+)
 
 EXPERTS = ["add", "decode"]
 
@@ -139,10 +141,7 @@ def main() -> None:
     from evomerge.status import status_data
     from evomerge.store import RunStore
 
-    base = yaml.safe_load(CONFIG.read_text())
-    base["fitness"]["include_path"] = str(
-        (CONFIG.parent / base["fitness"]["include_path"]).resolve()
-    )
+    base = load_config(DECODE_CONFIG)
     base["models"] = {k: str(Path(v).resolve()) for k, v in base["models"].items()}
     calibration = write_calibration(args.runs)
     base["calibration"] = {"file": str(calibration), "limit": 32}

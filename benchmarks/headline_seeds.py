@@ -17,12 +17,17 @@ import math
 import sys
 from pathlib import Path
 
-import yaml
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from demo_headline import CONFIG, budgets_of, held_columns, run_search, variants  # noqa: E402
+from demo_headline import (  # noqa: E402
+    budgets_of,
+    held_columns,
+    load_config,
+    run_search,
+    target_key,
+    variants,
+)
 
 ARMS = ("ps", "dfs", "ps_dfs")
 
@@ -66,8 +71,6 @@ def references(folder: Path, target: str) -> dict[str, dict]:
 
 
 def main() -> None:
-    from evomerge.zoo.real import TARGET
-
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--runs", type=Path, default=ROOT / "results" / "demo")
@@ -75,12 +78,9 @@ def main() -> None:
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args()
 
-    config = yaml.safe_load(CONFIG.read_text())
-    config["fitness"]["include_path"] = str(
-        (CONFIG.parent / config["fitness"]["include_path"]).resolve()
-    )
+    config = load_config()
     budgets = budgets_of(config)
-    target = f"sm2_{TARGET}_gen_heldout: exact_match,none"
+    target = target_key()
     seeds = [int(s) for s in args.seeds.split(",")]
     first = args.runs / "ps"  # the demo's own first run scores the references
     per_seed: dict[int, dict[str, dict]] = {}

@@ -43,10 +43,12 @@ from benchmarks.data_aware import (  # noqa: E402
     untuned_recipe,
     write_calibration,
 )
-from benchmarks.demo_headline import held_columns, run_search  # noqa: E402
-
-# the add and decode pair these comparisons were measured on
-CONFIG = ROOT / "search_spaces" / "examples" / "decode_run.yaml"
+from benchmarks.demo_headline import (  # noqa: E402
+    DECODE_CONFIG,
+    held_columns,
+    load_config,
+    run_search,
+)
 
 EXPERTS = ["add", "decode"]
 UNTUNED = ["task_arithmetic", "ties", "fisher", "regmean"]  # besides the presets
@@ -212,10 +214,7 @@ def main() -> None:
     from evomerge.status import status_data
 
     args.runs.mkdir(parents=True, exist_ok=True)
-    base = yaml.safe_load(CONFIG.read_text())
-    base["fitness"]["include_path"] = str(
-        (CONFIG.parent / base["fitness"]["include_path"]).resolve()
-    )
+    base = load_config(DECODE_CONFIG)
     base["models"] = {k: str(Path(v).resolve()) for k, v in base["models"].items()}
     # fp32 scores: the same on every CPU, and on CPUs without bf16 instructions (AVX-512 BF16,
     # AMX) about 5x faster than the demo's bfloat16 (benchmarks/bf16_matmul.py)

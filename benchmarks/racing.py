@@ -1,9 +1,9 @@
 """Multi-fidelity racing on the real zoo: how much scoring compute does it take to reach the
 full-fidelity search's final front?
 
-Three arms, the same CMA-ES and search space (the demo's PS half: task arithmetic over the add
-and decode experts of SmolLM2-135M-Instruct) and the same fitness (six tasks, 48 documents
-each), three seeds each:
+Three arms, the same CMA-ES and search space (decode_run.yaml's PS half: task arithmetic over
+the add and decode experts of SmolLM2-135M-Instruct) and the same fitness (six tasks, 48
+documents each), three seeds each:
 - full: every candidate scored on every document;
 - racing: stages of 8, 16 and all 48 documents per task, the best half of the latest 6 at a
   stage promoted, early stops told their corrected stage mean;
@@ -28,13 +28,12 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.chdir(ROOT)
 
-from benchmarks.demo_headline import CONFIG, run_search  # noqa: E402  (one way to run a search)
+from benchmarks.demo_headline import DECODE_CONFIG, load_config, run_search  # noqa: E402
 
 STAGES = [8, 16, "full"]
 ARMS = {
@@ -45,10 +44,7 @@ ARMS = {
 
 
 def arm_config(arm: str, seed: int, budget: int, references: Path | None) -> dict:
-    config = yaml.safe_load(CONFIG.read_text())
-    config["fitness"]["include_path"] = str(
-        (CONFIG.parent / config["fitness"]["include_path"]).resolve()
-    )
+    config = load_config(DECODE_CONFIG)
     space = config["search_space"]
     config["search_space"] = {"kind": "parameter", **space["parameter"]}
     config.update(name=f"racing_{arm}_{seed}", seed=seed, budget=budget)

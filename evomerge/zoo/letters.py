@@ -57,7 +57,7 @@ def _pairs(
     letters: dict[str, torch.Tensor], digits: dict[str, torch.Tensor], contexts: list[int]
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(example, token in letters, token in digits, predicts the answer) for the tokens of the
-    two texts that end at the same character: " м" is one token, " 4" two, so the rest shift."""
+    two texts that end at the same character: " м" is one token, " 7" two, so the rest shift."""
     rows: list[tuple[int, int, int, bool]] = []
     for b, context in enumerate(contexts):
         ends = {
