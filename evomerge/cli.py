@@ -21,11 +21,17 @@ QUIET = "no progress bar; warnings and errors only"
 def _cmd_merge(args: argparse.Namespace) -> int:
     from evomerge.merge.engine import merge_to_disk
     from evomerge.merge.io import parse_size
-    from evomerge.recipe import Recipe
+    from evomerge.merge.stages import Stages
 
-    recipe = Recipe.from_yaml(args.config)
+    stages = Stages.from_yaml(args.config)
+    recipe = stages.final if stages.single else stages
     recipe_dir = Path(args.config).resolve().parent
     if args.calibration:
+        if not stages.single:
+            raise EvomergeError(
+                "--calibration: a multi-stage file's statistics are not computed here; merge "
+                "the data-aware stage on its own and name its folder in the later stages"
+            )
         recipe = _with_statistics(recipe, args, recipe_dir)
     out = merge_to_disk(
         recipe,
@@ -261,7 +267,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     merge = sub.add_parser("merge", help="materialize a recipe (ours or a mergekit YAML)")
-    merge.add_argument("config", help="recipe YAML (mergekit's merge-config format works as is)")
+    merge.add_argument(
+        "config",
+        help="recipe YAML in mergekit's format (a mergekit-multi multi-stage file too), as is",
+    )
     merge.add_argument("out", help="output folder (a Hugging Face checkpoint)")
     merge.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     merge.add_argument("--force", action="store_true", help="replace an existing output folder")

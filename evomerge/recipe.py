@@ -148,19 +148,17 @@ class Recipe(BaseModel):
     # ----- reading and writing -------------------------------------------------------------
     @classmethod
     def from_yaml(cls, path: str | Path) -> Recipe:
-        path = Path(path)
-        try:
-            text = path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise EvomergeError(f"{path}: recipe file not found") from None
-        except (OSError, UnicodeDecodeError) as exc:
-            raise EvomergeError(f"{path}: cannot read recipe ({exc})") from None
-        return cls.from_yaml_text(text, source=str(path))
+        return cls.from_yaml_text(read_recipe_file(path), source=str(path))
 
     @classmethod
     def from_yaml_text(cls, text: str, source: str = "recipe") -> Recipe:
         try:
             data = yaml.safe_load(text)
+        except yaml.composer.ComposerError:  # several `---` documents
+            raise EvomergeError(
+                f"{source}: holds several merge configs (a multi-stage file); `evomerge merge` "
+                "reads it, here give one"
+            ) from None
         except yaml.YAMLError as exc:
             where = getattr(exc, "problem_mark", None)
             at = f" at line {where.line + 1}" if where is not None else ""
@@ -214,6 +212,17 @@ class Recipe(BaseModel):
             for src in out.sources:
                 seen[src.model] = None
         return list(seen)
+
+
+def read_recipe_file(path: str | Path) -> str:
+    """A recipe file's text, or one line saying why it cannot be read."""
+    path = Path(path)
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise EvomergeError(f"{path}: recipe file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise EvomergeError(f"{path}: cannot read recipe ({exc})") from None
 
 
 def describe_validation_error(exc: ValidationError) -> str:

@@ -7,7 +7,7 @@ import os
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import torch
 from tqdm.auto import tqdm
@@ -29,6 +29,7 @@ from evomerge.merge.ops import (
     row_chunks,
 )
 from evomerge.merge.plan import build_plan
+from evomerge.merge.stages import Stages
 from evomerge.recipe import Recipe
 
 
@@ -48,7 +49,7 @@ def pick_device(name: str = "auto") -> torch.device:
 
 
 def merge_to_disk(
-    recipe: Recipe,
+    recipe: Union[Recipe, Stages],
     out: Path,
     *,
     device: str = "auto",
@@ -60,7 +61,8 @@ def merge_to_disk(
     extra_files: Optional[dict[str, str]] = None,
     chunk_bytes: Optional[int] = CHUNK_BYTES,
 ) -> Path:
-    """Materialize a recipe as a Hugging Face folder; nothing lands at `out` unless it succeeds."""
+    """Materialize a recipe (or a multi-stage file's output) as a Hugging Face folder; nothing
+    lands at `out` unless it succeeds."""
     out = Path(out)
     if out.exists() and not force:
         raise EvomergeError(f"output folder {out} exists; choose another or pass --force")
@@ -68,9 +70,13 @@ def merge_to_disk(
         raise EvomergeError(f"output path {out} is a file, not a folder")
     dev = pick_device(device)
     keep_freed_memory()
-    plan = build_plan(
-        recipe, allow_pickle=allow_pickle, search_dirs=[recipe_dir] if recipe_dir else []
-    )
+    stages = recipe if isinstance(recipe, Stages) else None
+    search_dirs = [recipe_dir] if recipe_dir else []
+    if stages is not None:
+        plan = stages.plan(allow_pickle=allow_pickle, search_dirs=search_dirs)
+        recipe = stages.final
+    else:
+        plan = build_plan(recipe, allow_pickle=allow_pickle, search_dirs=search_dirs)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = scratch(out, "partial")
     remove_abandoned(out)
@@ -98,7 +104,7 @@ def merge_to_disk(
             writer.write(op.name, tensor)
             del tensor
         writer.finish()
-        _write_metadata(plan, staging)
+        _write_metadata(plan, staging, stages)
         for name, text in (extra_files or {}).items():
             (staging / Path(name).name).write_text(text)  # names only: nothing lands outside
         _publish(staging, out)
@@ -166,7 +172,7 @@ def remove_if_orphaned(leftover: Path, pid: int) -> None:
         pass
 
 
-def _write_metadata(plan: MergePlan, folder: Path) -> None:
+def _write_metadata(plan: MergePlan, folder: Path, stages: Optional[Stages] = None) -> None:
     (folder / "config.json").write_text(json.dumps(plan.output_config(), indent=2) + "\n")
     tokenizer_dir = plan.sources[plan.tokenizer_source].path
     copy_tokenizer(tokenizer_dir, folder)
@@ -181,6 +187,12 @@ def _write_metadata(plan: MergePlan, folder: Path) -> None:
         if log.is_file():
             shutil.copy2(log, (folder / COEFFICIENTS).with_name(LOG))
         recipe = as_stored(recipe)
+    if stages is not None and not stages.single:  # the whole chain: `merge` makes it again
+        (folder / "evomerge_recipe.yaml").write_text(stages.to_yaml())
+        mergekit = [*stages.named.values(), stages.final]
+        if all(r.merge_method != "dataflow" for r in mergekit):
+            (folder / "mergekit_config.yml").write_text(stages.to_mergekit_yaml())
+        return
     (folder / "evomerge_recipe.yaml").write_text(recipe.to_yaml())
     if plan.recipe.merge_method != "dataflow" and not plan.method.learned:  # mergekit has neither
         (folder / "mergekit_config.yml").write_text(plan.recipe.to_mergekit_yaml())

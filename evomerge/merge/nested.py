@@ -28,6 +28,9 @@ class MergedSource:
         self.index: dict[str, OutputTensor] = {
             op.name: OutputTensor(op.name, op.out_dtype, op.shape) for op in plan.ops
         }
+        # the tensor made last: a stage read twice for one output tensor (as base and as
+        # model) is merged once
+        self._last: Optional[tuple[str, torch.Tensor]] = None
 
     @property
     def path(self) -> Path:
@@ -66,9 +69,14 @@ class MergedSource:
 
     def get(self, name: str) -> torch.Tensor:
         """A fresh CPU tensor, merged from the nested recipe's own (disk) sources."""
+        if self._last is not None and self._last[0] == name:
+            return self._last[1].clone()
         sources = self.plan.sources
         fetch = lambda ref, tensor: sources[ref].get(tensor)  # noqa: E731
-        return self.make(name, fetch, torch.device("cpu"), private=True)
+        tensor = self.make(name, fetch, torch.device("cpu"), private=True)
+        self._last = (name, tensor)
+        return tensor.clone()
 
     def close(self) -> None:
+        self._last = None
         self.plan.close()
