@@ -83,14 +83,16 @@ def _with_statistics(recipe, args: argparse.Namespace, recipe_dir: Path):
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from evomerge.config import RunConfig
     from evomerge.footprint import announce
     from evomerge.pool import make_pool
     from evomerge.run import create_run, drive
 
-    config = RunConfig.load(args.config)
+    config = _run_config(args)
+    if config is None:
+        return 0
     name = config.name or Path(args.config).stem
-    folder = Path(args.out) if args.out else Path("results") / name
+    folder = Path(args.out or args.storage_path) if args.out or args.storage_path else None
+    folder = folder or Path("results") / name
     run = create_run(config, folder)
     try:
         footprint = announce(run.config, run.space)  # refuses what cannot fit
@@ -110,6 +112,51 @@ def _cmd_run(args: argparse.Namespace) -> int:
     drive(run, pool, progress=not args.quiet)
     print(f"run finished: {folder}")
     return 0
+
+
+EVOLVE_FLAGS = {  # mergekit-evolve's flags that carry meaning here: argparse dest -> its default
+    "max_fevals": 100, "task_search_path": [], "allow_benchmark_tasks": False, "sigma0": 1 / 6,
+    "force_population_size": None, "random_seed": 0, "batch_size": None, "num_gpus": None,
+    "trust_remote_code": False, "strategy": "pool",
+}  # fmt: skip
+
+
+def _run_config(args: argparse.Namespace):
+    """The run config: evomerge's own, or a mergekit-evolve file with its flags translated
+    (printed, so the user can move on to evomerge's format); None when only printing."""
+    import yaml
+
+    from evomerge.config import RunConfig
+    from evomerge.mergekit_evolve import EvolveFlags, is_evolve_config, to_run_config
+
+    path = Path(args.config)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        data = None  # RunConfig.load says what is wrong, in one line
+    given = [k for k, default in EVOLVE_FLAGS.items() if getattr(args, k) not in (None, default)]
+    if not is_evolve_config(data):
+        if given or args.print_config:
+            flag = "--" + (given[0].replace("_", "-") if given else "print-config")
+            raise EvomergeError(
+                f"{flag}: applies to mergekit-evolve configs (a 'genome:' section); {path} is "
+                "an evomerge run config: set budget, optimizer and fitness in it"
+            )
+        return RunConfig.load(path)
+    from evomerge.merge.io import ModelSource
+
+    flags = EvolveFlags(**{k: getattr(args, k) for k in EVOLVE_FLAGS})
+    data = to_run_config(
+        data, flags, path.stem, lambda ref: ModelSource(ref).num_layers, source=str(path)
+    )
+    text = yaml.safe_dump(data, sort_keys=False)
+    if args.print_config:
+        print(text, end="")
+        return None
+    log.info(
+        "the equivalent evomerge run config (evomerge run --print-config prints it):\n%s", text
+    )
+    return RunConfig.from_dict(data, source=f"{path} (as an evomerge run config)")
 
 
 def _cmd_resume(args: argparse.Namespace) -> int:
@@ -331,6 +378,38 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("config", help="run config YAML")
     run.add_argument("--out", help="run folder (default results/<name>)")
     run.add_argument("--quiet", action="store_true", help=QUIET)
+    evolve = run.add_argument_group(
+        "mergekit-evolve configs", "its flags, for a config with a 'genome:' section"
+    )
+    evolve.add_argument("--max-fevals", type=int, default=100, help="evaluations (budget)")
+    evolve.add_argument(
+        "--task-search-path", action="append", default=[], help="folder of task YAMLs"
+    )
+    evolve.add_argument(
+        "--i-understand-the-depths-of-the-evils-i-am-unleashing",
+        dest="allow_benchmark_tasks",
+        action="store_true",
+        help="allow benchmark tasks as fitness",
+    )
+    evolve.add_argument("--sigma0", type=float, default=1 / 6, help="CMA-ES's first step")
+    evolve.add_argument("--force-population-size", type=int, help="CMA-ES's population")
+    evolve.add_argument("--random-seed", type=int, default=0, help="the run's seed")
+    evolve.add_argument("--batch-size", type=int, help="lm-eval's batch size")
+    evolve.add_argument("--num-gpus", type=int, help="workers")
+    evolve.add_argument("--storage-path", help="the run folder (as --out)")
+    evolve.add_argument("--trust-remote-code", action="store_true", help="run models' own code")
+    evolve.add_argument(
+        "--strategy",
+        choices=("pool", "buffered", "serial"),
+        default="pool",
+        help="pool, buffered: Ray workers; serial: one candidate at a time in this process",
+    )
+    evolve.add_argument(
+        "--in-memory", action="store_true", help="accepted: evomerge always merges in memory"
+    )
+    evolve.add_argument(
+        "--print-config", action="store_true", help="print the equivalent run config and stop"
+    )
     run.set_defaults(handler=_cmd_run)
 
     resume = sub.add_parser("resume", help="continue a run from its folder")

@@ -39,7 +39,11 @@ class CMAES(Optimizer):
         sigma: Optional[float] = None,
         population_size: Optional[int] = None,
         n_max_resampling: Optional[int] = None,
+        random_start: bool = False,
     ) -> None:
+        if random_start:  # mergekit-evolve's random_init: a start drawn in the box, by the seed
+            rng = np.random.default_rng(seed)
+            x0 = rng.uniform(np.asarray(lower, dtype=float), np.asarray(upper, dtype=float))
         super().__init__(lower, upper, x0, n_objectives, seed)
         width = float(np.min(self.upper - self.lower))
         self.cov: Optional[np.ndarray] = None

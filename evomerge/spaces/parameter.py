@@ -4,7 +4,9 @@ per layer group and per tensor filter (attention / mlp / the rest).
 Layer groups become mergekit's per-layer value lists. With ``layer_shape: gradient`` a list of
 G values is read at t = layer / (n - 1), so G genes span the depth and values blend between
 them; with ``layer_shape: blocks`` group g owns the contiguous layers [g n / G, (g + 1) n / G)
-outright (the list holds one value per layer), so a swap at a block boundary can be written.
+outright (the list holds one value per layer), so a swap at a block boundary can be written;
+``layer_shape: slices`` writes each group as a mergekit slice of its own, with scalar values
+(mergekit-evolve's layout: the final norm and head follow the last group, not the first).
 Filters become ``{filter, value}`` entries with a final catch-all for the rest. Method
 parameters shared by all inputs (slerp's ``t``, ``lambda``) get one gene set, not one per model.
 """
@@ -70,7 +72,8 @@ class ParameterSpaceSpec(BaseModel):
     fixed: dict[str, Any] = Field(default_factory=dict)  # method parameters held constant
     layer_groups: int = Field(default=1, ge=1)
     # gradient: values blend linearly across depth; blocks: each group owns its layers outright
-    layer_shape: Literal["gradient", "blocks"] = "gradient"
+    # slices: like blocks, each group a mergekit slice (the final norm and head follow the last)
+    layer_shape: Literal["gradient", "blocks", "slices"] = "gradient"
     filters: list[str] = Field(default_factory=list)  # e.g. [self_attn, mlp]; the rest follow
     dtype: Optional[str] = None
     # a learned method (dam, adamerging): the coefficient file its `scale` genes tune; default
@@ -279,14 +282,19 @@ class ParameterSpace(SearchSpace):
         groups = self.spec.layer_groups
         return [(layer * groups) // self.depth for layer in range(self.depth)]
 
-    def settings(self, genome: np.ndarray) -> dict[Optional[str], dict[str, Any]]:
-        """Per owner (model, or None for shared), each parameter's mergekit setting."""
+    def settings(
+        self, genome: np.ndarray, group: Optional[int] = None
+    ) -> dict[Optional[str], dict[str, Any]]:
+        """Per owner (model, or None for shared), each parameter's mergekit setting (of one
+        layer group's genes only, where `group` names it)."""
         x = np.asarray(genome, dtype=float)
         genes = self._genes()
         if x.shape != (len(genes),):
             raise EvomergeError(f"genome has shape {x.shape}; the space has {len(genes)} genes")
         values: dict[tuple[Optional[str], str, Optional[str]], list[float]] = {}
-        for value, (owner, param, block, _group) in zip(x, genes):
+        for value, (owner, param, block, at) in zip(x, genes):
+            if group is not None and at != group and param not in LINES:
+                continue
             values.setdefault((owner, param, block), []).append(round(float(value), 8))
         out: dict[Optional[str], dict[str, Any]] = {}
         for (owner, param, block), series in values.items():
@@ -315,6 +323,9 @@ class ParameterSpace(SearchSpace):
             data["base_model"] = self.refs[self.base]
         if self.method.name in ("slerp", "nuslerp") and self.base is not None:
             data["models"] = [{"model": self.refs[self.base]}, *models]
+        if self.spec.layer_shape == "slices":
+            shared = {k: v for k, v in shared.items() if k in self.spec.fixed or k in LINES}
+            data["slices"] = self._slices(genome, [m["model"] for m in data.pop("models")])
         if shared:
             data["parameters"] = shared
         if self.spec.dtype:
@@ -326,3 +337,30 @@ class ParameterSpace(SearchSpace):
         if self.method.learned and self.coefficients:
             data["coefficients"] = self.coefficients
         return Recipe.from_dict(data, source="search space")
+
+    def _slices(self, genome: np.ndarray, refs: list[str]) -> list[dict[str, Any]]:
+        """One mergekit slice per layer group: its own layers, its own scalar values (the
+        base, where the method takes one, a source without parameters, as mergekit-evolve
+        writes it)."""
+        owners = {self.refs[m]: m for m in self.models}
+        groups = self.block_of_layers()
+        out = []
+        for group in range(self.spec.layer_groups):
+            layers = [i for i, g in enumerate(groups) if g == group]
+            span = [layers[0], layers[-1] + 1]
+            settings = self.settings(genome, group)
+            sources = []
+            for ref in refs:
+                source: dict[str, Any] = {"model": ref, "layer_range": span}
+                if ref in owners and settings.get(owners[ref]):
+                    source["parameters"] = settings[owners[ref]]
+                sources.append(source)
+            base = self.refs[self.base] if self.base is not None else None
+            if base is not None and self.method.base != "ignored" and base not in refs:
+                sources.append({"model": base, "layer_range": span})
+            part: dict[str, Any] = {"sources": sources}
+            shared = {k: v for k, v in settings.get(None, {}).items() if k not in LINES}
+            if shared:
+                part["parameters"] = shared
+            out.append(part)
+        return out
