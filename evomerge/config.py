@@ -285,7 +285,11 @@ class RunConfig(BaseModel):
         None, description="The run's name: its folder under results/ unless --out names one."
     )
     models: dict[str, NonEmpty] = Field(
-        min_length=1, description="Model name -> local folder or hub name."
+        min_length=1,
+        description=(
+            "Model name -> local folder, hub name, or a recipe file (a merge config or a "
+            "multi-stage file): its merge, made once and kept beside the file."
+        ),
     )
     base_model: Optional[str] = Field(
         None,

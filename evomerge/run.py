@@ -33,6 +33,7 @@ from evomerge.calibration import check_calibration, ensure_statistics, name_stat
 from evomerge.config import LmEvalFitnessSpec, PythonFitness, RunConfig
 from evomerge.errors import EvomergeError
 from evomerge.evaluator import Outcome, load_callable
+from evomerge.fixed_stages import merged_model
 from evomerge.learn.in_run import (
     check_learning,
     ensure_learned,
@@ -136,8 +137,9 @@ def prepare(config: RunConfig, folder: Optional[Path] = None) -> tuple[RunConfig
     config's `offline` switch is applied to this process here, before any hub library loads.
     `folder`: the run folder, where learned baselines keep their coefficients."""
     os.environ.update(config.offline_env())
-    models = {
-        name: str(Path(ref).resolve()) if Path(ref).exists() else ref
+    models = {  # a recipe file is its merge, made once (the earlier stages of a search)
+        name: merged_model(ref, config.device, config.allow_pickle)
+        or (str(Path(ref).resolve()) if Path(ref).exists() else ref)
         for name, ref in config.models.items()
     }
     fitness = config.fitness

@@ -3,6 +3,7 @@ output, written again as a file `evomerge merge` re-materializes; bad files fail
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -166,3 +167,40 @@ def test_a_single_named_config_is_a_plain_recipe(llama, tmp_path, capsys):
     out, a, b = (load_folder(f) for f in (tmp_path / "out", llama["ft0"], llama["ft1"]))
     for name, tensor in out.items():
         torch.testing.assert_close(tensor, (a[name] + b[name]) / 2, msg=name)
+
+
+def test_a_search_over_the_final_stage_with_earlier_stages_fixed(llama, tmp_path, capsys):
+    """A run's model may be a recipe file: its merge is made once, kept beside the file, and
+    searched over like a checkpoint; later runs of the same stages reuse it."""
+    from .test_run import run_config, write
+
+    base, a, b = (str(llama[k]) for k in ("base", "ft0", "ft1"))
+    earlier = [
+        {"name": "pair", "merge_method": "ties", "base_model": base,
+         "models": [{"model": a, "parameters": {"weight": 0.6, "density": 0.5}},
+                    {"model": b, "parameters": {"weight": 0.4, "density": 0.5}}]},
+        {"merge_method": "slerp", "base_model": "pair", "parameters": {"t": 0.3},
+         "models": [{"model": "pair"}, {"model": base}]},
+    ]  # fmt: skip
+    stages = tmp_path / "stages.yml"
+    stages.write_text(yaml.safe_dump_all(earlier, sort_keys=False))
+    config = run_config(llama, budget=3)
+    config["models"] = {"base": base, "blend": str(stages), "b": b}
+    config["search_space"]["models"] = ["blend", "b"]
+    path = write(tmp_path, config)
+    assert main(["run", str(path), "--out", str(tmp_path / "run"), "--quiet"]) == 0
+    made = sorted((tmp_path / ".evomerge").iterdir())
+    assert len(made) == 1 and made[0].name.startswith("stages-")
+    stored = yaml.safe_load((tmp_path / "run" / "run.yaml").read_text())
+    assert stored["models"]["blend"] == str(made[0])  # resume reads the made folder
+    code, err = run_cli(capsys, "merge", stages, tmp_path / "direct", "--quiet")
+    assert code == 0, err
+    direct, kept = load_folder(tmp_path / "direct"), load_folder(made[0])
+    assert all(torch.equal(direct[n], kept[n]) for n in direct)
+    assert main(["status", str(tmp_path / "run"), "--json"]) == 0
+    assert "blend" in json.loads(capsys.readouterr().out)["sources"]
+    # a second run of the same stages does not merge them again
+    stamp = (made[0] / "config.json").stat().st_mtime_ns
+    assert main(["run", str(path), "--out", str(tmp_path / "run2"), "--quiet"]) == 0
+    assert (made[0] / "config.json").stat().st_mtime_ns == stamp
+    assert len(list((tmp_path / ".evomerge").iterdir())) == 1
