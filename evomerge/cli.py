@@ -91,6 +91,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if config is None:
         return 0
     name = config.name or Path(args.config).stem
+    if args.out and args.storage_path:
+        raise EvomergeError("--storage-path: it names the run folder, as --out does; give one")
     folder = Path(args.out or args.storage_path) if args.out or args.storage_path else None
     folder = folder or Path("results") / name
     run = create_run(config, folder)
@@ -399,6 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
     evolve.add_argument("--storage-path", help="the run folder (as --out)")
     evolve.add_argument("--trust-remote-code", action="store_true", help="run models' own code")
     evolve.add_argument(
+        "-s",
         "--strategy",
         choices=("pool", "buffered", "serial"),
         default="pool",

@@ -4,8 +4,8 @@ searched over like any checkpoint, so a search can tune a multi-stage merge's fi
 with the earlier stages fixed.
 
 The merge is kept beside the file, under `.evomerge/`, named by a hash of the stages and of
-the models they read: it is made once (atomically, as every merge), reused by later runs of the
-same stages, and made again when the file changes.
+the paths of the models they read: it is made once (atomically, as every merge), reused by
+later runs of the same stages, and made again when the file changes.
 """
 
 from __future__ import annotations

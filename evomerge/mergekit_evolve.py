@@ -122,7 +122,7 @@ def to_run_config(
     }
     normalize = genome.get("normalize")
     normalize = method in NORMALIZED_BY_DEFAULT if normalize is None else bool(normalize)
-    if method in NORMALIZED_BY_DEFAULT:
+    if method in NORMALIZED_BY_DEFAULT or (method == "task_arithmetic" and normalize):
         space["fixed"] = {"normalize": normalize}
     elif normalize:
         raise EvomergeError(f"{where}: field 'genome.normalize': {method} does not normalize")
@@ -134,7 +134,7 @@ def to_run_config(
     base_name: Optional[str] = None
     if method == "slerp":  # one end is the base: t = 0 is the first model, t = 1 the second
         base_name, experts = experts[0], experts[1:]
-    elif base_ref is not None:
+    elif base_ref is not None and method in NEEDS_BASE:  # linear merges every listed model
         base_name = names[base_ref]
         experts = [e for e in experts if e != base_name]
     space["models"] = experts
@@ -184,6 +184,7 @@ def to_run_config(
         "budget": flags.max_fevals,
         "seed": flags.random_seed,
         "fitness": fitness,
+        "seed_with_sources": False,  # the search starts where mergekit-evolve's does
     }
     if flags.strategy == "serial":
         config["pool"] = "local"

@@ -204,3 +204,16 @@ def test_a_search_over_the_final_stage_with_earlier_stages_fixed(llama, tmp_path
     assert main(["run", str(path), "--out", str(tmp_path / "run2"), "--quiet"]) == 0
     assert (made[0] / "config.json").stat().st_mtime_ns == stamp
     assert len(list((tmp_path / ".evomerge").iterdir())) == 1
+
+
+def test_a_stage_read_only_as_a_tokenizer_comes_first():
+    from evomerge.merge.stages import Stages
+
+    docs = [
+        {"merge_method": "linear", "tokenizer_source": "chat",
+         "models": [{"model": "a", "parameters": {"weight": 1.0}}]},
+        {"name": "chat", "merge_method": "linear",
+         "models": [{"model": "b", "parameters": {"weight": 1.0}}]},
+    ]  # fmt: skip
+    stages = Stages.from_yaml_text(yaml.safe_dump_all(docs))
+    assert stages.order == ["chat"] and stages.referenced_models() == ["b", "a"]

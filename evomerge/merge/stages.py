@@ -91,7 +91,7 @@ class Stages:
         """The models the stages read from outside the file, each once."""
         refs: dict[str, None] = {}
         for recipe in [*self.named.values(), self.final]:
-            for ref in recipe.referenced_models():
+            for ref in reads(recipe):
                 if ref not in self.named:
                     refs[ref] = None
         return list(refs)
@@ -131,6 +131,15 @@ class Stages:
             raise EvomergeError(f"{self.source}: the final stage: {exc}") from None
 
 
+def reads(recipe: Recipe) -> list[str]:
+    """Every model a stage reads, its tokenizer's source included."""
+    refs = recipe.referenced_models()
+    tokenizer = recipe.tokenizer_source
+    if tokenizer not in (None, "base", "union") and tokenizer not in refs:
+        refs.append(tokenizer)
+    return refs
+
+
 def _dependency_order(named: dict[str, Recipe], final: Recipe, source: str) -> list[str]:
     """Named stages ordered so that each follows the stages it reads; a cycle is refused.
     Stages the output does not reach are kept too (mergekit-multi merges them all)."""
@@ -144,13 +153,13 @@ def _dependency_order(named: dict[str, Recipe], final: Recipe, source: str) -> l
             cycle = " -> ".join([*path[path.index(name) :], name])
             raise EvomergeError(f"{source}: the stages read each other in a circle ({cycle})")
         state[name] = "open"
-        for ref in named[name].referenced_models():
+        for ref in reads(named[name]):
             if ref in named:
                 visit(ref, [*path, name])
         state[name] = "done"
         order.append(name)
 
-    for ref in final.referenced_models():
+    for ref in reads(final):
         if ref in named:
             visit(ref, [])
     for name in named:
