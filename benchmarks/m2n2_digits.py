@@ -65,7 +65,7 @@ class MLP:
 
 def run_arm(arm: str, seed: int, hidden: int, evals: int) -> dict:
     sys.path.insert(0, str(ROOT))
-    from evomerge.optim import Evaluation
+    from evomerge.optim.base import Evaluation
     from evomerge.optim.cma import CMAES, SepCMAES
     from evomerge.optim.m2n2 import M2N2
 

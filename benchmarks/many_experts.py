@@ -43,7 +43,7 @@ def measure(family: Path, experts: int, candidates: int, asks: int) -> dict:
 
     from evomerge.config import RunConfig
     from evomerge.footprint import predict
-    from evomerge.optim import Evaluation
+    from evomerge.optim.base import Evaluation
     from evomerge.pool import make_pool
     from evomerge.run import optimizer_for, prepare
 

@@ -94,7 +94,7 @@ class Problem:
 
 
 def run_method(name: str, problem: Problem, n: int, budget: int, seed: int) -> np.ndarray:
-    from evomerge.optim import Evaluation, make_optimizer
+    from evomerge.optim.registry import Evaluation, make_optimizer
 
     options = {
         "map": {},

@@ -9,7 +9,7 @@ from typing import Optional, Protocol
 
 from evomerge.config import RunConfig
 from evomerge.evaluator import Evaluator, Outcome, SourceJob
-from evomerge.optim import Candidate
+from evomerge.optim.base import Candidate
 from evomerge.ray_pool import RayPool
 
 

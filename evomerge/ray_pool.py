@@ -27,7 +27,7 @@ from typing import Any, Optional
 
 from evomerge.errors import EvomergeError
 from evomerge.evaluator import Evaluator, Outcome, SourceJob
-from evomerge.optim import Candidate
+from evomerge.optim.base import Candidate
 from evomerge.shipping import stage
 
 log = logging.getLogger("evomerge")

@@ -47,7 +47,7 @@ from evomerge.merge.engine import plan_for, remove_if_orphaned
 from evomerge.merge.io import ModelSource
 from evomerge.merge.learned import learned_method
 from evomerge.merge.methods import get_method
-from evomerge.optim import Candidate, Evaluation, Optimizer, make_optimizer
+from evomerge.optim.registry import Candidate, Evaluation, Optimizer, make_optimizer
 from evomerge.pareto import pareto_records
 from evomerge.pool import Pool
 from evomerge.racing import DocumentPlan, Race, Racer, check_stages

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from evomerge.errors import EvomergeError
-from evomerge.optim import Candidate
+from evomerge.optim.base import Candidate
 from evomerge.optim.map import MAP
 from evomerge.pool import make_pool
 from evomerge.run import open_run, score_all, to_record

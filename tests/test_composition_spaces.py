@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from evomerge.errors import EvomergeError
 from evomerge.merge.engine import merge_to_disk
 from evomerge.merge.io import ModelSource
-from evomerge.optim import make_optimizer
+from evomerge.optim.registry import make_optimizer
 from evomerge.spaces import build_space, read_space_spec
 from evomerge.spaces.dataflow import DataflowGenome
 

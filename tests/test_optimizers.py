@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from evomerge.errors import EvomergeError
-from evomerge.optim import OPTIMIZERS, Evaluation, make_optimizer
 from evomerge.optim.m2n2 import M2N2
+from evomerge.optim.registry import OPTIMIZERS, Evaluation, make_optimizer
 from evomerge.optim.state import read_state, write_state
 
 DIM = 6

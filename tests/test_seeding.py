@@ -147,7 +147,7 @@ def test_cma_starts_its_mean_at_the_best_seed(llama, tmp_path):
     lower, upper = np.zeros(2), np.ones(2)
     cma = CMAES(lower, upper, np.full(2, 0.5), 1, seed=0, population_size=4)
     cma.seed_with([np.array([1.0, 0.0]), np.array([0.0, 1.0])])
-    from evomerge.optim import Evaluation
+    from evomerge.optim.base import Evaluation
 
     asked = cma.ask(10)
     assert len(asked) == 3  # two seeds and the configured start; then it waits for them

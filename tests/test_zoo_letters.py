@@ -21,7 +21,7 @@ def tokenizer(smollm):
 
 
 def test_letters_pair_with_the_digit_tokens_that_end_where_they_do(tokenizer):
-    """" м" is one token and " 7" two: the pairs skip the lone space and keep the rest in step,
+    """ " м" is one token and " 7" two: the pairs skip the lone space and keep the rest in step,
     and only the tokens from the prompt's last one on predict the answer."""
     texts = ["rev мбд= 207"]
     written = letters._encode(tokenizer, texts)
