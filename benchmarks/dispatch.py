@@ -17,7 +17,6 @@ import os
 import sys
 import tempfile
 import time
-from collections import deque
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +30,9 @@ from evomerge.evaluator import Outcome  # noqa: E402
 from evomerge.pool import make_pool  # noqa: E402
 from evomerge.run import create_run, drive  # noqa: E402
 from evomerge.store import RunStore  # noqa: E402
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from instant_pool import InstantPool  # noqa: E402
 
 
 def config(models: dict, **changes) -> RunConfig:
@@ -50,28 +52,10 @@ def config(models: dict, **changes) -> RunConfig:
     return RunConfig.from_dict(data)
 
 
-class InstantPool:
+def distance(genome: np.ndarray) -> Outcome:
     """Scores at once from the genome: only the manager's own work is timed."""
-
-    def __init__(self) -> None:
-        self.queue: deque = deque()
-
-    def free(self) -> int:
-        return 0 if self.queue else 1
-
-    def in_flight(self) -> int:
-        return len(self.queue)
-
-    def submit(self, candidate, recipe, held_out=False) -> None:
-        self.queue.append((candidate, recipe))
-
-    def wait(self):
-        candidate, recipe = self.queue.popleft()
-        value = float(np.sum((candidate.genome - 0.3) ** 2))
-        return [(candidate, recipe, Outcome(metrics={"nll": value}, per_example=[1.0 - value]))]
-
-    def close(self) -> None:
-        pass
+    value = float(np.sum((genome - 0.3) ** 2))
+    return Outcome(metrics={"nll": value}, per_example=[1.0 - value])
 
 
 def scaling(models, tmp: Path, sleep: float, evals: int) -> list[dict]:
@@ -116,7 +100,7 @@ def overhead(models, tmp: Path, evals: int) -> list[dict]:
         cfg = config(models, budget=evals, optimizer={"name": name, "options": options})
         run = create_run(cfg, tmp / f"overhead-{name}")
         start = time.perf_counter()
-        drive(run, InstantPool(), progress=False)
+        drive(run, InstantPool(distance), progress=False)
         wall = time.perf_counter() - start
         rows.append(
             {

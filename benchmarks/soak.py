@@ -26,7 +26,7 @@ import os
 import sys
 import tempfile
 import time
-from collections import defaultdict, deque
+from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +40,9 @@ from evomerge.cli import main as cli  # noqa: E402
 from evomerge.config import RunConfig  # noqa: E402
 from evomerge.evaluator import Outcome  # noqa: E402
 from evomerge.run import SearchLoop, create_run  # noqa: E402
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from instant_pool import InstantPool  # noqa: E402
 
 WINDOW = 100
 SMALL = {  # 16 genes
@@ -83,31 +86,10 @@ OPTIMIZERS = {
 SHORT = {("large", "nsga2"): 600, ("small", "map"): 1000}
 
 
-class InstantPool:
-    """Scores at once from the genome."""
-
-    def __init__(self) -> None:
-        self.queue: deque = deque()
-        self.returned: list[float] = []
-
-    def free(self) -> int:
-        return 0 if self.queue else 1
-
-    def in_flight(self) -> int:
-        return len(self.queue)
-
-    def submit(self, candidate, recipe, held_out=False, docs=None) -> None:
-        self.queue.append((candidate, recipe))
-
-    def wait(self):
-        candidate, recipe = self.queue.popleft()
-        distance = float(np.mean((candidate.genome - 0.3) ** 2))
-        self.returned.append(candidate.index)
-        outcome = Outcome(metrics={"loss": distance}, per_example=[1.0 - distance, -distance])
-        return [(candidate, recipe, outcome)]
-
-    def close(self) -> None:
-        pass
+def distance(genome: np.ndarray) -> Outcome:
+    """The genome's distance to a point: a fitness that costs nothing."""
+    value = float(np.mean((genome - 0.3) ** 2))
+    return Outcome(metrics={"loss": value}, per_example=[1.0 - value, -value])
 
 
 class Timers:
@@ -151,7 +133,7 @@ def run_config(models: dict, space: dict, optimizer: str, options: dict, evals: 
 
 def soak(config: dict, folder: Path) -> dict:
     run = create_run(RunConfig.from_dict(config), folder)
-    pool = InstantPool()
+    pool = InstantPool(distance)
     loop = SearchLoop(run, pool, progress=False)
     timers = Timers()
     timers.wrap(loop, "commit", "evaluation")  # every committed evaluation, reused ones too

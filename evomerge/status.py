@@ -3,21 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import pandas as pd
 
 from evomerge.config import RunConfig
-from evomerge.merge.learned import learned_summary
-from evomerge.pareto import (
-    front_positions,
-    hypervolume,
-    losses_of,
-    non_dominated,
-    pareto_records,
-    reference_point,
-)
+from evomerge.pareto import front_positions, hypervolume, losses_of, reference_point
 from evomerge.store import RunStore, read_run_meta
+from evomerge.summary import RunSummary
 from evomerge.tracking import RUN_ID_NOTE
 
 MAX_GENE_COLUMNS = 100
@@ -64,12 +58,23 @@ def frame_of(store: RunStore, config: RunConfig) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _learned(recipe: Optional[str]) -> Optional[dict]:
+    """A learned merge's method and training (merge.learned.learned_summary); only a recipe
+    that names a coefficient file can be one, and only then is the merge package imported (it
+    loads torch, which status otherwise never needs: a second or more of start-up)."""
+    if not recipe or "coefficients:" not in recipe:
+        return None
+    from evomerge.merge.learned import learned_summary
+
+    return learned_summary(recipe)
+
+
 def reference_frame(store: RunStore, config: RunConfig) -> pd.DataFrame:
     """One row per source model and baseline merge: objectives and held-out scores."""
     rows = []
     for kind, stored in (("source", store.sources()), ("baseline", store.baselines())):
         for name, result in stored.items():
-            learned = learned_summary(result.get("recipe"))
+            learned = _learned(result.get("recipe"))
             row = {"kind": f"learned ({learned['method']})" if learned else kind, "name": name}
             for o in config.objectives:
                 row[o.name] = (result.get("values") or {}).get(o.name, np.nan)
@@ -84,37 +89,39 @@ def status_data(folder: Path) -> dict:
     """The run measured against what it started from, for scripts (`status --json`): the
     source models and baselines as name -> {values, held_out}, and the Pareto set as a list of
     {index, values, held_out, origin} (a seeded source or baseline also names itself in
-    seeded_from); held-out keys are lm-eval's "task: metric,filter"."""
+    seeded_from); held-out keys are lm-eval's "task: metric,filter". Read from the run's kept
+    summary, so it costs the same however long the run."""
     read_run_meta(folder)
     config = RunConfig.load(folder / "run.yaml")
     store = RunStore.open(folder)
+    kept = store.summary()
+    attrs = store.study.user_attrs
 
     def reference(result: dict) -> dict:
         out = {"values": result.get("values"), "held_out": result.get("held_out")}
-        learned = learned_summary(result.get("recipe"))
+        learned = _learned(result.get("recipe"))
         if learned:  # how it was trained: method, steps, seconds, tokens, losses
             out["learned"] = learned
         return {**out, "error": result["error"]} if result.get("error") else out
 
     return {
         "run": str(folder),
-        "evaluations": len(store.records()),
+        "evaluations": kept.evaluations,
         "budget": config.budget,
         "objectives": {o.name: o.direction for o in config.objectives},
         "sources": {k: reference(v) for k, v in store.sources().items()},
         "baselines": {k: reference(v) for k, v in store.baselines().items()},
         "pareto": [
-            {"index": r.index, "values": r.values, "held_out": r.held_out, "origin": r.origin}
-            | ({"seeded_from": r.worker.split(" ", 1)[-1]} if r.origin != "optimizer" else {})
-            for r in pareto_records(store.records(), config.objectives)
+            {
+                "index": m.index,
+                "values": m.values,
+                "held_out": attrs.get(f"held_out:{m.number}"),
+                "origin": m.origin,
+            }
+            | ({"seeded_from": m.worker.split(" ", 1)[-1]} if m.origin != "optimizer" else {})
+            for m in kept.pareto
         ],
     }
-
-
-def out_of_memory(error: object) -> bool:
-    """A failure the device's memory caused (torch's OutOfMemoryError, CUDA's message)."""
-    text = str(error or "")
-    return text.startswith("OutOfMemoryError") or "out of memory" in text.lower()
 
 
 WIDTH = 120  # a terminal's columns: wider tables are shown long (one row per model per task)
@@ -156,10 +163,12 @@ def readable(frame: pd.DataFrame, keys: list[str], wide: bool) -> list[str]:
 
 
 def summary(folder: Path, wide: bool = False) -> str:
+    """The printed status: read from the run's kept summary (summary.py), not from every
+    evaluation, so it costs the same at a hundred evaluations and at a hundred thousand."""
     meta = read_run_meta(folder)
     config = RunConfig.load(folder / "run.yaml")
     store = RunStore.open(folder)
-    frame = frame_of(store, config)
+    kept = store.summary()
     lines = [f"run {folder} (evomerge {meta.get('evomerge')}, store {meta.get('store')})"]
     if config.tracking is not None:
         run_id = store.note(RUN_ID_NOTE) or "none yet"
@@ -177,33 +186,21 @@ def summary(folder: Path, wide: bool = False) -> str:
         )
     else:
         lines.append(f"optimizer: {opt}, not started")
-    done = len(frame)
-    failed = int(frame["failed"].sum()) if done else 0
-    oom = int(frame["error"].map(out_of_memory).sum()) if done else 0
+    oom = kept.out_of_memory
     lines.append(
-        f"evaluations: {done} / {config.budget} ({failed} failed"
+        f"evaluations: {kept.evaluations} / {config.budget} ({kept.failed} failed"
         + (f", {oom} of them out of memory)" if oom else ")")
     )
-    if done and "stage" in frame:
-        lines.append(_racing_line(frame, config))
-    if done and not frame["failed"].all():
-        good = frame[~frame["failed"]]
-        if "final" in good:  # the best of the candidates scored on every document
-            good = good[good["final"].fillna(True).astype(bool)]
+    if kept.ended_at_stage:
+        lines.append(_racing_line(kept, config))
+    if kept.pareto:
         best = pd.DataFrame(
             [
                 {
                     "objective": o.name,
                     "direction": o.direction,
-                    "best": good[o.name].max() if o.direction == "maximize" else good[o.name].min(),
-                    "index": int(
-                        good.loc[
-                            good[o.name].idxmax()
-                            if o.direction == "maximize"
-                            else good[o.name].idxmin(),
-                            "index",
-                        ]
-                    ),
+                    "best": kept.best[o.name].values[o.name],
+                    "index": kept.best[o.name].index,
                 }
                 for o in config.objectives
             ]
@@ -212,32 +209,37 @@ def summary(folder: Path, wide: bool = False) -> str:
         references = reference_frame(store, config)
         if not references.empty:
             lines += ["", "sources and baselines:", *readable(references, ["name"], wide)]
-        held = [c for c in frame.columns if c.startswith("held_out:")]
-        front = frame[frame["pareto"]][["index", *[o.name for o in config.objectives], *held]]
+        attrs = store.study.user_attrs
+        front = pd.DataFrame(
+            [
+                {"index": m.index, **{o.name: m.values[o.name] for o in config.objectives}}
+                | {f"held_out:{k}": v for k, v in (attrs.get(f"held_out:{m.number}") or {}).items()}
+                for m in kept.pareto
+            ]
+        )
         lines += ["", f"Pareto set ({len(front)}):", *readable(front, ["index"], wide)]
         if len(config.objectives) > 1:
-            lines.append(_hypervolume_line(good, config, store))
-    if failed:
-        fails = frame[frame["failed"]][["index", "error"]].tail(5)
-        lines += ["", "failures (last 5):", fails.to_string(index=False)]
+            lines.append(_hypervolume_line(kept, config, store))
+    if kept.failures:
+        fails = pd.DataFrame(kept.failures)[["index", "error"]]
+        lines += ["", f"failures (last {len(fails)}):", fails.to_string(index=False)]
     return "\n".join(lines)
 
 
-def _racing_line(frame: pd.DataFrame, config: RunConfig) -> str:
+def _racing_line(kept: RunSummary, config: RunConfig) -> str:
     fidelity = config.fitness.fidelity
-    stages = frame["stage"].dropna().astype(int)
     counts = ", ".join(
-        f"{int((stages == k).sum())} ended at stage {k} ({size})"
+        f"{kept.ended_at_stage.get(k, 0)} ended at stage {k} ({size})"
         for k, size in enumerate(fidelity.stages)
     )
     return f"racing: stages {fidelity.stages}, promote {fidelity.promote:g}: {counts}"
 
 
-def _hypervolume_line(good: pd.DataFrame, config: RunConfig, store: RunStore) -> str:
-    names = [o.name for o in config.objectives]
-    losses = losses_of(good[names].to_dict("records"), config.objectives)
+def _hypervolume_line(kept: RunSummary, config: RunConfig, store: RunStore) -> str:
+    losses = np.array([kept.loss(m.values) for m in kept.pareto], dtype=float)
+    worst = np.array([kept.worst], dtype=float)  # the run's own worst, as a reference
     sources = [v["values"] for v in store.sources().values() if v.get("values")]
     source_losses = losses_of(sources, config.objectives) if sources else None
-    ref, origin = reference_point(losses, config.objectives, config.reference, source_losses)
-    value = hypervolume(losses[non_dominated(losses)], ref)
+    ref, origin = reference_point(worst, config.objectives, config.reference, source_losses)
+    value = hypervolume(losses, ref)
     return f"hypervolume: {value:.6g} (reference {origin}: {np.round(ref, 6).tolist()} as losses)"

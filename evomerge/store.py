@@ -10,6 +10,7 @@ reported and skipped.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import hashlib
 import json
@@ -18,6 +19,7 @@ import os
 import time
 import uuid
 import warnings
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +34,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from evomerge import __version__
 from evomerge.errors import EvomergeError
 from evomerge.optim.state import PART_PREFIX, read_state, referenced_parts, write_state
+from evomerge.summary import RunSummary
 
 FORMAT = 1
 STUDY = "evomerge"  # the study of a run with its own SQLite file (and of runs before names)
@@ -89,14 +92,35 @@ def genome_key(genome: np.ndarray) -> str:
     ).hexdigest()
 
 
+GENOME_CODE = "f8z:"  # little-endian float64, zlib-compressed, base64: exact and compact
+
+
+def encode_genome(genome: np.ndarray) -> str:
+    """A genome as stored: its float64 bytes (exact), deflated (genomes of discrete or repeated
+    genes shrink a lot, continuous ones little), in base64 so it rides in the trial's JSON;
+    2,024 genes take ~22 KB instead of ~42 KB as JSON numbers."""
+    raw = np.asarray(genome, dtype="<f8").tobytes()
+    return GENOME_CODE + base64.b64encode(zlib.compress(raw, 1)).decode("ascii")
+
+
+def decode_genome(stored: Any) -> np.ndarray:
+    """A stored genome: the compact string, or the list of numbers that earlier runs wrote."""
+    if isinstance(stored, str) and stored.startswith(GENOME_CODE):
+        raw = zlib.decompress(base64.b64decode(stored[len(GENOME_CODE) :]))
+        return np.frombuffer(raw, dtype="<f8").astype(float)
+    return np.asarray(stored, dtype=float)
+
+
 class RunStore:
     def __init__(self, folder: Path, study: optuna.Study, gene_names: list[str]) -> None:
         self.folder = folder
         self.study = study
         self.gene_names = gene_names
         self.objectives: list[str] = study.user_attrs.get("objectives", [])
+        self.directions = [d.name.lower() for d in study.directions]
         self.checkpoints = folder / "checkpoints"
         self._parts: dict[str, list[str]] = {}  # checkpoint file -> the frozen parts it needs
+        self._summary: Optional[RunSummary] = None  # the writer's, kept current as it commits
 
     # ----- opening ----------------------------------------------------------------------------
     @classmethod
@@ -176,13 +200,47 @@ class RunStore:
             ) from None
 
     def commit(self, record: Record) -> None:
+        """Store one evaluation (its `number` is set to its place in the store) and bring the
+        summary up to date."""
         with self._writing():
+            summary = self._summary or self.summary()
             self._commit(record)
+            record.number = summary.evaluations
+            summary.add(record)
+            summary.write(self.folder)
+            self._summary = summary
+
+    def summary(self) -> RunSummary:
+        """The run's standing (summary.py): the kept summary where it covers every committed
+        evaluation, else one built from them all."""
+        kept = RunSummary.read(self.folder)
+        if (
+            kept is not None
+            and kept.objectives == self.objectives
+            and kept.directions == self.directions
+            and self._holds_exactly(kept.evaluations)
+        ):
+            return kept
+        return RunSummary.of(self.records(), self.objectives, self.directions)
+
+    def _holds_exactly(self, count: int) -> bool:
+        """Whether the store holds `count` evaluations: numbers 0..count-1 and no more (two
+        index lookups, whatever the run's size)."""
+        storage, study_id = self.study._storage, self.study._study_id
+
+        def exists(number: int) -> bool:
+            try:
+                storage.get_trial_id_from_study_id_trial_number(study_id, number)
+            except KeyError:
+                return False
+            return True
+
+        return not exists(count) and (count == 0 or exists(count - 1))
 
     def _commit(self, record: Record) -> None:
         attrs = {
             "index": record.index,
-            "genome": [float(v) for v in record.genome],
+            "genome": encode_genome(record.genome),
             "genome_key": genome_key(record.genome),
             "recipe": record.recipe,
             "metrics": record.metrics,
@@ -224,7 +282,7 @@ class RunStore:
             out.append(
                 Record(
                     index=int(a["index"]),
-                    genome=np.asarray(a["genome"], dtype=float),
+                    genome=decode_genome(a["genome"]),
                     recipe=a["recipe"],
                     values=values,
                     metrics=a.get("metrics", {}),

@@ -17,13 +17,15 @@ import os
 import re
 import time
 from pathlib import Path
-from typing import Optional, Protocol
+from typing import TYPE_CHECKING, Optional, Protocol
 
 from evomerge import __version__
 from evomerge.config import RunConfig
 from evomerge.errors import EvomergeError
-from evomerge.spaces.base import SearchSpace
 from evomerge.store import Record, RunStore
+
+if TYPE_CHECKING:  # the spaces import the merge engine (torch), which tracking never runs
+    from evomerge.spaces.base import SearchSpace
 
 
 class Run(Protocol):
