@@ -4,7 +4,9 @@ Builds three ~58M-parameter fp32 Llama models locally (hidden 512, 8 layers, voc
 runs the same ties / dare_ties / task_arithmetic configs through both CLIs, alternating, and
 reports wall time, peak RSS, the ratio evomerge/mergekit and the memory-bandwidth floor (bytes
 read + written over a measured copy bandwidth). Also times the in-memory path (recipe -> live
-model) that search workers use.
+model) that search workers use, and where a command's fixed time goes: an interpreter that
+imports torch and nothing else, and one that imports what `evomerge merge` imports; their
+ratio to mergekit is the least any torch-based command can reach on this size.
 
     python benchmarks/merge_speed.py [--runs 3] [--out results/bench]
 """
@@ -95,6 +97,16 @@ def timed_child(cmd: list[str]) -> tuple[float, float]:
     return result["wall"], result["rss_kib"] / 1024
 
 
+def import_seconds(modules: str, runs: int) -> float:
+    """Median wall time of a fresh interpreter that imports `modules` and exits."""
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        subprocess.run([sys.executable, "-c", f"import {modules}"], check=True)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
 def copy_bandwidth() -> float:
     """Bytes per second moved by a large in-memory copy (read + write counted)."""
     src = torch.ones(64 * 1024 * 1024, dtype=torch.float32)
@@ -159,6 +171,8 @@ def main() -> int:
     work = args.out / "merge_speed"
     models = build_models(args.out / "models_58m")
     bandwidth = copy_bandwidth()
+    torch_import = import_seconds("torch", args.runs)
+    merge_imports = import_seconds("evomerge.cli, evomerge.merge.engine", args.runs)
     model_bytes = folder_bytes(models["base"])
     rows = []
     for name in CONFIGS:
@@ -210,23 +224,30 @@ def main() -> int:
                 "floor_s": floor,
                 "engine_over_floor": engine / floor,
                 "in_memory_s": in_memory_seconds(recipe, args.runs),
+                "torch_import_s": torch_import,
+                "merge_imports_s": merge_imports,
+                "imports_over_mergekit": merge_imports / mk_t,
             }
         )
         print(json.dumps(rows[-1]), flush=True)
     machine = f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
     table = [
         f"Three {model_bytes / 2**20:.0f} MiB fp32 Llama models (58M params), {args.runs} runs "
-        f"each (median wall, max RSS), {machine}; copy bandwidth {bandwidth / 1e9:.1f} GB/s.",
+        f"each (median wall, max RSS), {machine}; copy bandwidth {bandwidth / 1e9:.1f} GB/s; "
+        f"an interpreter importing torch alone: {torch_import:.2f} s, importing what `evomerge "
+        f"merge` does: {merge_imports:.2f} s.",
         "",
         "| method | mergekit s | evomerge s | evomerge/mergekit | mergekit RSS MiB | "
-        "evomerge RSS MiB | engine s | floor s | engine/floor | in-memory s |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "evomerge RSS MiB | engine s | floor s | engine/floor | in-memory s | imports s | "
+        "imports/mergekit |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         table.append(
             f"| {r['method']} | {r['mergekit_s']:.2f} | {r['evomerge_s']:.2f} | {r['ratio']:.2f} | "
             f"{r['mergekit_rss_mib']:.0f} | {r['evomerge_rss_mib']:.0f} | {r['engine_s']:.2f} | "
-            f"{r['floor_s']:.3f} | {r['engine_over_floor']:.0f} | {r['in_memory_s']:.2f} |"
+            f"{r['floor_s']:.3f} | {r['engine_over_floor']:.0f} | {r['in_memory_s']:.2f} | "
+            f"{r['merge_imports_s']:.2f} | {r['imports_over_mergekit']:.2f} |"
         )
     text = "\n".join(table)
     print("\n" + text)

@@ -83,7 +83,7 @@ def _with_statistics(recipe, args: argparse.Namespace, recipe_dir: Path):
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from evomerge.footprint import announce
+    from evomerge.footprint import announce, pool_config
     from evomerge.pool import make_pool
     from evomerge.run import create_run, drive
 
@@ -105,7 +105,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
                 "not loaded or scored (no candidate or baseline merges them): %s", ", ".join(unused)
             )
         # workers read every source: bad weights surface here
-        pool = make_pool(run.config, reserve_bytes=footprint.reserve)
+        pool = make_pool(pool_config(run.config, footprint), reserve_bytes=footprint.reserve)
     except BaseException:
         shutil.rmtree(folder, ignore_errors=True)  # nothing was evaluated: leave no husk behind
         raise
@@ -162,14 +162,18 @@ def _run_config(args: argparse.Namespace):
 
 
 def _cmd_resume(args: argparse.Namespace) -> int:
-    from evomerge.footprint import announce
+    from evomerge.footprint import announce, pool_config
     from evomerge.pool import make_pool
     from evomerge.run import drive, open_run
 
     run = open_run(Path(args.folder))
     footprint = announce(run.config, run.space)
     log.info(footprint.describe())
-    drive(run, make_pool(run.config, footprint.reserve), progress=not args.quiet)
+    drive(
+        run,
+        make_pool(pool_config(run.config, footprint), footprint.reserve),
+        progress=not args.quiet,
+    )
     print(f"run finished: {args.folder}")
     return 0
 

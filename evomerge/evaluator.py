@@ -22,6 +22,7 @@ from evomerge.footprint import sources_placement
 from evomerge.merge.engine import load_source_tensors, merge_into_model, pick_device, plan_for
 from evomerge.merge.io import ModelSource
 from evomerge.merge.live import build_live_model
+from evomerge.merge.memory import scoring_allocations
 from evomerge.merge.ops import CHUNK_BYTES
 from evomerge.merge.statistics import measure_source
 from evomerge.recipe import Recipe
@@ -245,7 +246,7 @@ class Evaluator:
             recipe = Recipe.from_yaml_text(recipe_yaml)
             model, tokenizer = self.materialize(recipe)
             fitness = self.held_out() if held_out else self.fitness
-            with torch.no_grad():
+            with torch.no_grad(), scoring_allocations():
                 if docs is not None:
                     result = fitness(model, tokenizer, samples=docs)
                 else:

@@ -2,7 +2,7 @@
 starts, so a run that cannot fit says so in its first line rather than as an out-of-memory
 failure on every candidate.
 
-    peak = sources + live model + merge temporaries
+    peak = sources + live model + merge temporaries + scoring
     sources      = the bytes of every tensor of every model the worker loads (checkpoint dtype):
                    on the device with `sources: device`, in pinned host memory with `host`
     live model   = the output model in the score dtype: the base's tensors for a parameter space;
@@ -12,6 +12,10 @@ failure on every candidate.
                    fp32, the result and two work buffers (masks, signs) while it is merged; a
                    piece is a whole tensor, or for a method that merges entry by entry a row
                    chunk of at most `merge_chunk_mib` per input
+    scoring      = lm-eval's logits, activations and generation cache for one batch of the
+                   fitness's longest request (scoring_footprint.py); with `batch_size: auto`
+                   the largest batch that fits beside the rest, chosen here where the driver
+                   sees the workers' memory (a machine of its own), else left to lm-eval
 
 Read weights never reach the driver: the headers say every shape and dtype.
 """
@@ -21,16 +25,23 @@ from __future__ import annotations
 import math
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
 
-from evomerge.config import RunConfig
+from evomerge.config import LmEvalFitnessSpec, RunConfig
 from evomerge.errors import EvomergeError
 from evomerge.merge.engine import plan_for
 from evomerge.merge.io import ModelSource
 from evomerge.merge.ops import row_chunks
+from evomerge.scoring_footprint import (
+    ScoringFootprint,
+    Shape,
+    largest_batch,
+    longest_requests,
+    scoring_bytes,
+)
 from evomerge.spaces.base import SearchSpace
 
 GIB = 2**30
@@ -44,21 +55,35 @@ class Footprint:
     live: int
     temporaries: int
     sources_on: str = "device"  # where a worker keeps them: device, host, or auto (decided there)
+    scoring: Optional[ScoringFootprint] = None  # None: a Python fitness, not estimated
+    auto_batch: bool = False  # batch_size auto: `scoring` is for the batch chosen (or for 1)
 
     @property
     def peak(self) -> int:
-        return self.sources + self.live + self.temporaries
+        return self.sources + self.live + self.temporaries + self.scoring_bytes
+
+    @property
+    def scoring_bytes(self) -> int:
+        return self.scoring.total if self.scoring is not None else 0
 
     @property
     def reserve(self) -> int:
-        """What the device needs besides the sources: live model and merge temporaries."""
-        return self.live + self.temporaries
+        """What the device needs besides the sources: live model, merge temporaries, scoring."""
+        return self.live + self.temporaries + self.scoring_bytes
 
     def describe(self) -> str:
+        if self.scoring is None:
+            scoring = " (scoring by a Python fitness: not estimated)"
+        else:
+            batch = f"batch {self.scoring.batch}" + (" (auto)" if self.auto_batch else "")
+            scoring = (
+                f" + scoring {self.scoring_bytes / GIB:.2f} GiB ({batch} x "
+                f"{self.scoring.tokens} tokens)"
+            )
         head = (
             f"memory per worker: sources {self.sources / GIB:.2f} GiB + live model "
-            f"{self.live / GIB:.2f} GiB + merge temporaries {self.temporaries / GIB:.2f} GiB "
-            f"= {self.peak / GIB:.2f} GiB"
+            f"{self.live / GIB:.2f} GiB + merge temporaries {self.temporaries / GIB:.2f} GiB"
+            f"{scoring} = {self.peak / GIB:.2f} GiB"
         )
         if self.sources_on == "host":
             return (
@@ -82,10 +107,36 @@ def predict(config: RunConfig, space: SearchSpace) -> Footprint:
         live = _live_bytes(base, _max_layers(space), score)
         largest = _largest_piece(space, dict(zip(refs, sources)), config.merge_chunk_mib)
         temporaries = (len(sources) + 3) * largest * 4
+        element = score or _checkpoint_element(base)
+        scoring = predict_scoring(config, base, element)
     finally:
         for source in sources:
             source.close()
-    return Footprint(held, live, temporaries, _sources_on(config))
+    auto = isinstance(config.fitness, LmEvalFitnessSpec) and config.fitness.batch_size == "auto"
+    return Footprint(held, live, temporaries, _sources_on(config), scoring, auto)
+
+
+def predict_scoring(
+    config: RunConfig, base: ModelSource, element: int
+) -> Optional[ScoringFootprint]:
+    """Scoring's term for the configured batch (for one sequence under `batch_size: auto`)."""
+    fitness = config.fitness
+    if not isinstance(fitness, LmEvalFitnessSpec):
+        return None
+    from transformers import AutoTokenizer  # heavy: only a run that scores with lm-eval
+
+    tokenizer = AutoTokenizer.from_pretrained(
+        str(base.path), trust_remote_code=config.trust_remote_code
+    )
+    requests = longest_requests(fitness, tokenizer)
+    batch = fitness.batch_size if isinstance(fitness.batch_size, int) else 1
+    return scoring_bytes(Shape.of(base.config), requests, batch, element)
+
+
+def _checkpoint_element(source: ModelSource) -> int:
+    """The bytes of the checkpoint's floating dtype: the score dtype when none is set."""
+    sizes = [i.dtype.itemsize for i in source.index.values() if i.dtype.is_floating_point]
+    return max(set(sizes), key=sizes.count) if sizes else 4
 
 
 def _largest_piece(space: SearchSpace, sources: dict[str, ModelSource], chunk_mib: int) -> int:
@@ -108,10 +159,7 @@ def _largest_piece(space: SearchSpace, sources: dict[str, ModelSource], chunk_mi
 def _sources_on(config: RunConfig) -> str:
     """Where the workers keep their sources: what the config says; on a CPU worker the host is
     its device."""
-    gpu = config.device.startswith("cuda") or (
-        config.device == "auto" and torch.cuda.is_available()
-    )
-    return config.sources if gpu else "device"
+    return config.sources if _on_gpu(config) else "device"
 
 
 def _max_layers(space: SearchSpace) -> Optional[int]:
@@ -147,45 +195,93 @@ def _element_size(dtype: str) -> int:
 def check_fits(footprint: Footprint, config: RunConfig) -> Optional[str]:
     """Why the run's workers cannot fit this machine (empty when they can, or when the workers
     run on a cluster this driver cannot see into)."""
-    if config.ray_address or (config.pool == "ray" and os.environ.get("RAY_ADDRESS")):
+    machine = _machine(config)
+    if machine is None:
         return None
-    if config.device.startswith("cuda") or (config.device == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            return None
-        free, _ = torch.cuda.mem_get_info()
-        per_device = max(1, int(1 / config.gpus_per_worker + 1e-9)) if config.pool == "ray" else 1
-        # a worker spanning GPUs holds its sources and temporaries on the first, its live
-        # model's layers spread over all: the first is the fullest
-        span = int(config.gpus_per_worker) if config.gpus_per_worker >= 2 else 1
-        held = footprint.sources if footprint.sources_on == "device" else 0
-        worker = held + footprint.live / span + footprint.temporaries
-        where, need, have = "each GPU", worker * per_device, free
-    else:
-        import psutil
-
-        threads = config.threads_per_worker or 2  # the Ray pool's default, per CPU worker
-        default = max(1, (os.cpu_count() or 1) // threads)
-        workers = 1 if config.pool == "local" else (config.workers or default)
-        where, need, have = (
-            "this machine",
-            footprint.peak * workers,
-            psutil.virtual_memory().available,
-        )
+    where, workers, have = machine
+    need = _worker_need(footprint, config) * workers
     if need <= HEADROOM * have:
         return None
     return (
         f"{footprint.describe()}; {where} needs {need / GIB:.2f} GiB for its workers and has "
-        f"{have / GIB:.2f} GiB free: use fewer workers, score_dtype bfloat16, or fewer models"
+        f"{have / GIB:.2f} GiB free: use fewer workers, a smaller fitness batch_size, "
+        "score_dtype bfloat16, or fewer models"
+    )
+
+
+def _machine(config: RunConfig) -> Optional[tuple[str, int, int]]:
+    """(what the workers share, how many workers share it, its free bytes) where this driver
+    sees it: each GPU, or this machine for CPU workers; None for a cluster's workers."""
+    if config.ray_address or (config.pool == "ray" and os.environ.get("RAY_ADDRESS")):
+        return None
+    if _on_gpu(config):
+        if not torch.cuda.is_available():
+            return None
+        free, _ = torch.cuda.mem_get_info()
+        per_device = max(1, int(1 / config.gpus_per_worker + 1e-9)) if config.pool == "ray" else 1
+        return "each GPU", per_device, free
+    import psutil  # lazy: only the CPU path reads the host's memory
+
+    threads = config.threads_per_worker or 2  # the Ray pool's default, per CPU worker
+    default = max(1, (os.cpu_count() or 1) // threads)
+    workers = 1 if config.pool == "local" else (config.workers or default)
+    return "this machine", workers, psutil.virtual_memory().available
+
+
+def _worker_need(footprint: Footprint, config: RunConfig) -> float:
+    """One worker's bytes on what it shares: on a GPU, the sources only when they are kept
+    there, and a live model spanning GPUs split over them (the first holds the rest)."""
+    if not _on_gpu(config):
+        return footprint.peak
+    span = int(config.gpus_per_worker) if config.gpus_per_worker >= 2 else 1
+    held = footprint.sources if footprint.sources_on == "device" else 0
+    return held + footprint.live / span + footprint.temporaries + footprint.scoring_bytes
+
+
+def _on_gpu(config: RunConfig) -> bool:
+    return config.device.startswith("cuda") or (
+        config.device == "auto" and torch.cuda.is_available()
     )
 
 
 def announce(config: RunConfig, space: SearchSpace) -> Footprint:
-    """The footprint whose line a run prints first; raises when the workers cannot fit."""
-    footprint = predict(config, space)
+    """The footprint whose line a run prints first; raises when the workers cannot fit. Under
+    `batch_size: auto` it is the footprint at the batch chosen (`choose_batch`)."""
+    footprint = choose_batch(predict(config, space), config)
     problem = check_fits(footprint, config)
     if problem:
         raise EvomergeError(problem)
     return footprint
+
+
+def choose_batch(footprint: Footprint, config: RunConfig) -> Footprint:
+    """Under `batch_size: auto`, the largest batch whose scoring fits beside the rest of each
+    worker's peak in the memory this driver sees its workers have (they run on this machine);
+    on a cluster it cannot see, the footprint stays at batch 1 and lm-eval probes its own."""
+    if not footprint.auto_batch or footprint.scoring is None:
+        return footprint
+    machine = _machine(config)
+    if machine is None:
+        return footprint
+    _, workers, have = machine
+    rest = _worker_need(footprint, config) - footprint.scoring_bytes
+    per_sequence = footprint.scoring.total  # predicted at batch 1; every term is linear in it
+    batch = largest_batch(per_sequence, int(HEADROOM * have / workers - rest))
+    scoring = footprint.scoring
+    scaled = ScoringFootprint(
+        batch, scoring.tokens, scoring.logits * batch, scoring.activations * batch,
+        scoring.cache * batch,
+    )  # fmt: skip
+    return replace(footprint, scoring=scaled)
+
+
+def pool_config(config: RunConfig, footprint: Footprint) -> RunConfig:
+    """The config the workers get: `batch_size: auto` replaced by the batch chosen, where one
+    was (the run's own config keeps auto, so a resume on other hardware chooses again)."""
+    if not footprint.auto_batch or footprint.scoring is None or footprint.scoring.batch == 1:
+        return config
+    fitness = config.fitness.model_copy(update={"batch_size": footprint.scoring.batch})
+    return config.model_copy(update={"fitness": fitness})
 
 
 def sources_placement(setting: str, device: torch.device, sources: int, reserve: int) -> str:

@@ -5,16 +5,25 @@ blocks that large with mmap and returns them on free, so every new tensor pays p
 on first touch: on a 58M-parameter merge that is over half of the CPU time. Telling glibc to
 serve them from its heap and not to trim it makes freed blocks reusable as they are. Peak
 memory is unchanged; memory is returned to the OS when the process exits.
+
+Scoring is the opposite case: lm-eval allocates a batch's logits (batch x tokens x vocabulary)
+of a different size every batch, and a heap that keeps every block cannot fit the next batch's
+into the last one's: resident memory grew to 4-5 copies of the logits where 3 are alive
+(benchmarks/scoring_memory.py). While a candidate is scored, large blocks are mmapped again
+(`scoring_allocations`), so they go back to the system as they are freed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import sys
+from collections.abc import Iterator
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
+_GLIBC_MMAP_MAX = 65536  # glibc's default
 _done = False
 
 
@@ -30,3 +39,18 @@ def keep_freed_memory() -> bool:
         return False
     _done = bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
     return _done
+
+
+@contextlib.contextmanager
+def scoring_allocations() -> Iterator[None]:
+    """Large blocks mmapped (and returned when freed) inside the block, the merge's heap-only
+    mode after it; nothing changes where keep_freed_memory has not switched it on."""
+    if not _done:
+        yield
+        return
+    mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
+    mallopt(_M_MMAP_MAX, _GLIBC_MMAP_MAX)
+    try:
+        yield
+    finally:
+        mallopt(_M_MMAP_MAX, 0)

@@ -1,0 +1,162 @@
+"""Scoring's memory against the footprint formula's scoring term, on the real zoo.
+
+Each measurement is a fresh process that loads SmolLM2-135M-Instruct as a worker's live model
+(score dtype float32, as the demo), builds the demo's lm-eval fitness for one kind of task
+(multiple choice: loglikelihood requests; generative: generate_until) at one batch size, and
+scores the model twice. Its peak resident memory above what it held before the first score is
+scoring's (`max_memory_allocated` on a CUDA device); the formula's figure is computed from the
+same config. The shapes the model was actually called with (batch x tokens) are recorded, to
+show the formula's request length against the real one.
+
+    python benchmarks/scoring_memory.py [--batch-sizes 8 32] [--out results/bench]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.chdir(ROOT)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+DEMO = ROOT / "search_spaces" / "examples" / "demo_run.yaml"
+KINDS = {
+    "multiple choice": ["sm2_add_fit", "sm2_read_fit", "sm2_cy_add_fit"],
+    "generate_until": ["sm2_add_gen_fit", "sm2_read_gen_fit", "sm2_cy_add_gen_fit"],
+}
+GIB = 2**30
+
+
+def rss_now_bytes() -> int:
+    fields = Path("/proc/self/statm").read_text().split()
+    return int(fields[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def child(kind: str, batch_size: int, device: str) -> None:
+    """One measurement, printed as JSON on the last line."""
+    import torch
+    from lm_eval.models.huggingface import HFLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from evomerge.config import RunConfig
+    from evomerge.footprint import predict_scoring
+    from evomerge.merge.io import ModelSource
+    from evomerge.merge.memory import keep_freed_memory, scoring_allocations
+    from evomerge.scoring import LmEvalFitness
+
+    raw = RunConfig.load(DEMO).model_dump()
+    raw["fitness"].update(tasks=KINDS[kind], batch_size=batch_size, fidelity=None, held_out=None)
+    raw["device"] = device
+    config = RunConfig.from_dict(raw)
+    fitness = config.fitness
+    base = config.models["base"]
+    keep_freed_memory()  # as every worker does once it has merged
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).to(device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    score = LmEvalFitness(
+        tasks=fitness.tasks,
+        include_path=fitness.include_path,
+        batch_size=fitness.batch_size,
+        apply_chat_template=fitness.apply_chat_template,
+        system_instruction=fitness.system_instruction,
+    )
+    shapes: set[tuple[int, int]] = set()
+    calls = (HFLM._model_call, HFLM._model_generate)
+
+    def watched(real):
+        def call(self, *args, **kwargs):
+            inputs = args[0] if args else kwargs.get("context", kwargs.get("inps"))
+            shapes.add(tuple(inputs.shape[:2]))
+            return real(self, *args, **kwargs)
+
+        return call
+
+    HFLM._model_call, HFLM._model_generate = (watched(c) for c in calls)
+    predicted = predict_scoring(config, ModelSource(base), 4)  # float32 scores
+    cuda = device.startswith("cuda")
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+    else:
+        before = rss_now_bytes()
+    with torch.no_grad(), scoring_allocations():  # as a worker scores
+        score(model, tokenizer)
+        first = (
+            torch.cuda.max_memory_allocated()
+            if cuda
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        )
+        score(model, tokenizer)
+    second = (
+        torch.cuda.max_memory_allocated()
+        if cuda
+        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    )
+    print(
+        json.dumps(
+            {
+                "kind": kind,
+                "batch_size": batch_size,
+                "device": device,
+                "measured_gib": (first - before) / GIB,
+                "after_second_gib": (second - before) / GIB,
+                "formula_gib": predicted.total / GIB,
+                "formula_parts_gib": {k: v / GIB for k, v in predicted.parts().items()},
+                "formula_tokens": predicted.tokens,
+                "largest_call": max(shapes, key=lambda s: s[0] * s[1]),
+            }
+        )
+    )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[8, 32])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--out", type=Path, default=ROOT / "results" / "bench")
+    parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(args.child[0], int(args.child[1]), args.device)
+        return 0
+    rows = []
+    for kind in KINDS:
+        for batch in args.batch_sizes:
+            proc = subprocess.run(
+                [sys.executable, __file__, "--child", kind, str(batch), "--device", args.device],
+                capture_output=True,
+                text=True,
+            )
+            if proc.returncode != 0:
+                raise RuntimeError(proc.stderr[-3000:])
+            row = json.loads(proc.stdout.strip().splitlines()[-1])
+            row["ratio"] = row["measured_gib"] / row["formula_gib"]
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    lines = [
+        "| fitness | batch | model called with (batch x tokens) | formula tokens | "
+        "measured GiB | formula GiB | measured/formula |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        b, t = r["largest_call"]
+        lines.append(
+            f"| {r['kind']} | {r['batch_size']} | {b} x {t} | {r['formula_tokens']} | "
+            f"{r['measured_gib']:.2f} | {r['formula_gib']:.2f} | {r['ratio']:.2f} |"
+        )
+    print("\n" + "\n".join(lines))
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "scoring_memory.json").write_text(json.dumps(rows, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

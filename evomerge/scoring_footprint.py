@@ -1,0 +1,170 @@
+"""What scoring a candidate holds at its peak, beside the merge's own memory.
+
+lm-eval runs the live model over a batch of requests padded to the longest. Its peak is
+
+    scoring      = max over the fitness's (and held-out) tasks of
+      loglikelihood (multiple choice):  b x T x V x e x 3      a batch's logits and their
+                                                               log-softmax, and the last
+                                                               batch's, held until replaced
+                                      + b x T x (3 I + 4 H) x e  one layer's activations
+      generate_until:                   2 x L x b x KV x (T + G) x e   the key/value cache
+                                      + b x V x 4 x 3          the last token's fp32 scores
+                                      + b x T x (3 I + 4 H) x e  the prompt's activations
+
+    b  the batch size; T the longest request in tokens (context and continuation, as lm-eval
+       builds them: chat template, system instruction, few-shot examples), at most the model's
+       context length; G the task's max_gen_toks; V the vocabulary; H, I the hidden and MLP
+       widths; L the layers; KV the key/value width (kv heads x head dim); e the score dtype's
+       bytes
+
+The longest request is measured, not guessed: the tasks' requests are built as lm-eval builds
+them and tokenized by the base model's tokenizer, once, before any worker starts.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from evomerge.config import LmEvalFitnessSpec
+from evomerge.scoring import task_manager, working_dir
+
+LOGLIKELIHOOD = ("loglikelihood", "multiple_choice", "loglikelihood_rolling")
+DEFAULT_GEN_TOKS = 256  # lm-eval's HFLM default
+
+
+@dataclass(frozen=True)
+class Shape:
+    """The model dimensions scoring's memory depends on (from config.json)."""
+
+    vocab: int
+    hidden: int
+    intermediate: int
+    layers: int
+    kv_width: int
+    context: int
+
+    @classmethod
+    def of(cls, config: dict[str, Any]) -> Shape:
+        cfg = config.get("text_config", config)
+        hidden = int(cfg.get("hidden_size") or cfg.get("n_embd") or 0)
+        heads = int(cfg.get("num_attention_heads") or cfg.get("n_head") or 1)
+        head_dim = int(cfg.get("head_dim") or hidden // heads)
+        return cls(
+            vocab=int(cfg.get("vocab_size") or 0),
+            hidden=hidden,
+            intermediate=int(cfg.get("intermediate_size") or cfg.get("n_inner") or 4 * hidden),
+            layers=int(cfg.get("num_hidden_layers") or cfg.get("n_layer") or 0),
+            kv_width=int(cfg.get("num_key_value_heads") or heads) * head_dim,
+            context=int(cfg.get("max_position_embeddings") or cfg.get("n_positions") or 2048),
+        )
+
+
+@dataclass(frozen=True)
+class Requests:
+    """The longest request of each kind the fitness asks for."""
+
+    loglikelihood: int = 0  # tokens of the longest context + continuation
+    generate: int = 0  # tokens of the longest prompt
+    gen_tokens: int = 0  # the largest max_gen_toks
+
+
+@dataclass(frozen=True)
+class ScoringFootprint:
+    batch: int
+    tokens: int  # the longest request's tokens (the formula's T)
+    logits: int
+    activations: int
+    cache: int
+
+    @property
+    def total(self) -> int:
+        return self.logits + self.activations + self.cache
+
+    def parts(self) -> dict[str, int]:
+        return {"logits": self.logits, "activations": self.activations, "cache": self.cache}
+
+
+def scoring_bytes(shape: Shape, requests: Requests, batch: int, element: int) -> ScoringFootprint:
+    """The formula above for one batch size."""
+    width = 3 * shape.intermediate + 4 * shape.hidden
+    t_ll = min(requests.loglikelihood, shape.context)
+    t_gen = min(requests.generate + requests.gen_tokens, shape.context)
+    ll = (3 * batch * t_ll * shape.vocab * element, batch * t_ll * width * element, 0)
+    gen = (
+        3 * batch * shape.vocab * 4,
+        batch * min(requests.generate, shape.context) * width * element,
+        2 * shape.layers * batch * shape.kv_width * t_gen * element,
+    )
+    logits, activations, cache = max(ll, gen, key=sum) if requests.generate else ll
+    tokens = t_ll if sum(ll) >= sum(gen) or not requests.generate else t_gen
+    return ScoringFootprint(batch, tokens, logits, activations, cache)
+
+
+def per_sequence_bytes(shape: Shape, requests: Requests, element: int) -> int:
+    """What one more sequence in a batch costs (every term is linear in the batch)."""
+    return scoring_bytes(shape, requests, 1, element).total
+
+
+def longest_requests(fitness: LmEvalFitnessSpec, tokenizer: Any) -> Requests:
+    """The fitness's (and its held-out tasks') longest requests, built as lm-eval builds them
+    (the same chat template, system instruction and few-shot count) and tokenized."""
+    tasks = list(fitness.tasks) + (list(fitness.held_out.tasks) if fitness.held_out else [])
+    shots = fitness.num_fewshot
+    manager = task_manager(fitness.include_path)
+    folder = Path(fitness.include_path) if fitness.include_path else None
+    with working_dir(folder):
+        loaded = manager.load(tasks)["tasks"]
+    template = _chat_template(tokenizer) if fitness.apply_chat_template else None
+    ll = gen = gen_toks = 0
+    for name, task in loaded.items():
+        shot = shots.get(name) if isinstance(shots, dict) else shots
+        if shot is not None and hasattr(task, "set_config"):
+            task.set_config(key="num_fewshot", value=shot)
+        with working_dir(folder):
+            task.build_all_requests(
+                limit=fitness.limit,
+                system_instruction=fitness.system_instruction,
+                apply_chat_template=fitness.apply_chat_template,
+                fewshot_as_multiturn=fitness.fewshot_as_multiturn,
+                chat_template=template,
+            )
+        kind = task.config.output_type
+        for instance in task.instances:
+            context = _count(tokenizer, instance.args[0])
+            if kind in LOGLIKELIHOOD:
+                continuation = _count(tokenizer, instance.args[1]) if len(instance.args) > 1 else 0
+                ll = max(ll, context + continuation)
+            else:
+                gen = max(gen, context)
+                kwargs = instance.args[1] if len(instance.args) > 1 else {}
+                wanted = (fitness.gen_kwargs or {}).get("max_gen_toks") or kwargs.get(
+                    "max_gen_toks", DEFAULT_GEN_TOKS
+                )
+                gen_toks = max(gen_toks, int(wanted))
+    return Requests(ll, gen, gen_toks)
+
+
+def largest_batch(per_sequence: int, free: int, ceiling: int = 64) -> int:
+    """`batch_size: auto`: the largest batch (a power of two, at most `ceiling`, at least 1)
+    whose scoring fits in `free` bytes."""
+    fits = max(1, free // max(1, per_sequence))
+    return max(1, min(ceiling, 2 ** int(math.log2(fits))))
+
+
+def _count(tokenizer: Any, text: str) -> int:
+    return len(tokenizer(text, add_special_tokens=False)["input_ids"]) + 1  # a BOS, if any
+
+
+def _chat_template(tokenizer: Any) -> Optional[Any]:
+    def apply(history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        return tokenizer.apply_chat_template(
+            history,
+            tokenize=False,
+            add_generation_prompt=add_generation_prompt,
+            continue_final_message=not add_generation_prompt,
+        )
+
+    return apply
