@@ -19,25 +19,10 @@ from evomerge.scoring_footprint import (
     longest_requests,
     scoring_bytes,
 )
+from evomerge.zoo.real import GEN_YAML  # the real zoo's generative tasks: max_gen_toks 8
 
 from .test_run import run_config
 from .test_workers import make_tasks
-
-GEN_YAML = """task: {name}
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {name}.jsonl
-test_split: test
-output_type: generate_until
-doc_to_text: "{{{{prompt}}}}"
-doc_to_target: "{{{{target}}}}"
-generation_kwargs:
-  until: ["\\n"]
-  max_gen_toks: 7
-metric_list:
-  - metric: exact_match
-"""
 
 
 def tasks_with_generation(folder):
@@ -78,7 +63,7 @@ def test_the_longest_request_is_the_longest_lm_eval_builds(llama, tmp_path):
     expected_ll = max(count(d["prompt"]) + count(c) for d in docs for c in d["choices"])
     prompts = [json.loads(line)["prompt"] for line in (folder / "echo_gen.jsonl").open()]
     found = longest_requests(config.fitness, tokenizer)
-    assert found == Requests(expected_ll, max(map(count, prompts)), 7)
+    assert found == Requests(expected_ll, max(map(count, prompts)), 8)
 
 
 def test_the_scoring_bytes_are_the_equation():
