@@ -1,19 +1,28 @@
 """Scoring's memory against the footprint formula's scoring term, on the real zoo.
 
 Each measurement is a fresh process that loads SmolLM2-135M-Instruct as a worker's live model
-(score dtype float32, as the demo), builds the demo's lm-eval fitness for one kind of task
-(multiple choice: loglikelihood requests; generative: generate_until) at one batch size, and
+(score dtype float32, as the demo; its weights read in by a 4-token forward, as a worker's
+merged live model is resident before it scores), builds the demo's lm-eval fitness for one
+kind of task (multiple choice: loglikelihood requests; generative: generate_until) at one
+batch size, and
 scores the model twice. Its peak resident memory above what it held before the first score is
 scoring's (`max_memory_allocated` on a CUDA device); the formula's figure is computed from the
 same config. The shapes the model was actually called with (batch x tokens) are recorded, to
 show the formula's request length against the real one.
 
-    python benchmarks/scoring_memory.py [--batch-sizes 8 32] [--out results/bench]
+A last process is a whole worker as the demo runs it (`--only worker`): an in-process evaluator
+of the demo's run config (three sources, its PS+DFS space, all six fitness tasks at batch 32),
+its resident memory after start-up and at its peak over its first evaluation, against the
+footprint's peak (sources + live model + merge temporaries + scoring).
+
+    python benchmarks/scoring_memory.py [--batch-sizes 8 32] [--only scoring|worker]
+        [--out results/bench]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -40,8 +49,9 @@ def rss_now_bytes() -> int:
     return int(fields[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def child(kind: str, batch_size: int, device: str) -> None:
-    """One measurement, printed as JSON on the last line."""
+def child(kind: str, batch_size: int, device: str, heap_kept: bool = False) -> None:
+    """One measurement, printed as JSON on the last line (`heap_kept`: scored in the merge's
+    heap-only allocator mode, as workers did before scoring_allocations)."""
     import torch
     from lm_eval.models.huggingface import HFLM
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -81,13 +91,17 @@ def child(kind: str, batch_size: int, device: str) -> None:
 
     HFLM._model_call, HFLM._model_generate = (watched(c) for c in calls)
     predicted = predict_scoring(config, ModelSource(base), 4)  # float32 scores
+    with torch.no_grad():  # a loaded model's weights are mapped from its file, and a first
+        model(torch.ones(1, 4, dtype=torch.long, device=device))  # forward reads them all in:
+    # that is the live model, which a worker holds before it scores, not scoring
     cuda = device.startswith("cuda")
     if cuda:
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
     else:
         before = rss_now_bytes()
-    with torch.no_grad(), scoring_allocations():  # as a worker scores
+    allocations = contextlib.nullcontext() if heap_kept else scoring_allocations()
+    with torch.no_grad(), allocations:  # as a worker scores
         score(model, tokenizer)
         first = (
             torch.cuda.max_memory_allocated()
@@ -105,6 +119,7 @@ def child(kind: str, batch_size: int, device: str) -> None:
             {
                 "kind": kind,
                 "batch_size": batch_size,
+                "heap_kept": heap_kept,
                 "device": device,
                 "measured_gib": (first - before) / GIB,
                 "after_second_gib": (second - before) / GIB,
@@ -117,18 +132,65 @@ def child(kind: str, batch_size: int, device: str) -> None:
     )
 
 
+def worker_child(device: str) -> None:
+    """A whole worker against the footprint's peak, printed as JSON on the last line."""
+    import lm_eval.evaluator  # noqa: F401  (imports count before the worker, not in it)
+    import transformers  # noqa: F401
+
+    from evomerge.config import RunConfig
+    from evomerge.evaluator import Evaluator
+    from evomerge.footprint import predict
+    from evomerge.run import prepare
+
+    raw = RunConfig.load(DEMO).model_dump()
+    raw["device"] = device
+    config, space = prepare(RunConfig.from_dict(raw))
+    footprint = predict(config, space)
+    before = rss_now_bytes()
+    worker = Evaluator(
+        list(dict.fromkeys(config.models.values())),
+        config.fitness.model_dump(mode="json"),
+        device=device,
+        score_dtype=config.score_dtype,
+        threads=config.threads_per_worker,
+    )
+    started = rss_now_bytes() - before
+    outcome = worker.evaluate(space.decode(space.initial()).to_yaml())
+    if outcome.error:
+        raise RuntimeError(outcome.error)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+    print(
+        json.dumps(
+            {
+                "device": device,
+                "started_gib": started / GIB,
+                "peak_gib": peak / GIB,
+                "formula_gib": footprint.peak / GIB,
+                "formula_line": footprint.describe(),
+                "ratio": peak / footprint.peak,
+            }
+        )
+    )
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[8, 32])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "bench")
-    parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
+    parser.add_argument("--only", choices=["scoring", "worker", "heap"])
+    parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        child(args.child[0], int(args.child[1]), args.device)
+        if args.child[0] == "worker":
+            worker_child(args.device)
+        else:
+            child(args.child[0], int(args.child[1]), args.device, "heap" in args.child[2:])
         return 0
-    rows = []
-    for kind in KINDS:
+    out = args.out / "scoring_memory.json"
+    earlier = json.loads(out.read_text()) if args.only and out.exists() else {}
+    rows = [] if args.only in (None, "scoring") else earlier.get("scoring", [])
+    for kind in KINDS if args.only in (None, "scoring") else []:
         for batch in args.batch_sizes:
             proc = subprocess.run(
                 [sys.executable, __file__, "--child", kind, str(batch), "--device", args.device],
@@ -141,6 +203,26 @@ def main() -> int:
             row["ratio"] = row["measured_gib"] / row["formula_gib"]
             rows.append(row)
             print(json.dumps(row), flush=True)
+    heap = earlier.get("heap_kept")
+    if args.only in (None, "heap"):  # the allocator before: multiple choice, largest batch
+        batch = str(max(args.batch_sizes))
+        cmd = [sys.executable, __file__, "--child", "multiple choice", batch, "heap"]
+        proc = subprocess.run([*cmd, "--device", args.device], capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(proc.stderr[-3000:])
+        heap = json.loads(proc.stdout.strip().splitlines()[-1])
+        print(json.dumps(heap), flush=True)
+    worker = earlier.get("worker")
+    if args.only in (None, "worker"):
+        proc = subprocess.run(
+            [sys.executable, __file__, "--child", "worker", "0", "--device", args.device],
+            capture_output=True,
+            text=True,
+        )
+        if proc.returncode != 0:
+            raise RuntimeError(proc.stderr[-3000:])
+        worker = json.loads(proc.stdout.strip().splitlines()[-1])
+        print(json.dumps(worker), flush=True)
     lines = [
         "| fitness | batch | model called with (batch x tokens) | formula tokens | "
         "measured GiB | formula GiB | measured/formula |",
@@ -154,7 +236,8 @@ def main() -> int:
         )
     print("\n" + "\n".join(lines))
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "scoring_memory.json").write_text(json.dumps(rows, indent=2) + "\n")
+    result = {"scoring": rows, "heap_kept": heap, "worker": worker}
+    out.write_text(json.dumps(result, indent=2) + "\n")
     return 0
 
 

@@ -165,7 +165,12 @@ class LmEvalFitnessSpec(BaseModel):
         None, description="Or fixed document ids per task."
     )
     batch_size: Union[Annotated[int, Field(gt=0)], Literal["auto"]] = Field(
-        8, description="lm-eval's batch size, or auto."
+        8,
+        description=(
+            "lm-eval's batch size, or auto: the largest power of two up to 64 whose scoring "
+            "memory fits beside the rest of a worker (workers on the driver's machine; on a "
+            "cluster lm-eval probes its own)."
+        ),
     )
     num_fewshot: Union[
         Annotated[int, Field(ge=0)], dict[str, Annotated[int, Field(ge=0)]], None

@@ -8,7 +8,7 @@ memory is unchanged; memory is returned to the OS when the process exits.
 
 Scoring is the opposite case: lm-eval allocates a batch's logits (batch x tokens x vocabulary)
 of a different size every batch, and a heap that keeps every block cannot fit the next batch's
-into the last one's: resident memory grew to 4-5 copies of the logits where 3 are alive
+into the last one's: resident memory grew to about 4 copies of the logits where 3 are alive
 (benchmarks/scoring_memory.py). While a candidate is scored, large blocks are mmapped again
 (`scoring_allocations`), so they go back to the system as they are freed.
 """
