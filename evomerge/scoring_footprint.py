@@ -117,7 +117,10 @@ def longest_requests(fitness: LmEvalFitnessSpec, tokenizer: Any) -> Requests:
     folder = Path(fitness.include_path) if fitness.include_path else None
     with working_dir(folder):
         loaded = manager.load(tasks)["tasks"]
-    template = _chat_template(tokenizer) if fitness.apply_chat_template else None
+    # a tokenizer without a chat template is measured without one (lm-eval, which may fall back
+    # or refuse, says so when it scores): the estimate never stops a run on its own
+    templated = fitness.apply_chat_template and bool(getattr(tokenizer, "chat_template", None))
+    template = _chat_template(tokenizer) if templated else None
     ll = gen = gen_toks = 0
     for name, task in loaded.items():
         shot = shots.get(name) if isinstance(shots, dict) else shots
@@ -127,8 +130,8 @@ def longest_requests(fitness: LmEvalFitnessSpec, tokenizer: Any) -> Requests:
             task.build_all_requests(
                 limit=fitness.limit,
                 system_instruction=fitness.system_instruction,
-                apply_chat_template=fitness.apply_chat_template,
-                fewshot_as_multiturn=fitness.fewshot_as_multiturn,
+                apply_chat_template=templated,
+                fewshot_as_multiturn=fitness.fewshot_as_multiturn and templated,
                 chat_template=template,
             )
         kind = task.config.output_type

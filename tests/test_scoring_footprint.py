@@ -64,6 +64,10 @@ def test_the_longest_request_is_the_longest_lm_eval_builds(llama, tmp_path):
     prompts = [json.loads(line)["prompt"] for line in (folder / "echo_gen.jsonl").open()]
     found = longest_requests(config.fitness, tokenizer)
     assert found == Requests(expected_ll, max(map(count, prompts)), 8)
+    # a tokenizer without a chat template (this byte tokenizer) is measured without one: the
+    # estimate never stops a run that lm-eval itself would score
+    templated = config.fitness.model_copy(update={"apply_chat_template": True})
+    assert longest_requests(templated, tokenizer) == found
 
 
 def test_the_scoring_bytes_are_the_equation():
