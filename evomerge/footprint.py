@@ -267,12 +267,7 @@ def choose_batch(footprint: Footprint, config: RunConfig) -> Footprint:
     rest = _worker_need(footprint, config) - footprint.scoring_bytes
     per_sequence = footprint.scoring.total  # predicted at batch 1; every term is linear in it
     batch = largest_batch(per_sequence, int(HEADROOM * have / workers - rest))
-    scoring = footprint.scoring
-    scaled = ScoringFootprint(
-        batch, scoring.tokens, scoring.logits * batch, scoring.activations * batch,
-        scoring.cache * batch,
-    )  # fmt: skip
-    return replace(footprint, scoring=scaled)
+    return replace(footprint, scoring=footprint.scoring.at_batch(batch))
 
 
 def pool_config(config: RunConfig, footprint: Footprint) -> RunConfig:

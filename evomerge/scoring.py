@@ -46,6 +46,43 @@ def working_dir(folder: Optional[Path]):
         os.chdir(previous)
 
 
+def load_tasks(
+    tasks: list[str],
+    include_path: Optional[str] = None,
+    num_fewshot: Union[int, dict[str, int], None] = None,
+    gen_kwargs: Optional[dict[str, Any]] = None,
+) -> dict[str, Any]:
+    """lm-eval's task dict for `tasks`, set up as the fitness scores them: the few-shot count
+    (one for every task, or {task: count}) and the generation settings applied."""
+    folder = Path(include_path).resolve() if include_path else None
+    if folder is not None and not folder.is_dir():
+        raise EvomergeError(f"field 'fitness.include_path': {include_path} is not a folder")
+    manager = task_manager(str(folder) if folder else None)
+    unknown = [t for t in tasks if t not in manager.all_tasks]
+    if unknown:
+        raise EvomergeError(
+            f"field 'fitness.tasks': lm-eval knows no task {unknown[0]!r}"
+            + (f" (looked in {folder} too)" if folder else "; set fitness.include_path")
+        )
+    with working_dir(folder):
+        task_dict = manager.load(list(tasks))
+    shots = num_fewshot if isinstance(num_fewshot, dict) else {}
+    stray = [name for name in shots if name not in tasks]
+    if stray:
+        raise EvomergeError(
+            f"field 'fitness.num_fewshot': {stray[0]!r} is not one of the fitness tasks"
+        )
+    for name, task in task_dict["tasks"].items():
+        if not hasattr(task, "set_config"):
+            continue
+        shot = shots.get(name) if isinstance(num_fewshot, dict) else num_fewshot
+        if shot is not None:
+            task.set_config(key="num_fewshot", value=shot)
+        if gen_kwargs and task.config.output_type == "generate_until":
+            task.set_config(key="generation_kwargs", value=dict(gen_kwargs), update=True)
+    return task_dict
+
+
 class LmEvalFitness:
     """`fitness(model, tokenizer) -> {"task: metric": value, ..., "per_example": [...]}`."""
 
@@ -62,32 +99,7 @@ class LmEvalFitness:
         fewshot_as_multiturn: bool = False,
         gen_kwargs: Optional[dict[str, Any]] = None,
     ) -> None:
-        folder = Path(include_path).resolve() if include_path else None
-        if folder is not None and not folder.is_dir():
-            raise EvomergeError(f"field 'fitness.include_path': {include_path} is not a folder")
-        manager = task_manager(str(folder) if folder else None)
-        unknown = [t for t in tasks if t not in manager.all_tasks]
-        if unknown:
-            raise EvomergeError(
-                f"field 'fitness.tasks': lm-eval knows no task {unknown[0]!r}"
-                + (f" (looked in {folder} too)" if folder else "; set fitness.include_path")
-            )
-        with working_dir(folder):
-            self.task_dict = manager.load(list(tasks))
-        shots = num_fewshot if isinstance(num_fewshot, dict) else {}
-        stray = [name for name in shots if name not in tasks]
-        if stray:
-            raise EvomergeError(
-                f"field 'fitness.num_fewshot': {stray[0]!r} is not one of the fitness tasks"
-            )
-        for name, task in self.task_dict["tasks"].items():
-            if not hasattr(task, "set_config"):
-                continue
-            shot = shots.get(name) if isinstance(num_fewshot, dict) else num_fewshot
-            if shot is not None:
-                task.set_config(key="num_fewshot", value=shot)
-            if gen_kwargs and task.config.output_type == "generate_until":
-                task.set_config(key="generation_kwargs", value=dict(gen_kwargs), update=True)
+        self.task_dict = load_tasks(tasks, include_path, num_fewshot, gen_kwargs)
         self.tasks = list(tasks)
         self.limit = limit
         self.samples = samples

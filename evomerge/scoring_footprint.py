@@ -24,12 +24,12 @@ them and tokenized by the base model's tokenizer, once, before any worker starts
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Optional
 
 from evomerge.config import LmEvalFitnessSpec
-from evomerge.scoring import task_manager, working_dir
+from evomerge.scoring import load_tasks, working_dir
 
 LOGLIKELIHOOD = ("loglikelihood", "multiple_choice", "loglikelihood_rolling")
 DEFAULT_GEN_TOKS = 256  # lm-eval's HFLM default
@@ -86,6 +86,12 @@ class ScoringFootprint:
     def parts(self) -> dict[str, int]:
         return {"logits": self.logits, "activations": self.activations, "cache": self.cache}
 
+    def at_batch(self, batch: int) -> ScoringFootprint:
+        """The same requests at another batch size (every term is linear in it)."""
+        scale = lambda part: part * batch // self.batch  # noqa: E731
+        return replace(self, batch=batch, logits=scale(self.logits),
+                       activations=scale(self.activations), cache=scale(self.cache))  # fmt: skip
+
 
 def scoring_bytes(shape: Shape, requests: Requests, batch: int, element: int) -> ScoringFootprint:
     """The formula above for one batch size."""
@@ -103,29 +109,18 @@ def scoring_bytes(shape: Shape, requests: Requests, batch: int, element: int) ->
     return ScoringFootprint(batch, tokens, logits, activations, cache)
 
 
-def per_sequence_bytes(shape: Shape, requests: Requests, element: int) -> int:
-    """What one more sequence in a batch costs (every term is linear in the batch)."""
-    return scoring_bytes(shape, requests, 1, element).total
-
-
 def longest_requests(fitness: LmEvalFitnessSpec, tokenizer: Any) -> Requests:
     """The fitness's (and its held-out tasks') longest requests, built as lm-eval builds them
     (the same chat template, system instruction and few-shot count) and tokenized."""
     tasks = list(fitness.tasks) + (list(fitness.held_out.tasks) if fitness.held_out else [])
-    shots = fitness.num_fewshot
-    manager = task_manager(fitness.include_path)
-    folder = Path(fitness.include_path) if fitness.include_path else None
-    with working_dir(folder):
-        loaded = manager.load(tasks)["tasks"]
+    loaded = load_tasks(tasks, fitness.include_path, fitness.num_fewshot, fitness.gen_kwargs)
+    folder = Path(fitness.include_path).resolve() if fitness.include_path else None
     # a tokenizer without a chat template is measured without one (lm-eval, which may fall back
     # or refuse, says so when it scores): the estimate never stops a run on its own
     templated = fitness.apply_chat_template and bool(getattr(tokenizer, "chat_template", None))
     template = _chat_template(tokenizer) if templated else None
     ll = gen = gen_toks = 0
-    for name, task in loaded.items():
-        shot = shots.get(name) if isinstance(shots, dict) else shots
-        if shot is not None and hasattr(task, "set_config"):
-            task.set_config(key="num_fewshot", value=shot)
+    for task in loaded["tasks"].values():
         with working_dir(folder):
             task.build_all_requests(
                 limit=fitness.limit,
@@ -142,11 +137,8 @@ def longest_requests(fitness: LmEvalFitnessSpec, tokenizer: Any) -> Requests:
                 ll = max(ll, context + continuation)
             else:
                 gen = max(gen, context)
-                kwargs = instance.args[1] if len(instance.args) > 1 else {}
-                wanted = (fitness.gen_kwargs or {}).get("max_gen_toks") or kwargs.get(
-                    "max_gen_toks", DEFAULT_GEN_TOKS
-                )
-                gen_toks = max(gen_toks, int(wanted))
+                kwargs = instance.args[1] if len(instance.args) > 1 else {}  # gen_kwargs applied
+                gen_toks = max(gen_toks, int(kwargs.get("max_gen_toks", DEFAULT_GEN_TOKS)))
     return Requests(ll, gen, gen_toks)
 
 
