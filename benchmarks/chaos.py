@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 
 
 def records(folder: Path) -> list[tuple]:
-    from evomerge.store import RunStore
+    from evomerge.results.store import RunStore
 
     rows = sorted(RunStore.open(folder).records(), key=lambda r: r.index)
     return [(r.index, tuple(r.genome), r.values) for r in rows]

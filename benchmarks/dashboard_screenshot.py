@@ -19,7 +19,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from evomerge.store import RunStore, read_run_meta  # noqa: E402
+from evomerge.results.store import RunStore, read_run_meta  # noqa: E402
 
 
 def store_url(folder: Path) -> str:

@@ -111,7 +111,7 @@ def prepare_statistics(config: dict, calibration: Path, folder: Path) -> None:
 
 def first_failures(folder: Path, statistics: Path) -> list[dict]:
     """The untuned merges the first run recorded as failed, to score again."""
-    from evomerge.store import RunStore
+    from evomerge.results.store import RunStore
 
     failed = [n for n, s in RunStore.open(folder).baselines().items() if s.get("error")]
     return [
@@ -138,8 +138,8 @@ def main() -> None:
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args()
 
-    from evomerge.status import status_data
-    from evomerge.store import RunStore
+    from evomerge.results.status import status_data
+    from evomerge.results.store import RunStore
 
     base = load_config(DECODE_CONFIG)
     base["models"] = {k: str(Path(v).resolve()) for k, v in base["models"].items()}

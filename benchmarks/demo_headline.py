@@ -77,8 +77,8 @@ def budgets_of(
 
 def run_search(config: dict, folder: Path, progress: bool) -> float:
     from evomerge.config import RunConfig
-    from evomerge.pool import make_pool
-    from evomerge.run import create_run, drive, open_run
+    from evomerge.search.run import create_run, drive, open_run
+    from evomerge.workers.pool import make_pool
 
     start = time.perf_counter()
     if (folder / "run.json").exists():
@@ -101,7 +101,7 @@ def held_columns(held: dict) -> dict[str, float]:
 
 
 def table(runs: dict[str, Path]) -> list[dict]:
-    from evomerge.status import status_data
+    from evomerge.results.status import status_data
 
     rows: list[dict] = []
     first = status_data(next(iter(runs.values())))

@@ -26,10 +26,10 @@ sys.path.insert(0, str(ROOT))
 os.chdir(ROOT)  # the workers import the sleeping fitness from tests/
 
 from evomerge.config import RunConfig  # noqa: E402
-from evomerge.evaluator import Outcome  # noqa: E402
-from evomerge.pool import make_pool  # noqa: E402
-from evomerge.run import create_run, drive  # noqa: E402
-from evomerge.store import RunStore  # noqa: E402
+from evomerge.results.store import RunStore  # noqa: E402
+from evomerge.search.run import create_run, drive  # noqa: E402
+from evomerge.workers.evaluator import Outcome  # noqa: E402
+from evomerge.workers.pool import make_pool  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from instant_pool import InstantPool  # noqa: E402

@@ -1,7 +1,7 @@
 """A GPU worker on a ~1B Llama family (a random base and two perturbed experts, bf16, made
 locally): DARE-TIES merged in place with the sources on the device against sources in pinned
 host memory, turnaround per candidate, the peak device memory against the memory formula
-(evomerge/footprint.py), and evaluations per hour with lm-eval on the device.
+(evomerge/workers/footprint.py), and evaluations per hour with lm-eval on the device.
 
     python benchmarks/gpu_turnaround.py [--size 1b|tiny] [--device cuda] [--repeats 3]
                                         [--docs 200] [--out results/bench]
@@ -71,9 +71,9 @@ def synchronize(device: torch.device) -> None:
 def measure(config: dict, repeats: int) -> dict:
     """One worker: its turnaround per candidate, one evaluation, and its device peak."""
     from evomerge.config import RunConfig
-    from evomerge.footprint import predict
-    from evomerge.pool import make_pool
-    from evomerge.run import prepare
+    from evomerge.search.run import prepare
+    from evomerge.workers.footprint import predict
+    from evomerge.workers.pool import make_pool
 
     resolved, space = prepare(RunConfig.from_dict(config))
     footprint = predict(resolved, space)

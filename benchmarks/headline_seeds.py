@@ -42,7 +42,7 @@ def mean_se(values: list[float]) -> dict[str, float]:
 def arm_result(folder: Path, target: str) -> dict:
     """The best searched merge of one run (by fitness), its held-out scores and whether it
     ended above the best source's fitness (a DFS search starts from that source)."""
-    from evomerge.status import status_data
+    from evomerge.results.status import status_data
 
     data = status_data(folder)
     best = max(data["pareto"], key=lambda p: p["values"]["mean"])
@@ -59,7 +59,7 @@ def arm_result(folder: Path, target: str) -> dict:
 
 
 def references(folder: Path, target: str) -> dict[str, dict]:
-    from evomerge.status import status_data
+    from evomerge.results.status import status_data
 
     data = status_data(folder)
     out = {}

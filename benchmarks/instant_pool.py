@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from evomerge.evaluator import Outcome
+from evomerge.workers.evaluator import Outcome
 
 Score = Callable[[np.ndarray], Outcome]
 

@@ -120,7 +120,7 @@ def documents(record, config: dict) -> int:
 
 def finished(folder: Path, budget: int) -> bool:
     """The run holds `budget` evaluations and its best one's held-out scores."""
-    from evomerge.store import RunStore
+    from evomerge.results.store import RunStore
 
     if not (folder / "run.json").exists():
         return False
@@ -134,7 +134,7 @@ def finished(folder: Path, budget: int) -> bool:
 def best_of(folder: Path, upto: int, config: dict) -> dict:
     """The best-fitness evaluation among the first `upto`, its held-out scores, and what the
     search spent to get there."""
-    from evomerge.store import RunStore
+    from evomerge.results.store import RunStore
 
     every = [r for r in RunStore.open(folder).records() if r.number < upto]
     best = max((r for r in every if r.values), key=lambda r: r.values["mean"])
@@ -211,7 +211,7 @@ def main() -> None:
     args = parser.parse_args()
     small_steps, large_steps = (int(x) for x in args.steps.split(","))
 
-    from evomerge.status import status_data
+    from evomerge.results.status import status_data
 
     args.runs.mkdir(parents=True, exist_ok=True)
     base = load_config(DECODE_CONFIG)

@@ -42,10 +42,10 @@ def measure(family: Path, experts: int, candidates: int, asks: int) -> dict:
     import torch
 
     from evomerge.config import RunConfig
-    from evomerge.footprint import predict
     from evomerge.optim.base import Evaluation
-    from evomerge.pool import make_pool
-    from evomerge.run import optimizer_for, prepare
+    from evomerge.search.run import optimizer_for, prepare
+    from evomerge.workers.footprint import predict
+    from evomerge.workers.pool import make_pool
 
     torch.set_num_threads(2)
     models = {"base": str(family / "llama_base")}

@@ -117,7 +117,7 @@ def run_method(name: str, problem: Problem, n: int, budget: int, seed: int) -> n
 
 
 def main() -> None:
-    from evomerge.pareto import hypervolume, non_dominated
+    from evomerge.results.pareto import hypervolume, non_dominated
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=3)

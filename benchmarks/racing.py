@@ -59,7 +59,7 @@ def arm_config(arm: str, seed: int, budget: int, references: Path | None) -> dic
 
 def curve(folder: Path) -> list[tuple[float, float]]:
     """(scoring seconds so far, best full-fidelity fitness so far), in commit order."""
-    from evomerge.store import RunStore
+    from evomerge.results.store import RunStore
 
     points, spent, best = [], 0.0, -np.inf
     for r in RunStore.open(folder).records():
@@ -71,7 +71,7 @@ def curve(folder: Path) -> list[tuple[float, float]]:
 
 
 def best_held_out(folder: Path) -> tuple[float, float]:
-    from evomerge.status import status_data
+    from evomerge.results.status import status_data
 
     data = status_data(folder)
     best = max(data["pareto"], key=lambda p: p["values"]["mean"])
@@ -93,11 +93,11 @@ def rank_check(folders: list[Path]) -> dict:
     estimate (items fit on the other folds' full rows and this fold's first-stage rows)."""
     import pandas as pd
 
-    from evomerge import irt
     from evomerge.config import Fidelity, RunConfig
-    from evomerge.racing import DocumentPlan, aggregate
-    from evomerge.run import task_documents
-    from evomerge.store import RunStore
+    from evomerge.results.store import RunStore
+    from evomerge.search import irt
+    from evomerge.search.racing import DocumentPlan, aggregate
+    from evomerge.search.run import task_documents
 
     rows = []
     for folder in folders:

@@ -56,7 +56,7 @@ def main() -> None:
     browser = shutil.which("chromium") or shutil.which("chromium-browser")
     if browser is None:
         raise SystemExit("no chromium on PATH (Debian: apt-get install chromium)")
-    from evomerge.report import write_report
+    from evomerge.results.report import write_report
 
     with tempfile.TemporaryDirectory() as tmp_name:
         run = args.run or small_run(Path(tmp_name))

@@ -57,10 +57,10 @@ def child(kind: str, batch_size: int, device: str, heap_kept: bool = False) -> N
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from evomerge.config import RunConfig
-    from evomerge.footprint import predict_scoring
     from evomerge.merge.io import ModelSource
     from evomerge.merge.memory import keep_freed_memory, scoring_allocations
-    from evomerge.scoring import LmEvalFitness
+    from evomerge.workers.footprint import predict_scoring
+    from evomerge.workers.scoring import LmEvalFitness
 
     raw = RunConfig.load(DEMO).model_dump()
     raw["fitness"].update(tasks=KINDS[kind], batch_size=batch_size, fidelity=None, held_out=None)
@@ -138,9 +138,9 @@ def worker_child(device: str) -> None:
     import transformers  # noqa: F401
 
     from evomerge.config import RunConfig
-    from evomerge.evaluator import Evaluator
-    from evomerge.footprint import predict
-    from evomerge.run import prepare
+    from evomerge.search.run import prepare
+    from evomerge.workers.evaluator import Evaluator
+    from evomerge.workers.footprint import predict
 
     raw = RunConfig.load(DEMO).model_dump()
     raw["device"] = device

@@ -32,11 +32,11 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from evomerge.config import RunConfig  # noqa: E402
-from evomerge.evaluator import Outcome  # noqa: E402
-from evomerge.run import SearchLoop, create_run  # noqa: E402
-from evomerge.status import summary  # noqa: E402
-from evomerge.store import RunStore, encode_genome  # noqa: E402
-from evomerge.summary import RunSummary  # noqa: E402
+from evomerge.results.status import summary  # noqa: E402
+from evomerge.results.store import RunStore, encode_genome  # noqa: E402
+from evomerge.results.summary import RunSummary  # noqa: E402
+from evomerge.search.run import SearchLoop, create_run  # noqa: E402
+from evomerge.workers.evaluator import Outcome  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from instant_pool import InstantPool  # noqa: E402

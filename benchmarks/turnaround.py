@@ -90,9 +90,9 @@ def main() -> None:
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from evomerge.evaluator import Evaluator
     from evomerge.merge.engine import merge_to_disk
     from evomerge.recipe import Recipe
+    from evomerge.workers.evaluator import Evaluator
     from tests.family import make_family
 
     with tempfile.TemporaryDirectory() as tmp_name:

@@ -27,8 +27,8 @@ TASKS = ("add", "cipher", "reverse", "cipher_add")
 
 def run_search(config: dict, folder: Path, budget: int, workers: int) -> Path:
     from evomerge.config import RunConfig
-    from evomerge.pool import make_pool
-    from evomerge.run import create_run, drive, open_run
+    from evomerge.search.run import create_run, drive, open_run
+    from evomerge.workers.pool import make_pool
 
     config = {**config, "budget": budget, "workers": workers}
     if (folder / "run.json").exists():
@@ -51,11 +51,11 @@ def main() -> None:
     args = parser.parse_args()
 
     from evomerge.config import RunConfig
-    from evomerge.evaluator import Evaluator
-    from evomerge.pareto import pareto_records
     from evomerge.recipe import Recipe
-    from evomerge.run import source_recipe
-    from evomerge.store import RunStore
+    from evomerge.results.pareto import pareto_records
+    from evomerge.results.store import RunStore
+    from evomerge.search.run import source_recipe
+    from evomerge.workers.evaluator import Evaluator
     from evomerge.zoo.build import build
 
     paths = build(ROOT / "results" / "zoo", ROOT / "fitness" / "zoo")

@@ -83,9 +83,9 @@ def _with_statistics(recipe, args: argparse.Namespace, recipe_dir: Path):
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from evomerge.footprint import announce, pool_config
-    from evomerge.pool import make_pool
-    from evomerge.run import create_run, drive
+    from evomerge.search.run import create_run, drive
+    from evomerge.workers.footprint import announce, pool_config
+    from evomerge.workers.pool import make_pool
 
     config = _run_config(args)
     if config is None:
@@ -162,9 +162,9 @@ def _run_config(args: argparse.Namespace):
 
 
 def _cmd_resume(args: argparse.Namespace) -> int:
-    from evomerge.footprint import announce, pool_config
-    from evomerge.pool import make_pool
-    from evomerge.run import drive, open_run
+    from evomerge.search.run import drive, open_run
+    from evomerge.workers.footprint import announce, pool_config
+    from evomerge.workers.pool import make_pool
 
     run = open_run(Path(args.folder))
     footprint = announce(run.config, run.space)
@@ -179,7 +179,7 @@ def _cmd_resume(args: argparse.Namespace) -> int:
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    from evomerge.status import records_frame, status_data, summary
+    from evomerge.results.status import records_frame, status_data, summary
 
     folder = Path(args.folder)
     if args.json:
@@ -199,7 +199,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from evomerge.export import export
+    from evomerge.results.export import export
 
     written = export(
         Path(args.folder),
@@ -218,7 +218,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from evomerge.report import write_report
+    from evomerge.results.report import write_report
 
     page = write_report(Path(args.folder), Path(args.exports) if args.exports else None)
     print(f"report written to {page}")
@@ -226,7 +226,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_propose(args: argparse.Namespace) -> int:
-    from evomerge.surrogate import propose
+    from evomerge.search.surrogate import propose
 
     count = propose(Path(args.folder), points=args.points, progress=not args.quiet)
     print(f"scored {count} surrogate proposals; see evomerge status {args.folder}")

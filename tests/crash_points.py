@@ -33,7 +33,7 @@ def arm(limit: int) -> list[str]:
 
     import optuna
 
-    from evomerge.store import RunStore
+    from evomerge.results.store import RunStore
 
     for owner, name in (
         (pathlib.Path, "write_text"),

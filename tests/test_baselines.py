@@ -10,7 +10,7 @@ import yaml
 
 from evomerge.cli import main
 from evomerge.merge.engine import merge_to_disk
-from evomerge.store import RunStore
+from evomerge.results.store import RunStore
 from tests.helpers import load_folder
 from tests.test_run import expect_error, run_config, write
 from tests.test_workers import make_tasks

@@ -7,12 +7,12 @@ import pytest
 import torch
 
 from evomerge.config import RunConfig
-from evomerge.footprint import Footprint, check_fits, predict, sources_placement
 from evomerge.merge.engine import load_source_tensors, merge_into_model, merge_to_disk, plan_for
 from evomerge.merge.io import ModelSource
 from evomerge.merge.ops import row_chunks
 from evomerge.recipe import Recipe
-from evomerge.run import prepare
+from evomerge.search.run import prepare
+from evomerge.workers.footprint import Footprint, check_fits, predict, sources_placement
 
 from .helpers import load_folder
 from .test_run import run_config
@@ -146,7 +146,7 @@ def test_host_sources_leave_the_device_the_live_model_and_temporaries(monkeypatc
 
 
 def test_a_worker_with_host_sources_scores_what_one_with_device_sources_does(llama):
-    from evomerge.evaluator import Evaluator
+    from evomerge.workers.evaluator import Evaluator
 
     recipe = recipe_of(llama, "dare_ties", rescale=False)
     refs = list(recipe.referenced_models())

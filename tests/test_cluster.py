@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from evomerge.cli import main
-from evomerge.store import RunStore
+from evomerge.results.store import RunStore
 from tests.test_run import run_config
 from tests.test_workers import make_tasks
 
@@ -98,8 +98,8 @@ def test_a_task_folder_beside_the_config_reaches_every_node(llama, tmp_path, clu
         score_sources=False,
     )
     from evomerge.config import RunConfig
-    from evomerge.pool import make_pool
-    from evomerge.run import prepare
+    from evomerge.search.run import prepare
+    from evomerge.workers.pool import make_pool
 
     resolved, _ = prepare(RunConfig.load(write_config(job, data)))
     pool = make_pool(resolved)

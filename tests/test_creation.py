@@ -14,7 +14,7 @@ import sys
 import pytest
 
 from evomerge.cli import main
-from evomerge.store import RunStore
+from evomerge.results.store import RunStore
 
 from .test_run import REPO, run_config, write
 

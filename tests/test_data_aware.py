@@ -307,7 +307,7 @@ def test_searches_over_data_aware_methods_and_lines(llama, tmp_path, capsys):
     reuses them, the recipes name them, the export merges from them); a task-arithmetic search
     searches LiNeS's alpha and beta; calibration holding a held-out document, or a data-aware
     space without calibration, stop the run in one line."""
-    from evomerge.store import RunStore
+    from evomerge.results.store import RunStore
     from tests.test_baselines import lm_eval_config
     from tests.test_run import write
     from tests.test_workers import make_tasks
@@ -438,8 +438,8 @@ def test_regmean_plus_merges_each_layer_on_the_merged_models_activations(llama, 
     key = f"model.layers.{last}.mlp.down_proj.weight"
     assert not torch.allclose(plain[key], load_folder(out)[key], atol=1e-6)
     # a worker makes the same weights in its live model
-    from evomerge.evaluator import Evaluator
     from evomerge.recipe import Recipe
+    from evomerge.workers.evaluator import Evaluator
 
     # (at the default alpha: alpha 1 on these few tokens leaves Gram matrices of low rank, whose
     # least-squares solutions are not unique)
@@ -461,7 +461,7 @@ def test_a_ray_run_measures_the_statistics_on_its_workers(llama, tmp_path, monke
     still gets every file, and each equals the statistics measured here."""
     from safetensors.torch import load, load_file
 
-    import evomerge.calibration as calibration
+    import evomerge.learn.calibration as calibration
     from evomerge.merge.statistics import measure_source, read_metadata
     from tests.test_run import run_config, write
 

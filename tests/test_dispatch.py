@@ -9,10 +9,10 @@ import pytest
 
 from evomerge.cli import main
 from evomerge.config import RunConfig
-from evomerge.evaluator import Outcome
-from evomerge.ray_pool import default_workers
-from evomerge.run import SearchLoop, create_run, recipe_key
-from evomerge.store import RunStore
+from evomerge.results.store import RunStore
+from evomerge.search.run import SearchLoop, create_run, recipe_key
+from evomerge.workers.evaluator import Outcome
+from evomerge.workers.ray_pool import default_workers
 
 from .test_run import run_config, write
 
@@ -144,7 +144,7 @@ def test_out_of_memory_failures_are_recorded_and_counted(llama, tmp_path, capsys
 
 
 def test_tuning_on_a_benchmark_test_split_needs_held_out_or_a_yes(llama, tmp_path, capsys):
-    from evomerge.run import is_benchmark, prepare
+    from evomerge.search.run import is_benchmark, prepare
 
     assert is_benchmark("gsm8k") and is_benchmark("arc_challenge") and is_benchmark("mmlu_law")
     assert not is_benchmark("zoo_add_fit") and not is_benchmark("math_words_fit")

@@ -9,11 +9,11 @@ from huggingface_hub import ModelCard
 
 from evomerge.cli import main
 from evomerge.config import Objective
-from evomerge.evaluator import Evaluator
-from evomerge.export import shared_license
-from evomerge.pareto import hypervolume, hypervolume_curve, losses_of, non_dominated
 from evomerge.recipe import Recipe
-from evomerge.store import RunStore
+from evomerge.results.export import shared_license
+from evomerge.results.pareto import hypervolume, hypervolume_curve, losses_of, non_dominated
+from evomerge.results.store import RunStore
+from evomerge.workers.evaluator import Evaluator
 
 from .helpers import load_folder
 from .test_run import REPO, TWO_OBJECTIVES, expect_error, pareto_config, run_config, write

@@ -7,10 +7,10 @@ import pytest
 
 from evomerge.cli import main
 from evomerge.config import RunConfig
-from evomerge.evaluator import Evaluator
-from evomerge.footprint import predict
 from evomerge.recipe import Recipe
-from evomerge.run import prepare
+from evomerge.search.run import prepare
+from evomerge.workers.evaluator import Evaluator
+from evomerge.workers.footprint import predict
 
 from .test_run import expect_error, run_config, write
 
@@ -70,6 +70,6 @@ def test_only_the_models_a_run_can_merge_are_loaded_and_scored(llama, tmp_path, 
     assert "not loaded or scored (no candidate or baseline merges them): unused" in (
         capsys.readouterr().err
     )
-    from evomerge.store import RunStore
+    from evomerge.results.store import RunStore
 
     assert sorted(RunStore.open(tmp_path / "run").sources()) == ["a", "b", "base"]

@@ -50,7 +50,7 @@ def test_the_uninitialised_live_model_scores_what_the_checkpoint_does(families, 
     then empty storage) and written by the plan: its logits equal the exported checkpoint's."""
     from transformers import AutoModelForCausalLM
 
-    from evomerge.evaluator import Evaluator
+    from evomerge.workers.evaluator import Evaluator
 
     family = families[arch]
     params = {"weight": 0.6, "density": 0.5}
@@ -81,7 +81,7 @@ def test_a_recipe_that_leaves_a_tensor_unwritten_is_refused_by_name(families, tm
 
     from safetensors.torch import load_file, save_file
 
-    from evomerge.evaluator import Evaluator
+    from evomerge.workers.evaluator import Evaluator
 
     refs = []
     for name in ("base", "ft0", "ft1"):
@@ -110,7 +110,7 @@ def test_a_worker_that_cannot_find_a_source_names_its_node_and_the_path(llama, t
     import socket
 
     from evomerge.errors import EvomergeError
-    from evomerge.evaluator import Evaluator
+    from evomerge.workers.evaluator import Evaluator
 
     missing = tmp_path / "only-on-the-head-node"
     with pytest.raises(EvomergeError) as caught:

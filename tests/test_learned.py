@@ -266,14 +266,14 @@ def test_a_run_learns_its_baselines_once_and_searches_over_the_learned_merge(
             0 <= scored["values"]["parity"] <= 1 and "parity_held: acc,none" in scored["held_out"]
         )
     # the search started from the learned merge itself: its first candidate is the dam baseline
-    from evomerge.store import RunStore
+    from evomerge.results.store import RunStore
 
     records = RunStore.open(out).records()
     assert (
         records[0].origin == "baseline" and records[0].values == data["baselines"]["dam"]["values"]
     )
     # the hybrid at genes 1.0 is the learned merge bit for bit
-    from evomerge.run import open_run
+    from evomerge.search.run import open_run
 
     run = open_run(out)
     at_one = run.space.decode(np.ones(run.space.size), seed=0)

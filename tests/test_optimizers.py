@@ -167,7 +167,7 @@ def test_map_recovers_the_surrogates_and_proposes_the_front(bayesian):
     predicted = np.column_stack([m(grid) for m in models])
     assert np.abs(predicted - truth).max() < 1e-3
     proposed = np.array([f for x, f in told[opt.n_design + opt.n_adaptive :]])
-    from evomerge.pareto import non_dominated
+    from evomerge.results.pareto import non_dominated
 
     true_front = truth[non_dominated(truth)]
     gaps = [np.min(np.linalg.norm(true_front - p, axis=1)) for p in proposed]

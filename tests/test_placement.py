@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 
-from evomerge.ray_pool import default_workers, unplaceable
+from evomerge.workers.ray_pool import default_workers, unplaceable
 
 from .test_run import expect_error, run_config, write
 

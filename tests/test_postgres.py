@@ -14,7 +14,7 @@ import optuna
 import pytest
 
 from evomerge.cli import main
-from evomerge.store import RunStore
+from evomerge.results.store import RunStore
 
 from .test_run import checkpoints, cli, expect_error, kill_and_resume, run_config, stored, write
 

@@ -9,14 +9,14 @@ import json
 import numpy as np
 import pytest
 
-from evomerge import irt
 from evomerge.cli import main
 from evomerge.config import Fidelity, RunConfig
-from evomerge.pool import LocalPool, make_pool
-from evomerge.racing import DocumentPlan, aggregate
-from evomerge.run import SearchLoop, create_run, open_run, score_references
-from evomerge.scoring import LmEvalFitness
-from evomerge.store import RunStore
+from evomerge.results.store import RunStore
+from evomerge.search import irt
+from evomerge.search.racing import DocumentPlan, aggregate
+from evomerge.search.run import SearchLoop, create_run, open_run, score_references
+from evomerge.workers.pool import LocalPool, make_pool
+from evomerge.workers.scoring import LmEvalFitness
 from tests.test_baselines import lm_eval_config
 from tests.test_run import expect_error, write
 from tests.test_workers import make_tasks

@@ -15,7 +15,7 @@ import pandas as pd
 import yaml
 
 from evomerge.cli import main
-from evomerge.store import RunStore
+from evomerge.results.store import RunStore
 
 REPO = Path(__file__).resolve().parent.parent
 

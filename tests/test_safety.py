@@ -15,7 +15,7 @@ from evomerge.cli import main
 from evomerge.config import RunConfig
 from evomerge.errors import EvomergeError
 from evomerge.recipe import Recipe
-from evomerge.store import RunStore
+from evomerge.results.store import RunStore
 
 from .test_run import run_config, stored, write
 
@@ -97,7 +97,7 @@ def test_a_copied_run_folder_resumes_where_it_lands(llama, tmp_path):
 def test_full_disk_stops_cleanly_and_resume_finishes(llama, tmp_path, capsys, monkeypatch, where):
     import errno
 
-    import evomerge.store as store_module
+    import evomerge.results.store as store_module
 
     run = tmp_path / "run"
     config = write(tmp_path, run_config(llama, budget=6))

@@ -10,9 +10,9 @@ import psutil
 from transformers import AutoTokenizer
 
 from evomerge.config import RunConfig
-from evomerge.footprint import check_fits, choose_batch, pool_config, predict
-from evomerge.run import prepare
-from evomerge.scoring_footprint import (
+from evomerge.search.run import prepare
+from evomerge.workers.footprint import check_fits, choose_batch, pool_config, predict
+from evomerge.workers.scoring_footprint import (
     Requests,
     Shape,
     largest_batch,

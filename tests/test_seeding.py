@@ -9,8 +9,8 @@ import torch
 
 from evomerge.cli import main
 from evomerge.merge.engine import merge_to_disk
+from evomerge.results.store import RunStore
 from evomerge.spaces import build_space, read_space_spec
-from evomerge.store import RunStore
 
 from .helpers import load_folder
 from .test_run import run_config, write

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from evomerge.status import readable, short_metric
+from evomerge.results.status import readable, short_metric
 
 TASKS = [f"sm2_{t}_heldout: {m},none" for t in ("add", "decode", "dec_add") for m in ("acc",)]
 TASKS += [f"sm2_{t}_gen_heldout: exact_match,none" for t in ("add", "decode", "dec_add")]

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 
 from evomerge.config import Objective
-from evomerge.pareto import pareto_records
-from evomerge.status import status_data, summary
-from evomerge.store import RunStore, decode_genome, encode_genome
-from evomerge.summary import FILE, RunSummary
+from evomerge.results.pareto import pareto_records
+from evomerge.results.status import status_data, summary
+from evomerge.results.store import RunStore, decode_genome, encode_genome
+from evomerge.results.summary import FILE, RunSummary
 
 from .test_run import pareto_config, write
 

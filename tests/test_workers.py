@@ -7,7 +7,7 @@ import json
 import pytest
 
 from evomerge.cli import main
-from evomerge.store import RunStore
+from evomerge.results.store import RunStore
 from evomerge.zoo.build import TASK_YAML
 
 from .test_run import expect_error, run_config, write
@@ -102,8 +102,8 @@ def test_one_live_model_at_a_time(llama, tmp_path, monkeypatch):
 
     import transformers
 
-    from evomerge.evaluator import Evaluator
     from evomerge.recipe import Recipe
+    from evomerge.workers.evaluator import Evaluator
 
     tasks = make_tasks(tmp_path / "tasks")
     fitness = {"kind": "lm_eval", "tasks": ["parity_fit"], "include_path": str(tasks)}
@@ -136,9 +136,9 @@ def test_score_dtype_scores_every_model_in_that_dtype(llama, tmp_path):
     the merged weights rounded to bf16 (the merge math itself stays fp32)."""
     import torch
 
-    from evomerge.evaluator import Evaluator
     from evomerge.recipe import Recipe
-    from evomerge.run import source_recipe
+    from evomerge.search.run import source_recipe
+    from evomerge.workers.evaluator import Evaluator
     from tests.helpers import load_folder
 
     tasks = make_tasks(tmp_path / "tasks")
@@ -165,7 +165,7 @@ def test_lm_eval_options_for_instruct_users(llama, tmp_path, capsys):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from evomerge.errors import EvomergeError
-    from evomerge.scoring import LmEvalFitness
+    from evomerge.workers.scoring import LmEvalFitness
     from evomerge.zoo.real import GEN_YAML
 
     tasks = make_tasks(tmp_path / "tasks")

@@ -7,7 +7,7 @@ import json
 import yaml
 
 from evomerge.cli import main
-from evomerge.store import RunStore
+from evomerge.results.store import RunStore
 from evomerge.zoo import tasks
 from evomerge.zoo.build import SMALL, build, write_tasks
 
@@ -71,7 +71,7 @@ def test_scaled_down_demo_end_to_end(tmp_path, capsys):
     # re-scoring an exported model from disk with lm-eval gives the recorded values
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from evomerge.scoring import LmEvalFitness
+    from evomerge.workers.scoring import LmEvalFitness
 
     folder = sorted((run / "exports").iterdir())[0]
     record = next(r for r in records if r.index == int(folder.name.split("-")[1]))

@@ -8,11 +8,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from evomerge.calibration import check_no_held_out, held_out_of
 from evomerge.config import LmEvalFitnessSpec, RunConfig
 from evomerge.errors import EvomergeError
+from evomerge.learn.calibration import check_no_held_out, held_out_of
 from evomerge.merge.statistics import read_calibration
-from evomerge.scoring import task_manager, working_dir
+from evomerge.workers.scoring import task_manager, working_dir
 
 
 def source_texts(config: RunConfig, sources: list[str]) -> dict[str, list[str]]:

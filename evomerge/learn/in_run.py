@@ -15,9 +15,9 @@ from typing import Optional
 import yaml
 
 from evomerge.baselines import LEARNED, learned_file
-from evomerge.calibration import parameter_part
 from evomerge.config import LearningSpec, LmEvalFitnessSpec, RunConfig
 from evomerge.errors import EvomergeError
+from evomerge.learn.calibration import parameter_part
 from evomerge.learn.command import (
     check_method,
     experts,

@@ -34,7 +34,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from evomerge import __version__
 from evomerge.errors import EvomergeError
 from evomerge.optim.state import PART_PREFIX, read_state, referenced_parts, write_state
-from evomerge.summary import RunSummary
+from evomerge.results.summary import RunSummary
 
 FORMAT = 1
 STUDY = "evomerge"  # the study of a run with its own SQLite file (and of runs before names)

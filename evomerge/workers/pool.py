@@ -8,9 +8,9 @@ from collections.abc import Iterator
 from typing import Optional, Protocol
 
 from evomerge.config import RunConfig
-from evomerge.evaluator import Evaluator, Outcome, SourceJob
 from evomerge.optim.base import Candidate
-from evomerge.ray_pool import RayPool
+from evomerge.workers.evaluator import Evaluator, Outcome, SourceJob
+from evomerge.workers.ray_pool import RayPool
 
 
 class Pool(Protocol):

@@ -9,10 +9,10 @@ import numpy as np
 import pandas as pd
 
 from evomerge.config import RunConfig
-from evomerge.pareto import front_positions, hypervolume, losses_of, reference_point
-from evomerge.store import RunStore, read_run_meta
-from evomerge.summary import RunSummary
-from evomerge.tracking import RUN_ID_NOTE
+from evomerge.results.pareto import front_positions, hypervolume, losses_of, reference_point
+from evomerge.results.store import RunStore, read_run_meta
+from evomerge.results.summary import RunSummary
+from evomerge.results.tracking import RUN_ID_NOTE
 
 MAX_GENE_COLUMNS = 100
 

@@ -28,9 +28,9 @@ from typing import Any, Optional
 
 import numpy as np
 
-from evomerge import irt
 from evomerge.config import Fidelity, Objective
-from evomerge.pareto import losses_of
+from evomerge.results.pareto import losses_of
+from evomerge.search import irt
 
 # per-document results: task -> document id (as a string: JSON keys) -> "metric,filter" -> value
 Documents = dict[str, dict[str, dict[str, float]]]

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from evomerge.config import LmEvalFitnessSpec
-from evomerge.scoring import load_tasks, working_dir
+from evomerge.workers.scoring import load_tasks, working_dir
 
 LOGLIKELIHOOD = ("loglikelihood", "multiple_choice", "loglikelihood_rolling")
 DEFAULT_GEN_TOKS = 256  # lm-eval's HFLM default

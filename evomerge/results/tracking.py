@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Optional, Protocol
 from evomerge import __version__
 from evomerge.config import RunConfig
 from evomerge.errors import EvomergeError
-from evomerge.store import Record, RunStore
+from evomerge.results.store import Record, RunStore
 
 if TYPE_CHECKING:  # the spaces import the merge engine (torch), which tracking never runs
     from evomerge.spaces.base import SearchSpace

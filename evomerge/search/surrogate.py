@@ -11,8 +11,8 @@ import numpy as np
 from evomerge.errors import EvomergeError
 from evomerge.optim.base import Candidate
 from evomerge.optim.map import MAP
-from evomerge.pool import make_pool
-from evomerge.run import open_run, score_all, to_record
+from evomerge.search.run import open_run, score_all, to_record
+from evomerge.workers.pool import make_pool
 
 
 def propose(run_folder: Path, points: int = 8, progress: bool = True) -> int:

@@ -29,11 +29,9 @@ import yaml
 from tqdm.auto import tqdm
 
 from evomerge.baselines import LEARNED, BaselineSpec, baseline_recipes
-from evomerge.calibration import check_calibration, ensure_statistics, name_statistics
 from evomerge.config import LmEvalFitnessSpec, PythonFitness, RunConfig
 from evomerge.errors import EvomergeError
-from evomerge.evaluator import Outcome, load_callable
-from evomerge.fixed_stages import merged_model
+from evomerge.learn.calibration import check_calibration, ensure_statistics, name_statistics
 from evomerge.learn.in_run import (
     check_learning,
     ensure_learned,
@@ -48,14 +46,16 @@ from evomerge.merge.io import ModelSource
 from evomerge.merge.learned import learned_method
 from evomerge.merge.methods import get_method
 from evomerge.optim.registry import Candidate, Evaluation, Optimizer, make_optimizer
-from evomerge.pareto import pareto_records
-from evomerge.pool import Pool
-from evomerge.racing import DocumentPlan, Race, Racer, check_stages
 from evomerge.recipe import Recipe
-from evomerge.scoring import task_manager, working_dir
+from evomerge.results.pareto import pareto_records
+from evomerge.results.store import Record, RunStore, genome_key, read_run_meta
+from evomerge.results.tracking import MlflowTracker, check_tracking
+from evomerge.search.fixed_stages import merged_model
+from evomerge.search.racing import DocumentPlan, Race, Racer, check_stages
 from evomerge.spaces import SearchSpace, build_space, read_space_spec
-from evomerge.store import Record, RunStore, genome_key, read_run_meta
-from evomerge.tracking import MlflowTracker, check_tracking
+from evomerge.workers.evaluator import Outcome, load_callable
+from evomerge.workers.pool import Pool
+from evomerge.workers.scoring import task_manager, working_dir
 
 RUN_CONFIG = "run.yaml"
 BASELINE = "baseline:"  # seed label prefix of a baseline merge

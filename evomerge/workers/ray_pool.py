@@ -26,9 +26,9 @@ from pathlib import Path
 from typing import Any, Optional
 
 from evomerge.errors import EvomergeError
-from evomerge.evaluator import Evaluator, Outcome, SourceJob
 from evomerge.optim.base import Candidate
-from evomerge.shipping import stage
+from evomerge.workers.evaluator import Evaluator, Outcome, SourceJob
+from evomerge.workers.shipping import stage
 
 log = logging.getLogger("evomerge")
 MAX_ATTEMPTS = 3  # dispatches of one candidate whose worker died before it is recorded failed

@@ -35,14 +35,14 @@ from evomerge.errors import EvomergeError
 from evomerge.merge.engine import plan_for
 from evomerge.merge.io import ModelSource
 from evomerge.merge.ops import row_chunks
-from evomerge.scoring_footprint import (
+from evomerge.spaces.base import SearchSpace
+from evomerge.workers.scoring_footprint import (
     ScoringFootprint,
     Shape,
     largest_batch,
     longest_requests,
     scoring_bytes,
 )
-from evomerge.spaces.base import SearchSpace
 
 GIB = 2**30
 HEADROOM = 0.9  # of the memory the machine has free: what a run may plan to use

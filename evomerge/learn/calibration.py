@@ -22,9 +22,9 @@ from evomerge.merge.statistics import (
     stored,
     write_statistics,
 )
-from evomerge.pool import Pool
-from evomerge.scoring import task_manager, working_dir
 from evomerge.spaces.base import SearchSpace
+from evomerge.workers.pool import Pool
+from evomerge.workers.scoring import task_manager, working_dir
 
 log = logging.getLogger("evomerge")
 STATISTICS = "statistics"  # the run folder's statistics, one file per source

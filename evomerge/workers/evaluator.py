@@ -18,7 +18,6 @@ from typing import Any, Optional
 import torch
 
 from evomerge.errors import EvomergeError
-from evomerge.footprint import sources_placement
 from evomerge.merge.engine import load_source_tensors, merge_into_model, pick_device, plan_for
 from evomerge.merge.io import ModelSource
 from evomerge.merge.live import build_live_model
@@ -26,7 +25,8 @@ from evomerge.merge.memory import scoring_allocations
 from evomerge.merge.ops import CHUNK_BYTES
 from evomerge.merge.statistics import measure_source
 from evomerge.recipe import Recipe
-from evomerge.scoring import LmEvalFitness
+from evomerge.workers.footprint import sources_placement
+from evomerge.workers.scoring import LmEvalFitness
 
 # a source's calibration statistics to measure: (model reference, texts, kinds, max length)
 SourceJob = tuple[str, list[str], list[str], int]

@@ -18,15 +18,15 @@ import pandas as pd
 from evomerge.config import RunConfig
 from evomerge.errors import EvomergeError
 from evomerge.merge.learned import learned_summary
-from evomerge.pareto import (
+from evomerge.results.pareto import (
     hypervolume,
     hypervolume_curve,
     losses_of,
     non_dominated,
     reference_point,
 )
-from evomerge.status import frame_of
-from evomerge.store import RunStore, read_run_meta
+from evomerge.results.status import frame_of
+from evomerge.results.store import RunStore, read_run_meta
 
 STAGE_COLOURS = ("#ced4da", "#74c0fc", "#1971c2", "#d6336c")  # racing stages, first to last
 MARKS = {  # how each kind of reference model is drawn: (label, plotly symbol, colour)

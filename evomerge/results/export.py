@@ -21,9 +21,9 @@ from evomerge.config import RunConfig
 from evomerge.errors import EvomergeError
 from evomerge.merge.engine import merge_to_disk
 from evomerge.merge.learned import as_stored
-from evomerge.pareto import pareto_records
 from evomerge.recipe import Recipe
-from evomerge.store import Record, RunStore
+from evomerge.results.pareto import pareto_records
+from evomerge.results.store import Record, RunStore
 
 log = logging.getLogger("evomerge")
 
