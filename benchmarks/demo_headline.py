@@ -77,7 +77,8 @@ def budgets_of(
 
 def run_search(config: dict, folder: Path, progress: bool) -> float:
     from evomerge.config import RunConfig
-    from evomerge.search.run import create_run, drive, open_run
+    from evomerge.search.loop import drive
+    from evomerge.search.run import create_run, open_run
     from evomerge.workers.pool import make_pool
 
     start = time.perf_counter()

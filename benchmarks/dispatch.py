@@ -27,7 +27,8 @@ os.chdir(ROOT)  # the workers import the sleeping fitness from tests/
 
 from evomerge.config import RunConfig  # noqa: E402
 from evomerge.results.store import RunStore  # noqa: E402
-from evomerge.search.run import create_run, drive  # noqa: E402
+from evomerge.search.loop import drive  # noqa: E402
+from evomerge.search.run import create_run  # noqa: E402
 from evomerge.workers.evaluator import Outcome  # noqa: E402
 from evomerge.workers.pool import make_pool  # noqa: E402
 

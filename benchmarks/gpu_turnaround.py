@@ -71,7 +71,7 @@ def synchronize(device: torch.device) -> None:
 def measure(config: dict, repeats: int) -> dict:
     """One worker: its turnaround per candidate, one evaluation, and its device peak."""
     from evomerge.config import RunConfig
-    from evomerge.search.run import prepare
+    from evomerge.search.prepare import prepare
     from evomerge.workers.footprint import predict
     from evomerge.workers.pool import make_pool
 

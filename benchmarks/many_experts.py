@@ -43,7 +43,7 @@ def measure(family: Path, experts: int, candidates: int, asks: int) -> dict:
 
     from evomerge.config import RunConfig
     from evomerge.optim.base import Evaluation
-    from evomerge.search.run import optimizer_for, prepare
+    from evomerge.search.prepare import optimizer_for, prepare
     from evomerge.workers.footprint import predict
     from evomerge.workers.pool import make_pool
 

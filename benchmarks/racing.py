@@ -96,8 +96,8 @@ def rank_check(folders: list[Path]) -> dict:
     from evomerge.config import Fidelity, RunConfig
     from evomerge.results.store import RunStore
     from evomerge.search import irt
+    from evomerge.search.prepare import task_documents
     from evomerge.search.racing import DocumentPlan, aggregate
-    from evomerge.search.run import task_documents
 
     rows = []
     for folder in folders:

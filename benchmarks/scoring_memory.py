@@ -138,7 +138,7 @@ def worker_child(device: str) -> None:
     import transformers  # noqa: F401
 
     from evomerge.config import RunConfig
-    from evomerge.search.run import prepare
+    from evomerge.search.prepare import prepare
     from evomerge.workers.evaluator import Evaluator
     from evomerge.workers.footprint import predict
 

@@ -38,7 +38,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from evomerge.cli import main as cli  # noqa: E402
 from evomerge.config import RunConfig  # noqa: E402
-from evomerge.search.run import SearchLoop, create_run  # noqa: E402
+from evomerge.search.loop import SearchLoop  # noqa: E402
+from evomerge.search.run import create_run  # noqa: E402
 from evomerge.workers.evaluator import Outcome  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "benchmarks"))

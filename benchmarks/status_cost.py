@@ -35,7 +35,8 @@ from evomerge.config import RunConfig  # noqa: E402
 from evomerge.results.status import summary  # noqa: E402
 from evomerge.results.store import RunStore, encode_genome  # noqa: E402
 from evomerge.results.summary import RunSummary  # noqa: E402
-from evomerge.search.run import SearchLoop, create_run  # noqa: E402
+from evomerge.search.loop import SearchLoop  # noqa: E402
+from evomerge.search.run import create_run  # noqa: E402
 from evomerge.workers.evaluator import Outcome  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "benchmarks"))

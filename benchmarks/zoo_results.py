@@ -27,7 +27,8 @@ TASKS = ("add", "cipher", "reverse", "cipher_add")
 
 def run_search(config: dict, folder: Path, budget: int, workers: int) -> Path:
     from evomerge.config import RunConfig
-    from evomerge.search.run import create_run, drive, open_run
+    from evomerge.search.loop import drive
+    from evomerge.search.run import create_run, open_run
     from evomerge.workers.pool import make_pool
 
     config = {**config, "budget": budget, "workers": workers}
@@ -54,7 +55,7 @@ def main() -> None:
     from evomerge.recipe import Recipe
     from evomerge.results.pareto import pareto_records
     from evomerge.results.store import RunStore
-    from evomerge.search.run import source_recipe
+    from evomerge.search.references import source_recipe
     from evomerge.workers.evaluator import Evaluator
     from evomerge.zoo.build import build
 

@@ -83,7 +83,8 @@ def _with_statistics(recipe, args: argparse.Namespace, recipe_dir: Path):
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from evomerge.search.run import create_run, drive
+    from evomerge.search.loop import drive
+    from evomerge.search.run import create_run
     from evomerge.workers.footprint import announce, pool_config
     from evomerge.workers.pool import make_pool
 
@@ -162,7 +163,8 @@ def _run_config(args: argparse.Namespace):
 
 
 def _cmd_resume(args: argparse.Namespace) -> int:
-    from evomerge.search.run import drive, open_run
+    from evomerge.search.loop import drive
+    from evomerge.search.run import open_run
     from evomerge.workers.footprint import announce, pool_config
     from evomerge.workers.pool import make_pool
 

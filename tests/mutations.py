@@ -213,7 +213,7 @@ def space_seeds(folder: Path) -> dict[str, dict[str, Any]]:
 def check_run_config(config: dict[str, Any]) -> str:
     """'valid' when the config prepares, 'error' on one clear line; anything else is a bug."""
     from evomerge.config import RunConfig
-    from evomerge.search.run import prepare
+    from evomerge.search.prepare import prepare
 
     try:
         prepare(RunConfig.from_dict(config))
@@ -230,7 +230,7 @@ def check_search_space(
     (start, both corners, random points) decodes to a recipe whose merge plan builds."""
     from evomerge.config import RunConfig
     from evomerge.merge.engine import plan_for
-    from evomerge.search.run import prepare
+    from evomerge.search.prepare import prepare
 
     file = folder / "space.yaml"
     file.write_text(yaml.safe_dump(space, sort_keys=False, allow_unicode=True))

@@ -11,7 +11,7 @@ from evomerge.merge.engine import load_source_tensors, merge_into_model, merge_t
 from evomerge.merge.io import ModelSource
 from evomerge.merge.ops import row_chunks
 from evomerge.recipe import Recipe
-from evomerge.search.run import prepare
+from evomerge.search.prepare import prepare
 from evomerge.workers.footprint import Footprint, check_fits, predict, sources_placement
 
 from .helpers import load_folder

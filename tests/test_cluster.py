@@ -98,7 +98,7 @@ def test_a_task_folder_beside_the_config_reaches_every_node(llama, tmp_path, clu
         score_sources=False,
     )
     from evomerge.config import RunConfig
-    from evomerge.search.run import prepare
+    from evomerge.search.prepare import prepare
     from evomerge.workers.pool import make_pool
 
     resolved, _ = prepare(RunConfig.load(write_config(job, data)))

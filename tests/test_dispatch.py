@@ -10,7 +10,9 @@ import pytest
 from evomerge.cli import main
 from evomerge.config import RunConfig
 from evomerge.results.store import RunStore
-from evomerge.search.run import SearchLoop, create_run, recipe_key
+from evomerge.search.loop import SearchLoop
+from evomerge.search.records import recipe_key
+from evomerge.search.run import create_run
 from evomerge.workers.evaluator import Outcome
 from evomerge.workers.ray_pool import default_workers
 
@@ -144,7 +146,7 @@ def test_out_of_memory_failures_are_recorded_and_counted(llama, tmp_path, capsys
 
 
 def test_tuning_on_a_benchmark_test_split_needs_held_out_or_a_yes(llama, tmp_path, capsys):
-    from evomerge.search.run import is_benchmark, prepare
+    from evomerge.search.prepare import is_benchmark, prepare
 
     assert is_benchmark("gsm8k") and is_benchmark("arc_challenge") and is_benchmark("mmlu_law")
     assert not is_benchmark("zoo_add_fit") and not is_benchmark("math_words_fit")

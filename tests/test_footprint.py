@@ -8,7 +8,7 @@ import pytest
 from evomerge.cli import main
 from evomerge.config import RunConfig
 from evomerge.recipe import Recipe
-from evomerge.search.run import prepare
+from evomerge.search.prepare import prepare
 from evomerge.workers.evaluator import Evaluator
 from evomerge.workers.footprint import predict
 

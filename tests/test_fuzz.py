@@ -108,7 +108,7 @@ def test_search_space_caps_stop_absurd_sizes_before_allocating(config, sources, 
     """Typos like repetitions: 1e9 once built a billion-gene list and took the machine down."""
     from evomerge.config import RunConfig
     from evomerge.errors import EvomergeError
-    from evomerge.search.run import prepare
+    from evomerge.search.prepare import prepare
 
     cases = {
         "repetitions": {"kind": "dataflow", "repetitions": 10**12},
@@ -123,7 +123,7 @@ def test_search_space_caps_stop_absurd_sizes_before_allocating(config, sources, 
 def test_ranges_a_method_cannot_take_fail_before_the_run(config):
     from evomerge.config import RunConfig
     from evomerge.errors import EvomergeError
-    from evomerge.search.run import prepare
+    from evomerge.search.prepare import prepare
 
     space = space_seeds(SPACES)["ps_dare_ties"]
     space["parameters"]["density"] = {"low": 0.0, "high": 1.0}

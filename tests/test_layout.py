@@ -56,9 +56,33 @@ def _module_name(file: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def test_the_package_has_no_import_cycles():
-    """Imports run downwards between the package's parts, lazy ones included (a lazy import may
-    spare a heavy dependency, never hide a cycle)."""
+# The package's parts, bottom first: a module imports only from its own part or the ones below
+# (lazy imports included). The vocabulary every part speaks sits at the bottom, the command on top.
+LAYERS = (
+    ("evomerge", "evomerge.errors", "evomerge.recipe", "evomerge.baselines", "evomerge.config",
+     "evomerge.config_docs", "evomerge.mergekit_evolve"),
+    ("evomerge.merge", "evomerge.spaces", "evomerge.optim", "evomerge.zoo"),
+    ("evomerge.workers",),
+    ("evomerge.results",),
+    ("evomerge.learn",),
+    ("evomerge.search",),
+    ("evomerge.cli",),
+)  # fmt: skip
+
+
+def layer_of(module: str) -> int:
+    """The layer of the longest declared part `module` belongs to."""
+    best, found = -1, None
+    for level, parts in enumerate(LAYERS):
+        for part in parts:
+            if (module == part or module.startswith(part + ".")) and len(part) > best:
+                best, found = len(part), level
+    assert found is not None, f"{module} belongs to no declared part: add it to LAYERS"
+    return found
+
+
+def import_graph() -> dict[str, set[str]]:
+    """module -> the package's modules it imports, anywhere in the file."""
     modules = {_module_name(f): f for f in PACKAGE.rglob("*.py")}
     graph: dict[str, set[str]] = {}
     for name, file in modules.items():
@@ -72,7 +96,25 @@ def test_the_package_has_no_import_cycles():
                 found |= {a.name for a in node.names if a.name in modules}
         # a package's own __init__ is where its submodules are reached from, not a cycle
         graph[name] = {d for d in found - {name} if not name.startswith(d + ".")}
-    assert_acyclic(graph)
+    return graph
+
+
+def test_the_package_has_no_import_cycles():
+    """Imports run downwards between the package's modules, lazy and type-only ones included (a
+    lazy import may spare a heavy dependency, never hide a cycle)."""
+    assert_acyclic(import_graph())
+
+
+def test_imports_follow_the_declared_layers():
+    """Each part imports only from itself and the parts below it: neither the workers nor the
+    results reach into learning or the search; only the command line sees everything."""
+    upward = [
+        f"{name} (layer {layer_of(name)}) imports {dep} (layer {layer_of(dep)})"
+        for name, deps in sorted(import_graph().items())
+        for dep in sorted(deps)
+        if layer_of(dep) > layer_of(name)
+    ]
+    assert not upward, "imports against the layer order:\n" + "\n".join(upward)
 
 
 def test_product_imports_no_test_tooling():

@@ -15,7 +15,7 @@ import yaml
 from evomerge.cli import main
 from evomerge.config import RunConfig
 from evomerge.merge.engine import merge_to_disk
-from evomerge.search.run import prepare
+from evomerge.search.prepare import prepare
 
 from .helpers import load_folder
 from .test_workers import make_tasks
@@ -145,7 +145,7 @@ def test_flags_and_fields_map_to_the_run(llama, tmp_path, capsys):
 
 
 def test_random_init_starts_at_a_seeded_random_point(llama, tmp_path, capsys):
-    from evomerge.search.run import optimizer_for
+    from evomerge.search.prepare import optimizer_for
 
     config = evolve_config(llama)
     config["random_init"] = True

@@ -13,8 +13,10 @@ from evomerge.cli import main
 from evomerge.config import Fidelity, RunConfig
 from evomerge.results.store import RunStore
 from evomerge.search import irt
+from evomerge.search.loop import SearchLoop
 from evomerge.search.racing import DocumentPlan, aggregate
-from evomerge.search.run import SearchLoop, create_run, open_run, score_references
+from evomerge.search.references import score_references
+from evomerge.search.run import create_run, open_run
 from evomerge.workers.pool import LocalPool, make_pool
 from evomerge.workers.scoring import LmEvalFitness
 from tests.test_baselines import lm_eval_config

@@ -10,7 +10,7 @@ import psutil
 from transformers import AutoTokenizer
 
 from evomerge.config import RunConfig
-from evomerge.search.run import prepare
+from evomerge.search.prepare import prepare
 from evomerge.workers.footprint import check_fits, choose_batch, pool_config, predict
 from evomerge.workers.scoring_footprint import (
     Requests,

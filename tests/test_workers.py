@@ -137,7 +137,7 @@ def test_score_dtype_scores_every_model_in_that_dtype(llama, tmp_path):
     import torch
 
     from evomerge.recipe import Recipe
-    from evomerge.search.run import source_recipe
+    from evomerge.search.references import source_recipe
     from evomerge.workers.evaluator import Evaluator
     from tests.helpers import load_folder
 

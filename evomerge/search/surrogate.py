@@ -11,7 +11,9 @@ import numpy as np
 from evomerge.errors import EvomergeError
 from evomerge.optim.base import Candidate
 from evomerge.optim.map import MAP
-from evomerge.search.run import open_run, score_all, to_record
+from evomerge.search.records import to_record
+from evomerge.search.references import score_all
+from evomerge.search.run import open_run
 from evomerge.workers.pool import make_pool
 
 
@@ -44,7 +46,7 @@ def propose(run_folder: Path, points: int = 8, progress: bool = True) -> int:
     pool = make_pool(run.config)
     try:
         for candidate, recipe, outcome in score_all(pool, jobs):
-            record = to_record(run, candidate, recipe, outcome)
+            record = to_record(run.config.objectives, candidate, recipe, outcome)
             record.origin = "surrogate"
             run.store.commit(record)
     finally:
