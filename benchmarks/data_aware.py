@@ -113,7 +113,7 @@ def first_failures(folder: Path, statistics: Path) -> list[dict]:
     """The untuned merges the first run recorded as failed, to score again."""
     from evomerge.results.store import RunStore
 
-    failed = [n for n, s in RunStore.open(folder).baselines().items() if s.get("error")]
+    failed = [n for n, s in RunStore.open(folder).baselines().items() if s.failed]
     return [
         {
             "name": n,

@@ -69,7 +69,7 @@ def measure(models: dict, tmp: Path, optimizer: str) -> dict:
     wall = stopped[0] - start
     records = RunStore.open(run.folder).records()
     busy = sum(r.seconds for r in records)
-    scored = sum(1 for r in records if not r.worker.startswith("cache of"))
+    scored = sum(1 for r in records if r.reused_from is None)
     return {
         "optimizer": optimizer,
         "workers": WORKERS,

@@ -4,6 +4,7 @@ and held-out tasks, reported by `status --json`, and marked on the report's plot
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import yaml
@@ -137,16 +138,16 @@ def test_a_run_reuses_another_runs_reference_scores(llama, tmp_path, capsys):
     assert main(["run", str(path), "--out", str(second), "--quiet"]) == 0
     a, b = RunStore.open(first), RunStore.open(second)
     assert b.sources() == a.sources() and b.baselines() == a.baselines()
-    assert all(v["held_out"] for v in b.sources().values())
+    assert all(v.held_out for v in b.sources().values())
     scored = a.baselines()["average"]
-    a.set_baseline("average", {**scored, "values": None, "error": "RuntimeError: out of memory"})
+    a.set_baseline("average", replace(scored, values=None, error="RuntimeError: out of memory"))
     fourth = tmp_path / "fourth"  # a failure of the first run is scored again, not copied
     short = write(tmp_path, {**config, "budget": 1}, "fourth.yaml")
     assert main(["run", str(short), "--out", str(fourth), "--quiet"]) == 0
     again = RunStore.open(fourth).baselines()["average"]
-    assert not again.get("error") and again["values"] == scored["values"]
+    assert not again.failed and again.values == scored.values
     assert main(["resume", str(first), "--quiet"]) == 0  # and the first run's own, on resume
-    assert RunStore.open(first).baselines()["average"]["values"] == scored["values"]
+    assert RunStore.open(first).baselines()["average"].values == scored.values
     other = {**config, "objectives": [{"name": "p", "metric": "parity_fit: acc,none"}]}
     third = tmp_path / "third"
     path = write(tmp_path, other, "third.yaml")

@@ -95,12 +95,12 @@ def test_identical_merges_are_scored_once(llama, tmp_path):
     calls = len((tmp_path / "calls").read_text().splitlines())
     assert calls == len(distinct) < 30
     by_index = {r.index: r for r in records}
-    reused = [r for r in records if r.worker.startswith("cache of #")]
+    reused = [r for r in records if r.reused_from is not None]
     assert len(reused) == 30 - calls
     for r in reused:
-        twin = by_index[int(r.worker.removeprefix("cache of #"))]
+        twin = by_index[r.reused_from]
         assert recipe_key(twin.recipe) == recipe_key(r.recipe) and twin.values == r.values
-        assert not twin.worker.startswith("cache")
+        assert twin.reused_from is None and r.seconds == 0.0
 
 
 def test_default_workers_one_per_gpu_else_per_threads():

@@ -136,8 +136,8 @@ def test_every_optimizer_starts_from_the_sources(llama, tmp_path, optimizer):
     ]  # fmt: skip
     for record in seeded:
         name = record.worker.split(" ", 1)[1]
-        assert record.values == scored[name]["values"] and record.seconds == 0.0
-    best_reference = min(v["values"]["nll"] for v in scored.values())
+        assert record.values == scored[name].values and record.seconds == 0.0
+    best_reference = min(v.values["nll"] for v in scored.values())
     assert min(r.values["nll"] for r in records if not r.failed) <= best_reference
 
 
@@ -179,12 +179,12 @@ def test_baselines_the_space_expresses_are_seeds_too(llama, tmp_path, capsys):
     seeded = store.records()[3]
     assert seeded.origin == "baseline" and seeded.worker == "baseline task_arithmetic"
     scored = store.baselines()["task_arithmetic"]
-    assert seeded.values == scored["values"] and seeded.recipe == scored["recipe"]
+    assert seeded.values == scored.values and seeded.recipe == scored.recipe
     space, _ = space_of(llama, wide)
     assert np.allclose(seeded.genome, np.ones(space.size))
     narrow, _ = space_of(llama, TASK_ARITHMETIC)  # weight at most 1.0 ...
     from evomerge.recipe import Recipe
 
-    half = Recipe.from_yaml_text(scored["recipe"].replace("weight: 1.0", "weight: 1.2"))
+    half = Recipe.from_yaml_text(scored.recipe.replace("weight: 1.0", "weight: 1.2"))
     assert narrow.genome_of(half) is None  # ... so 1.2 is out of reach
-    assert narrow.genome_of(Recipe.from_yaml_text(scored["recipe"])) is not None
+    assert narrow.genome_of(Recipe.from_yaml_text(scored.recipe)) is not None

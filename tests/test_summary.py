@@ -121,3 +121,30 @@ def test_a_summary_that_lags_the_store_is_rebuilt(finished_run, monkeypatch):
     assert summary(finished_run) == full
     store = RunStore.open(finished_run)
     assert store.summary() == kept and len(store.records()) == 12
+
+
+def test_references_and_reuse_are_typed_and_older_runs_still_read(tmp_path):
+    """Source and baseline scores round-trip as ReferenceResult; a reused evaluation names its
+    twin in `reused_from`, and a run written before either (plain dicts, "cache of #N" in the
+    worker) reads the same."""
+    from evomerge.results.store import Record, ReferenceResult
+
+    store = RunStore.create(tmp_path / "run", None, [("a", "minimize")], ["g"])
+    scored = ReferenceResult(values={"a": 0.5}, metrics={"a": 0.5}, per_example=[1.0, 0.0])
+    store.set_baseline("avg", ReferenceResult(values=None, error="boom", recipe="merge: x"))
+    store.set_source("m", scored)
+    store.study.set_user_attr(  # as runs before the type wrote them
+        "source:old", {"values": {"a": 0.25}, "metrics": {}, "per_example": None, "error": None}
+    )
+    sources, baselines = store.sources(), store.baselines()
+    assert sources["m"] == scored and not scored.failed
+    assert sources["old"] == ReferenceResult(values={"a": 0.25}) and baselines["avg"].failed
+    assert baselines["avg"].recipe == "merge: x"
+    genome = np.array([0.5])
+    twin = Record(index=0, genome=genome, recipe="r", values={"a": 1.0}, worker="w0")
+    store.commit(twin)
+    store.commit(Record(index=1, genome=genome, recipe="r", values={"a": 1.0}, reused_from=0))
+    store.commit(
+        Record(index=2, genome=genome, recipe="r", values={"a": 1.0}, worker="cache of #0")
+    )
+    assert [r.reused_from for r in store.records()] == [None, 0, 0]

@@ -26,7 +26,7 @@ from evomerge.results.pareto import (
     reference_point,
 )
 from evomerge.results.status import frame_of
-from evomerge.results.store import RunStore, read_run_meta
+from evomerge.results.store import ReferenceResult, RunStore, read_run_meta
 
 STAGE_COLOURS = ("#ced4da", "#74c0fc", "#1971c2", "#d6336c")  # racing stages, first to last
 MARKS = {  # how each kind of reference model is drawn: (label, plotly symbol, colour)
@@ -35,10 +35,10 @@ MARKS = {  # how each kind of reference model is drawn: (label, plotly symbol, c
 }
 
 
-def _scored(references: dict) -> dict[str, dict[str, dict]]:
+def _scored(references: dict[str, dict[str, ReferenceResult]]) -> dict[str, dict[str, dict]]:
     """kind -> name -> objective values, of the references that were scored."""
     return {
-        kind: {k: v["values"] for k, v in stored.items() if v.get("values")}
+        kind: {k: v.values for k, v in stored.items() if v.values}
         for kind, stored in references.items()
     }
 
@@ -350,19 +350,16 @@ def write_report(run_folder: Path, exports: Optional[Path] = None) -> Path:
             f"<tr><td>{int(r['index'])}</td>{cells}<td>{html.escape(held)}</td><td>{link}</td></tr>"
         )
 
-    def kind_of(kind: str, result: dict) -> str:
-        learned = learned_summary(result.get("recipe"))
+    def kind_of(kind: str, result: ReferenceResult) -> str:
+        learned = learned_summary(result.recipe)
         if not learned:
             return kind
         return f"learned {learned['method']} ({learned.get('steps')} steps)"
 
     src_rows = "".join(
         f"<tr><td>{html.escape(kind_of(kind, v))}</td><td>{html.escape(k)}</td>"
-        + "".join(
-            f"<td>{v['values'][n]:.6g}</td>" if v.get("values") else "<td>failed</td>"
-            for n in names
-        )
-        + f"<td>{html.escape(_held_text(v.get('held_out')))}</td></tr>"
+        + "".join(f"<td>{v.values[n]:.6g}</td>" if v.values else "<td>failed</td>" for n in names)
+        + f"<td>{html.escape(_held_text(v.held_out))}</td></tr>"
         for kind, stored in references.items()
         for k, v in stored.items()
     )

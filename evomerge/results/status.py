@@ -10,7 +10,7 @@ import pandas as pd
 
 from evomerge.config import RunConfig
 from evomerge.results.pareto import front_positions, hypervolume, losses_of, reference_point
-from evomerge.results.store import RunStore, read_run_meta
+from evomerge.results.store import ReferenceResult, RunStore, read_run_meta
 from evomerge.results.summary import RunSummary
 from evomerge.results.tracking import RUN_ID_NOTE
 
@@ -37,6 +37,7 @@ def frame_of(store: RunStore, config: RunConfig) -> pd.DataFrame:
             "seconds": r.seconds,
             "worker": r.worker,
             "origin": r.origin,
+            "reused_from": r.reused_from,
         }
         if r.stages is not None:  # racing: the last stage reached, and each stage's values
             row["stage"] = len(r.stages) - 1
@@ -74,11 +75,11 @@ def reference_frame(store: RunStore, config: RunConfig) -> pd.DataFrame:
     rows = []
     for kind, stored in (("source", store.sources()), ("baseline", store.baselines())):
         for name, result in stored.items():
-            learned = _learned(result.get("recipe"))
+            learned = _learned(result.recipe)
             row = {"kind": f"learned ({learned['method']})" if learned else kind, "name": name}
             for o in config.objectives:
-                row[o.name] = (result.get("values") or {}).get(o.name, np.nan)
-            for key, value in (result.get("held_out") or {}).items():
+                row[o.name] = (result.values or {}).get(o.name, np.nan)
+            for key, value in (result.held_out or {}).items():
                 if isinstance(value, (int, float)):
                     row[f"held_out:{key}"] = value
             rows.append(row)
@@ -97,12 +98,12 @@ def status_data(folder: Path) -> dict:
     kept = store.summary()
     attrs = store.study.user_attrs
 
-    def reference(result: dict) -> dict:
-        out = {"values": result.get("values"), "held_out": result.get("held_out")}
-        learned = _learned(result.get("recipe"))
+    def reference(result: ReferenceResult) -> dict:
+        out = {"values": result.values, "held_out": result.held_out}
+        learned = _learned(result.recipe)
         if learned:  # how it was trained: method, steps, seconds, tokens, losses
             out["learned"] = learned
-        return {**out, "error": result["error"]} if result.get("error") else out
+        return {**out, "error": result.error} if result.error else out
 
     return {
         "run": str(folder),
@@ -238,7 +239,7 @@ def _racing_line(kept: RunSummary, config: RunConfig) -> str:
 def _hypervolume_line(kept: RunSummary, config: RunConfig, store: RunStore) -> str:
     losses = np.array([kept.loss(m.values) for m in kept.pareto], dtype=float)
     worst = np.array([kept.worst], dtype=float)  # the run's own worst, as a reference
-    sources = [v["values"] for v in store.sources().values() if v.get("values")]
+    sources = [v.values for v in store.sources().values() if v.values]
     source_losses = losses_of(sources, config.objectives) if sources else None
     ref, origin = reference_point(worst, config.objectives, config.reference, source_losses)
     value = hypervolume(losses, ref)

@@ -21,7 +21,7 @@ import uuid
 import warnings
 import zlib
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional
 
@@ -69,10 +69,40 @@ class Record:
     final: bool = True
     # task -> document id -> "metric,filter" -> value, when the fitness gives them
     per_document: Optional[dict[str, dict[str, dict[str, float]]]] = None
+    # the ask index of the identical merge whose score this is (nothing was scored again)
+    reused_from: Optional[int] = None
 
     @property
     def failed(self) -> bool:
         return self.values is None
+
+
+@dataclass
+class ReferenceResult:
+    """A source model's or baseline merge's scores, kept beside the evaluations: what the search
+    is measured against (status, the report, the hypervolume reference) and what a seed that
+    stands for it is told."""
+
+    values: Optional[dict[str, float]]  # objective name -> value; None when it failed
+    metrics: dict[str, float] = field(default_factory=dict)
+    per_example: Optional[list[float]] = None
+    error: Optional[str] = None
+    per_document: Optional[dict[str, dict[str, dict[str, float]]]] = None
+    recipe: Optional[str] = None  # a baseline's recipe as scored (a source is itself)
+    held_out: Optional[dict[str, Any]] = None  # lm-eval key -> value, or {"error": why}
+
+    @property
+    def failed(self) -> bool:
+        return bool(self.error) or self.values is None
+
+    def to_json(self) -> dict[str, Any]:
+        data = {k: v for k, v in asdict(self).items() if v is not None}
+        return {"values": self.values, **data}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ReferenceResult:
+        names = {f.name for f in fields(cls)}
+        return cls(**{"values": None, **{k: v for k, v in data.items() if k in names}})
 
 
 WRITE_ERRORS = (OSError, SQLAlchemyError, optuna.exceptions.StorageInternalError)
@@ -257,6 +287,8 @@ class RunStore:
             attrs["final"] = record.final
         if record.per_document is not None:
             attrs["per_document"] = record.per_document
+        if record.reused_from is not None:
+            attrs["reused_from"] = record.reused_from
         params, distributions = {}, {}
         if len(record.genome) <= MAX_PARAM_GENES and len(self.gene_names) == len(record.genome):
             for name, value in zip(self.gene_names, record.genome):
@@ -296,6 +328,7 @@ class RunStore:
                     stages=a.get("stages"),
                     final=bool(a.get("final", True)),
                     per_document=a.get("per_document"),
+                    reused_from=_reused_from(a),
                 )
             )
         return out
@@ -315,21 +348,21 @@ class RunStore:
     def races(self) -> dict[int, dict[str, Any]]:
         return {int(k): v for k, v in self._named("race:").items()}
 
-    def set_source(self, name: str, result: dict[str, Any]) -> None:
-        """A source model's scores: {"values": {objective: v} or None, "metrics", "error"}."""
+    def set_source(self, name: str, result: ReferenceResult) -> None:
+        """A source model's scores."""
         with self._writing():
-            self.study.set_user_attr(f"source:{name}", result)
+            self.study.set_user_attr(f"source:{name}", result.to_json())
 
-    def sources(self) -> dict[str, dict[str, Any]]:
-        return self._named("source:")
+    def sources(self) -> dict[str, ReferenceResult]:
+        return {k: ReferenceResult.from_json(v) for k, v in self._named("source:").items()}
 
-    def set_baseline(self, name: str, result: dict[str, Any]) -> None:
-        """A baseline merge's scores, as for a source, plus its "recipe"."""
+    def set_baseline(self, name: str, result: ReferenceResult) -> None:
+        """A baseline merge's scores, with the recipe that was scored."""
         with self._writing():
-            self.study.set_user_attr(f"baseline:{name}", result)
+            self.study.set_user_attr(f"baseline:{name}", result.to_json())
 
-    def baselines(self) -> dict[str, dict[str, Any]]:
-        return self._named("baseline:")
+    def baselines(self) -> dict[str, ReferenceResult]:
+        return {k: ReferenceResult.from_json(v) for k, v in self._named("baseline:").items()}
 
     def set_note(self, key: str, value: Any) -> None:
         """A small JSON value the run keeps about itself (e.g. its MLflow run id)."""
@@ -377,6 +410,15 @@ class RunStore:
             except EvomergeError as exc:
                 log.warning("%s; using the previous checkpoint", exc)
         return None
+
+
+def _reused_from(attrs: dict[str, Any]) -> Optional[int]:
+    """The twin a reused evaluation took its score from (runs before the field said so in
+    their worker: "cache of #N")."""
+    if attrs.get("reused_from") is not None:
+        return int(attrs["reused_from"])
+    legacy = str(attrs.get("worker", ""))
+    return int(legacy.removeprefix("cache of #")) if legacy.startswith("cache of #") else None
 
 
 def read_run_meta(folder: Path) -> dict[str, Any]:

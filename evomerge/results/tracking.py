@@ -128,7 +128,7 @@ class MlflowTracker:
             ("baseline", self.run.store.baselines()),
         ):
             for name, result in named.items():
-                for objective, value in (result.get("values") or {}).items():
+                for objective, value in (result.values or {}).items():
                     key = metric_key(f"{kind}/{name}/{objective}")
                     metrics.append(self.Metric(key, float(value), now, 0))
         logged = {m.step for m in self.client.get_metric_history(self.run_id, "evaluation")}

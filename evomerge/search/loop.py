@@ -87,7 +87,10 @@ class SearchLoop:
         }
         self.sources = self.store.sources()
         self.baselines = self.store.baselines()
-        self.scored = {recipe_key(r.recipe): r for r in records if not r.failed}
+        self.scored: dict[str, Record] = {}  # merge identity -> the evaluation that scored it
+        for r in records:
+            if not r.failed and r.reused_from is None:
+                self.scored.setdefault(recipe_key(r.recipe), r)
         self.racer, self.pending = self.restore_races(records)
         self.racing: dict[int, tuple[Candidate, Race]] = {}  # index -> its race, in the pool
         self.done = len(self.replayable)
@@ -113,7 +116,7 @@ class SearchLoop:
         racer = Racer(fitness.fidelity, plan, self.run.config.objectives)
         committed = {r.index for r in records}
         for r in records:
-            if r.stages and not r.worker.startswith("cache of"):
+            if r.stages and r.reused_from is None:
                 racer.know(
                     Race.from_json(
                         {
@@ -131,7 +134,7 @@ class SearchLoop:
                 pending[index] = Race.from_json(data)
                 racer.know(pending[index])
         for result in [*self.sources.values(), *self.baselines.values()]:
-            racer.know_reference(result.get("per_document"))
+            racer.know_reference(result.per_document)
         return racer, pending
 
     def restore(self) -> tuple[Optimizer, int]:
@@ -203,23 +206,23 @@ class SearchLoop:
             return False
         if label.startswith(BASELINE):
             name, origin = label.removeprefix(BASELINE), "baseline"
-            scored = self.baselines.get(name, {})
-            recipe = scored.get("recipe")
+            scored = self.baselines.get(name)
+            recipe = scored.recipe if scored else None
         else:
             name, origin = label, "source"
-            scored = self.sources.get(name, {})
+            scored = self.sources.get(name)
             recipe = source_recipe(self.run.config.models[name])
-        if not scored.get("values") or "per_example" not in scored or recipe is None:
+        if scored is None or scored.failed or recipe is None:
             return False
-        per_example = scored["per_example"]
+        per_example = scored.per_example
         if self.racer is not None:  # the first stage's documents, as every candidate has
-            per_example = self.racer.per_example(scored.get("per_document") or {})
+            per_example = self.racer.per_example(scored.per_document or {})
         record = Record(
             index=candidate.index,
             genome=candidate.genome,
             recipe=recipe,
-            values=scored["values"],
-            metrics=scored.get("metrics") or {},
+            values=scored.values,
+            metrics=scored.metrics,
             per_example=per_example,
             worker=f"{origin} {name}",
             origin=origin,
@@ -238,7 +241,7 @@ class SearchLoop:
             index=candidate.index,
             genome=candidate.genome,
             seconds=0.0,
-            worker=f"cache of #{twin.index}",
+            reused_from=twin.index,
         )
         self.commit(record)
         self.tell(candidate, record)
@@ -328,7 +331,7 @@ class SearchLoop:
         if label is not None:
             record.origin = "baseline" if label.startswith(BASELINE) else "source"
         self.commit(record)
-        if not record.failed:
+        if not record.failed and record.reused_from is None:
             self.scored.setdefault(recipe_key(record.recipe), record)
         self.bar.set_postfix_str(_postfix(record), refresh=False)
         if record.error and record.error.startswith(MISSING_METRIC):

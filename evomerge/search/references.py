@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,7 @@ from evomerge.learn.in_run import is_learned, learns_alike, same_merge
 from evomerge.optim.registry import Candidate
 from evomerge.recipe import Recipe
 from evomerge.results.pareto import pareto_records
-from evomerge.results.store import RunStore
+from evomerge.results.store import ReferenceResult, RunStore
 from evomerge.search.prepare import references_config
 from evomerge.search.records import to_record
 from evomerge.search.run import Run
@@ -45,18 +46,19 @@ def reference_recipes(run: Run) -> dict[tuple[str, str], str]:
     return out
 
 
-def stored_references(run: Run) -> dict[tuple[str, str], dict]:
+def stored_references(run: Run) -> dict[tuple[str, str], ReferenceResult]:
+    """(kind, name) -> what the store holds for each source and baseline scored so far."""
     stored = {("source", k): v for k, v in run.store.sources().items()}
     stored.update({("baseline", k): v for k, v in run.store.baselines().items()})
     return stored
 
 
-def store_reference(run: Run, key: tuple[str, str], result: dict) -> None:
+def store_reference(run: Run, key: tuple[str, str], result: ReferenceResult) -> None:
     kind, name = key
     (run.store.set_source if kind == "source" else run.store.set_baseline)(name, result)
 
 
-def borrowed_references(run: Run) -> dict[tuple[str, str], dict]:
+def borrowed_references(run: Run) -> dict[tuple[str, str], ReferenceResult]:
     """Scores of this run's sources and baselines held by the `references_from` run, when
     they were scored the same way (fitness, objectives, score_dtype) on the same recipe (its
     failures are not scores: this run scores those itself)."""
@@ -74,7 +76,7 @@ def borrowed_references(run: Run) -> dict[tuple[str, str], dict]:
         if key in mine
         and (alike or not is_learned(mine[key]))
         and same_merge(their_recipes.get(key), mine[key], folder, run.folder)
-        and not result.get("error")
+        and not result.failed
     }
 
 
@@ -83,9 +85,7 @@ def score_references(run: Run, pool: Pool, progress: bool = True) -> None:
     the budget, not told to the optimizer): status and the report set the search against them,
     and the hypervolume reference defaults to the sources' worst values. One that failed
     (out of memory, a fitness bug since fixed) is scored again when the run resumes."""
-    done = {
-        key: result for key, result in stored_references(run).items() if not result.get("error")
-    }
+    done = {key: result for key, result in stored_references(run).items() if not result.failed}
     recipes = reference_recipes(run)
     for key, result in borrowed_references(run).items():
         if key in recipes and key not in done:
@@ -99,15 +99,15 @@ def score_references(run: Run, pool: Pool, progress: bool = True) -> None:
     for candidate, recipe, outcome in score_all(pool, jobs):
         key = todo[-1 - candidate.index][0]
         record = to_record(run.config.objectives, candidate, recipe, outcome)
-        result = {
-            "values": record.values,
-            "metrics": outcome.metrics,
-            "per_example": outcome.per_example,
-            "error": record.error,
-        }
-        if outcome.per_document is not None:
-            result["per_document"] = outcome.per_document
-        store_reference(run, key, result if key[0] == "source" else {**result, "recipe": recipe})
+        result = ReferenceResult(
+            values=record.values,
+            metrics=outcome.metrics,
+            per_example=outcome.per_example,
+            error=record.error,
+            per_document=outcome.per_document,
+            recipe=None if key[0] == "source" else recipe,
+        )
+        store_reference(run, key, result)
         bar.update(1)
     bar.close()
 
@@ -119,7 +119,7 @@ def score_held_out(run: Run, pool: Pool, progress: bool = True) -> None:
     jobs = [(Candidate(r.number, r.genome), r.recipe, True) for r in front if r.held_out is None]
     stored = stored_references(run)
     recipes = reference_recipes(run)
-    references = [k for k in recipes if k in stored and stored[k].get("held_out") is None]
+    references = [k for k in recipes if k in stored and stored[k].held_out is None]
     jobs += [
         (Candidate(-1 - k, np.zeros(0)), recipes[key], True) for k, key in enumerate(references)
     ]
@@ -130,7 +130,7 @@ def score_held_out(run: Run, pool: Pool, progress: bool = True) -> None:
             run.store.set_held_out(candidate.index, metrics)
         else:
             key = references[-1 - candidate.index]
-            store_reference(run, key, {**stored[key], "held_out": metrics})
+            store_reference(run, key, replace(stored[key], held_out=metrics))
         bar.update(1)
     bar.close()
 
