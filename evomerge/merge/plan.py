@@ -13,9 +13,11 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, Optional
 
+import torch
+
 from evomerge.errors import EvomergeError
 from evomerge.merge.dataflow import build_dataflow_plan
-from evomerge.merge.io import ModelSource, parse_dtype
+from evomerge.merge.io import ModelSource, TensorInfo, parse_dtype
 from evomerge.merge.learned import Coefficients
 from evomerge.merge.methods import Method, Param, get_method
 from evomerge.merge.nested import MergedSource
@@ -181,45 +183,168 @@ def build_plan(
     """Check a recipe against its models and lay out every output tensor (a data-aware one
     opens its statistics, unless they are not made yet: `statistics_required` false)."""
     sources = dict(sources or {})
-    if recipe.dtype:
-        parse_dtype(recipe.dtype, "dtype")
-    out_dtype_override = (
-        parse_dtype(recipe.out_dtype or recipe.dtype, "out_dtype")
-        if (recipe.out_dtype or recipe.dtype)
-        else None
-    )
+    out_dtype = _out_dtype(recipe)
     if recipe.merge_method == "dataflow":
         _open_sources(recipe, sources, allow_pickle, search_dirs)
-        refs: dict[str, str] = {}
-        for name, model in (recipe.models or {}).items():
-            if isinstance(model, Recipe):  # PS then DFS: the merge is read tensor by tensor
-                try:
-                    inner = build_plan(
-                        model,
-                        allow_pickle=allow_pickle,
-                        sources=sources,
-                        statistics_required=statistics_required,
-                    )
-                except EvomergeError as exc:
-                    raise EvomergeError(f"models.{name} (nested recipe): {exc}") from None
-                refs[name] = NESTED_REF.format(name=name)
-                sources[refs[name]] = MergedSource(refs[name], inner)
-            else:
-                refs[name] = model
-        return build_dataflow_plan(recipe, refs, sources, out_dtype_override)
+        refs = _nested_sources(recipe, sources, allow_pickle, statistics_required)
+        return build_dataflow_plan(recipe, refs, sources, out_dtype)
     method = get_method(recipe.merge_method)
     _check_parameter_settings(recipe, method)
     _open_sources(recipe, sources, allow_pickle, search_dirs)
     _check_compatible({ref: sources[ref] for ref in recipe.referenced_models()})
 
     slices = _normalize_slices(recipe, sources)
-    first_models = [s.model for s in slices[0].sources]
-    last_models = [s.model for s in slices[-1].sources]
-    donor = recipe.base_model or first_models[0]
-    ops: list[TensorOp] = []
-    layer_sources: list[tuple[str, int]] = []
+    layout = _Layout(recipe, method, sources, out_dtype)
+    before, after = _outer_tensors(sources[slices[0].sources[0].model])
+    layout.outer(before, slices[0], "embeddings")
+    for si, out_slice in enumerate(slices):
+        layout.layers(si, out_slice)
+    layout.outer(after, slices[-1], "final norm/head")
+    if recipe.lines is not None:
+        _apply_lines(recipe, method, layout.ops, len(layout.layer_sources))
 
-    def add(
+    donor = recipe.base_model or slices[0].sources[0].model
+    plan = MergePlan(
+        recipe,
+        method,
+        layout.ops,
+        donor,
+        _tokenizer_source(recipe, donor, sources, allow_pickle, search_dirs),
+        layout.layer_sources if recipe.slices else None,
+        sources,
+    )
+    if method.statistics and (statistics_required or recipe.statistics is not None):
+        plan.statistics = _open_statistics(recipe, method, search_dirs)
+    if method.learned and statistics_required:  # a run learns them before the first merge
+        plan.statistics = _open_coefficients(recipe, method, search_dirs)
+    return plan
+
+
+def _out_dtype(recipe: Recipe) -> Optional[torch.dtype]:
+    """The dtype every merged floating-point tensor is written in; None keeps each input's."""
+    if recipe.dtype:
+        parse_dtype(recipe.dtype, "dtype")
+    named = recipe.out_dtype or recipe.dtype
+    return parse_dtype(named, "out_dtype") if named else None
+
+
+def _nested_sources(
+    recipe: Recipe, sources: dict[str, ModelSource], allow_pickle: bool, statistics_required: bool
+) -> dict[str, str]:
+    """A dataflow recipe's model name -> source reference; a nested recipe (PS then DFS)
+    becomes a source read tensor by tensor from its own plan."""
+    refs: dict[str, str] = {}
+    for name, model in (recipe.models or {}).items():
+        if not isinstance(model, Recipe):
+            refs[name] = model
+            continue
+        try:
+            inner = build_plan(
+                model,
+                allow_pickle=allow_pickle,
+                sources=sources,
+                statistics_required=statistics_required,
+            )
+        except EvomergeError as exc:
+            raise EvomergeError(f"models.{name} (nested recipe): {exc}") from None
+        refs[name] = NESTED_REF.format(name=name)
+        sources[refs[name]] = MergedSource(refs[name], inner)
+    return refs
+
+
+def _outer_tensors(source: ModelSource) -> tuple[list[str], list[str]]:
+    """The tensors outside the layers, in order: before them (embeddings) and after them (the
+    final norm, lm_head)."""
+    before, after = [], []
+    for name in source.index:
+        if split_layer_name(name) is None:
+            (after if POST_NAME.search(name) else before).append(name)
+    return before, after
+
+
+def _tokenizer_source(
+    recipe: Recipe,
+    donor: str,
+    sources: dict[str, ModelSource],
+    allow_pickle: bool,
+    search_dirs: Iterable,
+) -> str:
+    """The model whose tokenizer the merge ships (opened if no input is that model)."""
+    tokenizer = recipe.tokenizer_source
+    if tokenizer in (None, "base"):
+        return donor
+    if tokenizer == "union":
+        raise EvomergeError(
+            "field 'tokenizer_source': 'union' is not supported; name one model or 'base'"
+        )
+    if tokenizer not in sources:
+        sources[tokenizer] = ModelSource(
+            tokenizer, allow_pickle=allow_pickle, search_dirs=search_dirs
+        )
+    return tokenizer
+
+
+class _Layout:
+    """The merge's output tensors, laid out one at a time in the checkpoint's order, each with
+    its inputs checked and its parameters resolved for where it sits."""
+
+    def __init__(
+        self,
+        recipe: Recipe,
+        method: Method,
+        sources: dict[str, ModelSource],
+        out_dtype: Optional[torch.dtype],
+    ) -> None:
+        self.recipe, self.method, self.sources, self.out_dtype = recipe, method, sources, out_dtype
+        self.ops: list[TensorOp] = []
+        self.layer_sources: list[tuple[str, int]] = []  # (model, layer) each output layer is
+        self._layer_tensors: dict[str, list[tuple[str, str]]] = {}
+
+    def outer(self, names: list[str], out_slice: OutputSlice, where: str) -> None:
+        """Tensors outside the layers, from the slice's models, parameters read at t = 0."""
+        models = [s.model for s in out_slice.sources]
+        base = out_slice.base_model or self.recipe.base_model
+        for name in names:
+            inputs = [(m, name) for m in models]
+            self.tensor(name, inputs, _Scope(self.recipe, out_slice), base, 0.0, where)
+
+    def layers(self, si: int, out_slice: OutputSlice) -> None:
+        """One output slice's layers, each from the same offset in every source's range."""
+        lengths = {src.layer_range[1] - src.layer_range[0] for src in out_slice.sources}
+        if len(lengths) != 1:
+            raise EvomergeError(f"slices.{si}: every source must span the same number of layers")
+        n = lengths.pop()
+        for src in out_slice.sources:
+            depth = self.sources[src.model].num_layers
+            if src.layer_range[1] > depth:
+                raise EvomergeError(
+                    f"slices.{si}: layer_range {list(src.layer_range)} is out of "
+                    f"range for {src.model!r}, which has {depth} layers"
+                )
+        base = out_slice.base_model or self.recipe.base_model
+        scope = _Scope(self.recipe, out_slice)
+        lead = out_slice.sources[0]
+        for offset in range(n):
+            t = offset / (n - 1) if n > 1 else 1.0
+            out_index = len(self.layer_sources)
+            lead_layer = lead.layer_range[0] + offset
+            where = f"slices.{si} layer {out_index}" if self.recipe.slices else f"layer {out_index}"
+            for prefix, rest in self._tensors_of(lead.model, lead_layer):
+                inputs = [
+                    (src.model, f"{prefix}{src.layer_range[0] + offset}.{rest}")
+                    for src in out_slice.sources
+                ]
+                self.tensor(f"{prefix}{out_index}.{rest}", inputs, scope, base, t, where)
+            self.layer_sources.append((lead.model, lead_layer))
+
+    def _tensors_of(self, model: str, layer: int) -> list[tuple[str, str]]:
+        key = f"{model}:{layer}"
+        if key not in self._layer_tensors:
+            self._layer_tensors[key] = _layer_tensors(self.sources[model], layer)
+        return self._layer_tensors[key]
+
+    def tensor(
+        self,
         name: str,
         inputs: list[tuple[str, str]],
         scope: _Scope,
@@ -227,135 +352,45 @@ def build_plan(
         t: float,
         where: str,
     ) -> None:
-        models = [m for m, _ in inputs]
-        base_index = _check_inputs(method, models, base, where)
-        shapes = []
+        """One output tensor: its inputs checked, then its parameters resolved (a tensor that
+        is not floating point is copied from the base, or the first input)."""
+        base_index = _check_inputs(self.method, [m for m, _ in inputs], base, where)
+        first = self._input_headers(name, inputs)[base_index if base_index is not None else 0]
+        if not first.dtype.is_floating_point:
+            self.ops.append(
+                TensorOp(name, inputs, base_index, {}, [], first.dtype, first.shape, True)
+            )
+            return
+        shared = {
+            p.name: _resolve(p, scope.settings(None), name, t, where)
+            for p in self.method.shared_params()
+        }
+        per_input = [
+            {
+                p.name: _resolve(p, scope.settings(model), tensor, t, f"{where}, model {model}")
+                for p in self.method.input_params()
+            }
+            for i, (model, tensor) in enumerate(inputs)
+            if i != base_index
+        ]
+        dtype = self.out_dtype or first.dtype
+        self.ops.append(TensorOp(name, inputs, base_index, shared, per_input, dtype, first.shape))
+
+    def _input_headers(self, name: str, inputs: list[tuple[str, str]]) -> list[TensorInfo]:
+        """Each input's header entry; a missing tensor or mismatched shapes end here."""
+        headers = []
         for model, tensor in inputs:
-            info = sources[model].index.get(tensor)
+            info = self.sources[model].index.get(tensor)
             if info is None:
                 raise EvomergeError(
                     f"model {model!r} has no tensor {tensor!r} (needed for {name}); "
                     "are the architectures the same?"
                 )
-            shapes.append(info)
-        if len({i.shape for i in shapes}) != 1:
-            detail = ", ".join(f"{m}: {list(i.shape)}" for (m, _), i in zip(inputs, shapes))
+            headers.append(info)
+        if len({i.shape for i in headers}) != 1:
+            detail = ", ".join(f"{m}: {list(i.shape)}" for (m, _), i in zip(inputs, headers))
             raise EvomergeError(f"tensor {name} has mismatched shapes ({detail})")
-        first = shapes[base_index if base_index is not None else 0]
-        if not first.dtype.is_floating_point:
-            ops.append(TensorOp(name, inputs, base_index, {}, [], first.dtype, first.shape, True))
-            return
-        shared = {
-            p.name: _resolve(p, scope.settings(None), name, t, where)
-            for p in method.shared_params()
-        }
-        per_input = []
-        for i, (model, tensor) in enumerate(inputs):
-            if i == base_index:
-                continue
-            per_input.append(
-                {
-                    p.name: _resolve(p, scope.settings(model), tensor, t, f"{where}, model {model}")
-                    for p in method.input_params()
-                }
-            )
-        ops.append(
-            TensorOp(
-                name,
-                inputs,
-                base_index,
-                shared,
-                per_input,
-                out_dtype_override or first.dtype,
-                first.shape,
-            )
-        )
-
-    first_source = sources[first_models[0]]
-    layer_names: dict[str, list[str]] = {}
-    outer_pre, outer_post = [], []
-    for name in first_source.index:
-        parts = split_layer_name(name)
-        if parts is None:
-            (outer_post if POST_NAME.search(name) else outer_pre).append(name)
-    for name in outer_pre:
-        add(
-            name,
-            [(m, name) for m in first_models],
-            _Scope(recipe, slices[0]),
-            slices[0].base_model or recipe.base_model,
-            0.0,
-            "embeddings",
-        )
-
-    for si, out_slice in enumerate(slices):
-        lengths = {src.layer_range[1] - src.layer_range[0] for src in out_slice.sources}
-        if len(lengths) != 1:
-            raise EvomergeError(f"slices.{si}: every source must span the same number of layers")
-        n = lengths.pop()
-        base = out_slice.base_model or recipe.base_model
-        scope = _Scope(recipe, out_slice)
-        for src in out_slice.sources:
-            depth = sources[src.model].num_layers
-            if src.layer_range[1] > depth:
-                raise EvomergeError(
-                    f"slices.{si}: layer_range {list(src.layer_range)} is out of "
-                    f"range for {src.model!r}, which has {depth} layers"
-                )
-        for offset in range(n):
-            t = offset / (n - 1) if n > 1 else 1.0
-            out_index = len(layer_sources)
-            lead = out_slice.sources[0]
-            lead_layer = lead.layer_range[0] + offset
-            rests = layer_names.setdefault(
-                f"{lead.model}:{lead_layer}", _layer_tensors(sources[lead.model], lead_layer)
-            )
-            for prefix, rest in rests:
-                inputs = [
-                    (src.model, f"{prefix}{src.layer_range[0] + offset}.{rest}")
-                    for src in out_slice.sources
-                ]
-                add(
-                    f"{prefix}{out_index}.{rest}",
-                    inputs,
-                    scope,
-                    base,
-                    t,
-                    f"slices.{si} layer {out_index}" if recipe.slices else f"layer {out_index}",
-                )
-            layer_sources.append((lead.model, lead_layer))
-
-    for name in outer_post:
-        add(
-            name,
-            [(m, name) for m in last_models],
-            _Scope(recipe, slices[-1]),
-            slices[-1].base_model or recipe.base_model,
-            0.0,
-            "final norm/head",
-        )
-
-    tokenizer = recipe.tokenizer_source
-    if tokenizer in (None, "base"):
-        tokenizer = donor
-    elif tokenizer == "union":
-        raise EvomergeError(
-            "field 'tokenizer_source': 'union' is not supported; name one model or 'base'"
-        )
-    elif tokenizer not in sources:
-        sources[tokenizer] = ModelSource(
-            tokenizer, allow_pickle=allow_pickle, search_dirs=search_dirs
-        )
-    if recipe.lines is not None:
-        _apply_lines(recipe, method, ops, len(layer_sources))
-    plan = MergePlan(
-        recipe, method, ops, donor, tokenizer, layer_sources if recipe.slices else None, sources
-    )
-    if method.statistics and (statistics_required or recipe.statistics is not None):
-        plan.statistics = _open_statistics(recipe, method, search_dirs)
-    if method.learned and statistics_required:  # a run learns them before the first merge
-        plan.statistics = _open_coefficients(recipe, method, search_dirs)
-    return plan
+        return headers
 
 
 def _apply_lines(recipe: Recipe, method: Method, ops: list[TensorOp], layers: int) -> None:
