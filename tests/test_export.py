@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from huggingface_hub import ModelCard
@@ -146,3 +147,46 @@ def test_push_to_hub_fails_before_any_work(llama, tmp_path, capsys, monkeypatch,
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     expect_error([*push, "org/name"], capsys, "--push-to-hub", "HF_HUB_OFFLINE")
     assert not out.exists()  # nothing was merged for an upload that could not happen
+
+
+@pytest.mark.parametrize("objectives", [2, 3])
+def test_report_figures_are_described_once_and_drawn_by_both_renderers(tmp_path, objectives):
+    """The page's plotly figures and the PNGs come from one description: the same points, the
+    same reference models, for a scatter front (two objectives) and parallel coordinates."""
+    from types import SimpleNamespace
+
+    from evomerge.results.figures import describe
+    from evomerge.results.report import plotly_figure, write_png
+    from evomerge.results.store import ReferenceResult
+
+    names = "abc"[:objectives]
+    config = SimpleNamespace(
+        objectives=[Objective(name=n, metric=n, direction="maximize") for n in names],
+        reference=None,
+    )
+    g = np.random.default_rng(0)
+    frame = pd.DataFrame(
+        {"number": range(12), "index": range(12), "failed": [False] * 11 + [True]}
+        | {n: g.random(12) for n in names}
+    )
+    frame["pareto"] = False
+    frame.loc[3, "pareto"] = True
+    references = {
+        "source": {"m": ReferenceResult(values={n: 0.5 for n in names})},
+        "baseline": {"avg": ReferenceResult(values=None, error="boom")},
+    }
+    figures = describe(frame, config, references)
+    assert set(figures) == {"pareto", "hypervolume", *(f"objective_{n}" for n in names)}
+    for name, figure in figures.items():
+        drawn = plotly_figure(figure)
+        if figure.profiles is not None:  # 11 evaluations and the one scored source
+            assert len(drawn.data[0].dimensions[0]["values"]) == len(figure.profiles.lines) == 12
+        else:
+            points = sum(len(t.x) for t in figure.traces)
+            assert sum(len(t.x) for t in drawn.data if t.x and t.x[0] is not None) == points
+        write_png(figure, tmp_path / f"{name}.png")
+        assert (tmp_path / f"{name}.png").stat().st_size > 5_000
+    front = figures["pareto"]
+    if objectives == 2:
+        assert [t.names for t in front.traces if t.names] == [["m"]]  # the failed one is not drawn
+    assert [level.note for level in figures["objective_a"].levels] == ["m"]
