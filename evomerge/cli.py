@@ -11,6 +11,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Optional
 
+import yaml
+
 from evomerge import __version__
 from evomerge.errors import EvomergeError
 
@@ -127,8 +129,6 @@ EVOLVE_FLAGS = {  # mergekit-evolve's flags that carry meaning here: argparse de
 def _run_config(args: argparse.Namespace):
     """The run config: evomerge's own, or a mergekit-evolve file with its flags translated
     (printed, so the user can move on to evomerge's format); None when only printing."""
-    import yaml
-
     from evomerge.config import RunConfig
     from evomerge.mergekit_evolve import EvolveFlags, is_evolve_config, to_run_config
 

@@ -122,3 +122,56 @@ def test_product_imports_no_test_tooling():
         for module, _ in _imports(file):
             assert not module.startswith("tests"), f"{file} imports {module}"
     assert not (PACKAGE / "testing.py").exists() and not (PACKAGE / "mutations.py").exists()
+
+
+# What a function may import lazily, and why: a dependency whose import costs time a command that
+# never uses it should not pay (measured with `python -X importtime`), or an optional one.
+LAZY_DEPENDENCIES = {
+    "torch": "~1.2 s; status, export checks and config commands never need it",
+    "transformers": "~2 s to its model classes; only paths that load a model or tokenizer",
+    "accelerate": "~1.2 s; only a live model spread over devices",
+    "lm_eval": "~0.9 s; only scoring and task checks",
+    "ray": "~0.4 s; only the Ray pool and its workers",
+    "mlflow": "~1.4 s; only runs with `tracking:`",
+    "pymoo": "~0.12 s; only Pareto sorting and hypervolume, not every status line",
+    "gguf": "optional: only reading a GGUF file",
+}
+# in-package lazy imports: each command imports only what it runs (`evomerge status` starts in
+# about a second, without torch); status reads a learned merge's summary from the merge package
+# (which loads torch) only for a recipe that names a coefficient file
+LAZY_MODULES = {"evomerge.cli": ("evomerge.",), "evomerge.results.status": ("evomerge.merge.",)}
+
+
+def _type_checking_only(tree: ast.Module) -> set[int]:
+    """ids of imports under `if TYPE_CHECKING:` (never executed)."""
+    out = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            out |= {id(n) for n in ast.walk(node) if isinstance(n, (ast.Import, ast.ImportFrom))}
+    return out
+
+
+def test_lazy_imports_spare_a_declared_heavy_dependency():
+    """An import inside a function hides a module's dependencies from its reader; one is kept only
+    where it spares a dependency named above, with its reason."""
+    unexplained = []
+    for file in PACKAGE.rglob("*.py"):
+        name = _module_name(file)
+        tree = ast.parse(file.read_text())
+        top = {id(n) for n in tree.body}
+        for stmt in tree.body:  # a module-level try/if (an optional import) is still top level
+            if isinstance(stmt, (ast.Try, ast.If)):
+                top |= {id(n) for n in ast.walk(stmt)}
+        top |= _type_checking_only(tree)
+        for node in ast.walk(tree):
+            if not isinstance(node, (ast.Import, ast.ImportFrom)) or id(node) in top:
+                continue
+            modules = (
+                [node.module] if isinstance(node, ast.ImportFrom) else [a.name for a in node.names]
+            )
+            for module in modules:
+                root = (module or "").split(".")[0]
+                if root in LAZY_DEPENDENCIES or module.startswith(LAZY_MODULES.get(name, ("-",))):
+                    continue
+                unexplained.append(f"{file.relative_to(PACKAGE.parent)}:{node.lineno} {module}")
+    assert not unexplained, "lazy imports with no declared reason:\n" + "\n".join(unexplained)

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
+from huggingface_hub import snapshot_download
 
 from evomerge.errors import EvomergeError
 
@@ -131,8 +132,6 @@ def resolve_model_path(ref: str, *, search_dirs: Iterable[Path] = ()) -> Path:
     if ref.startswith((".", "/", "~")) or ref.count("/") != 1:
         raise EvomergeError(f"model {ref!r}: no such folder")
     try:
-        from huggingface_hub import snapshot_download
-
         folder = snapshot_download(
             ref,
             allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja"],

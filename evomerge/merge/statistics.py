@@ -22,6 +22,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save
 
 from evomerge.errors import EvomergeError
 
@@ -192,7 +194,6 @@ def measure_source(
     """A source's statistics as the bytes of their safetensors file (what a worker sends back
     to the driver, which keeps the run folder); `model_path`: where this machine finds the
     model when the reference is relative or a hub name."""
-    from safetensors.torch import save
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     load = model_path or model_ref
@@ -263,8 +264,6 @@ def read_texts(folder: Path) -> list[str]:
 
 
 def read_metadata(path: Path) -> dict[str, str]:
-    from safetensors import safe_open
-
     with safe_open(str(path), framework="pt") as handle:
         return handle.metadata() or {}
 
@@ -285,8 +284,6 @@ class Statistics:
 
     def _handle(self, model_ref: str) -> Any:
         if model_ref not in self.handles:
-            from safetensors import safe_open
-
             path = stats_file(self.folder, model_ref)
             if not path.exists():
                 raise EvomergeError(

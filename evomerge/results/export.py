@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import yaml
+from huggingface_hub import HfApi, ModelCard, get_token
 
 from evomerge.config import RunConfig
 from evomerge.errors import EvomergeError
@@ -61,8 +62,6 @@ def hub_name(ref: str) -> str:
 
 def shared_license(refs: list[str]) -> Optional[str]:
     """The license every source's own model card declares, when they all declare the same."""
-    from huggingface_hub import ModelCard
-
     licenses = set()
     for ref in refs:
         card = Path(ref) / "README.md"
@@ -137,8 +136,6 @@ def hub_repos(repo: str, records: list[Record]) -> dict[int, str]:
 def hub_api() -> Any:
     """An authenticated Hub client, or one line saying why there is none (checked before any
     model is merged: an upload that cannot happen must not cost the export first)."""
-    from huggingface_hub import HfApi, get_token
-
     if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
         raise EvomergeError("--push-to-hub: HF_HUB_OFFLINE is set; unset it to upload")
     token = get_token()

@@ -29,6 +29,7 @@ import numpy as np
 import optuna
 from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState
+from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
 from evomerge import __version__
@@ -463,8 +464,6 @@ def _storage(url: str) -> optuna.storages.RDBStorage:
 
 
 def _without_password(url: str) -> str:
-    from sqlalchemy.engine import make_url
-
     try:
         return make_url(url).render_as_string(hide_password=True)
     except Exception:  # not a URL SQLAlchemy can parse: nothing to hide in it

@@ -28,6 +28,7 @@ import re
 from dataclasses import dataclass, replace
 from typing import Optional
 
+import psutil
 import torch
 
 from evomerge.config import LmEvalFitnessSpec, RunConfig
@@ -220,8 +221,6 @@ def _machine(config: RunConfig) -> Optional[tuple[str, int, int]]:
         free, _ = torch.cuda.mem_get_info()
         per_device = max(1, int(1 / config.gpus_per_worker + 1e-9)) if config.pool == "ray" else 1
         return "each GPU", per_device, free
-    import psutil  # lazy: only the CPU path reads the host's memory
-
     threads = config.threads_per_worker or 2  # the Ray pool's default, per CPU worker
     default = max(1, (os.cpu_count() or 1) // threads)
     workers = 1 if config.pool == "local" else (config.workers or default)

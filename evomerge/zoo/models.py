@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
 ARCHITECTURES = ("llama", "mistral", "qwen2")
 
@@ -25,7 +26,6 @@ def _byte_chars() -> dict[int, str]:
 
 def byte_tokenizer(vocab_extra: int = 0):
     """A byte-level tokenizer (256 byte tokens + <s>, </s>, <pad>) built without any download."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     vocab = {ch: byte for byte, ch in _byte_chars().items()}  # token id == byte value
