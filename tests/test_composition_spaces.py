@@ -12,7 +12,7 @@ from evomerge.merge.engine import merge_to_disk
 from evomerge.merge.io import ModelSource
 from evomerge.optim.registry import make_optimizer
 from evomerge.spaces import build_space, read_space_spec
-from evomerge.spaces.dataflow import DataflowGenome
+from evomerge.spaces.dataflow_genome import DataflowGenome
 
 
 def models_of(m) -> dict[str, str]:

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from evomerge.errors import EvomergeError
 from evomerge.recipe import PathStep
-from evomerge.spaces.dataflow import DataflowGenome
+from evomerge.spaces.dataflow_genome import DataflowGenome
 
 MODELS = (("a", 3), ("b", 2))
 

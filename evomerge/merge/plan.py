@@ -16,8 +16,8 @@ from typing import Any, Optional
 import torch
 
 from evomerge.errors import EvomergeError
-from evomerge.merge.dataflow import build_dataflow_plan
 from evomerge.merge.io import ModelSource, TensorInfo, parse_dtype
+from evomerge.merge.layer_path import build_dataflow_plan
 from evomerge.merge.learned import Coefficients
 from evomerge.merge.methods import Method, Param, get_method
 from evomerge.merge.nested import MergedSource

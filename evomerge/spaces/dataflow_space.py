@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from evomerge.errors import EvomergeError
 from evomerge.recipe import PathStep, Recipe
 from evomerge.spaces.base import SearchSpace
-from evomerge.spaces.dataflow import DataflowGenome, Layout, ScalingForm
+from evomerge.spaces.dataflow_genome import DataflowGenome, Layout, ScalingForm
 from evomerge.spaces.parameter import ParameterSpace, ParameterSpaceSpec
 
 MERGED = "merged"  # in a ps_dfs space, the name of the parameter-space stage's result
