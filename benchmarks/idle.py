@@ -1,12 +1,17 @@
 """Worker idle time under generational optimizers: does a generation keep every worker busy?
 
 Four Ray workers (on this 2-core machine each reserves half a CPU: the fitness sleeps, it does
-not compute), a fitness that sleeps 0.5 s, CMA-ES and NSGA-II with a population of 8, 32
-evaluations (four generations). Idle fraction = 1 - (seconds the workers spent on candidates,
-merges included) / (workers x wall time of the search); the workers are started and loaded
-before the clock starts, and shutting them down after the last result is not counted. Runs are
-not seeded with their sources, so every generation is the optimizer's own (seeding adds one
-short round of its own: the sources).
+not compute), a fitness that sleeps 0.5 s, CMA-ES, Optuna's NSGA-II and pymoo's NSGA-II
+(generations overlapping) with a population of 8, 32 evaluations (four generations). Idle
+fraction = 1 - (seconds the workers spent on candidates, merges included) / (workers x wall
+time of the search); the workers are started and loaded before the clock starts, and shutting
+them down after the last result is not counted. Runs are not seeded with their sources, so
+every generation is the optimizer's own (seeding adds one short round of its own: the sources).
+`--repeats N` runs each optimizer N times, interleaved.
+
+The second table is what one ask and its tell cost the driver over a 2,024-gene genome (the size
+of a per-tensor space over a 135M model), 200 evaluations in one process with an instant fitness:
+Optuna's bookkeeping grows with the genome, pymoo's operators are vector arithmetic.
 
     python benchmarks/idle.py [--out results/bench]
 """
@@ -16,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -83,19 +89,70 @@ def measure(models: dict, tmp: Path, optimizer: str) -> dict:
     }
 
 
+def ask_cost(optimizer: str, genes: int = 2024, evaluations: int = 200) -> dict:
+    """Seconds per ask and per tell of `optimizer` in one process, instant losses."""
+    import numpy as np
+
+    from evomerge.optim.registry import Evaluation, make_optimizer
+
+    lower, upper = np.zeros(genes), np.ones(genes)
+    opt = make_optimizer(
+        optimizer, {"population_size": POPULATION}, lower, upper, lower + 0.5, 2, seed=0
+    )
+    asking = telling = 0.0
+    for _ in range(evaluations // POPULATION):
+        start = time.perf_counter()
+        batch = opt.ask(POPULATION)
+        asking += time.perf_counter() - start
+        start = time.perf_counter()
+        for c in batch:
+            x = c.genome
+            opt.tell(Evaluation(c.index, x, np.array([np.mean(x**2), np.mean((x - 1) ** 2)])))
+        telling += time.perf_counter() - start
+    return {
+        "optimizer": optimizer,
+        "genes": genes,
+        "evaluations": evaluations,
+        "ask_ms": round(1000 * asking / evaluations, 3),
+        "tell_ms": round(1000 * telling / evaluations, 3),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "bench")
+    parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     from tests.family import make_family
 
+    names = ("cma", "nsga2", "pymoo_nsga2")
+    rows = []
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         models = make_family(tmp / "models", "llama", n_finetunes=2, seed=0)
-        rows = [measure(models, tmp, name) for name in ("cma", "nsga2")]
+        for repeat in range(args.repeats):  # interleaved: the machine's speed drifts
+            for name in names:
+                row = measure(models, tmp / f"r{repeat}", name)
+                rows.append({**row, "repeat": repeat})
+                print(json.dumps(rows[-1]), flush=True)
+    summary = {
+        name: {
+            "idle_median": statistics.median(
+                r["idle_fraction"] for r in rows if r["optimizer"] == name
+            ),
+            "idle_range": [
+                min(r["idle_fraction"] for r in rows if r["optimizer"] == name),
+                max(r["idle_fraction"] for r in rows if r["optimizer"] == name),
+            ],
+        }
+        for name in names
+    }
+    costs = [ask_cost(name) for name in ("nsga2", "pymoo_nsga2")]
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "idle.json").write_text(json.dumps(rows, indent=2) + "\n")
-    for row in rows:
+    result = {"idle": rows, "idle_summary": summary, "ask_cost": costs}
+    (args.out / "idle.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(summary))
+    for row in costs:
         print(json.dumps(row))
 
 

@@ -67,7 +67,9 @@ class Objective(BaseModel):
 
 class OptimizerSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    name: str = Field(description="cma, sep_cma, m2n2, nsga2, tpe, random, map or nested_map.")
+    name: str = Field(
+        description="cma, sep_cma, m2n2, nsga2, pymoo_nsga2, tpe, random, map or nested_map."
+    )
     options: dict[str, Any] = Field(
         default_factory=dict,
         description="The optimizer's own settings (population_size, sigma, ...).",

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pandas as pd
+import pytest
 import yaml
 
 from evomerge.cli import main
@@ -158,11 +159,23 @@ def kill_and_resume(
         return killed
 
 
-def test_sigkill_and_resume_equals_an_uninterrupted_run(llama, tmp_path):
+@pytest.mark.parametrize(
+    "search",
+    [
+        {},  # CMA-ES, one objective
+        {  # pymoo's NSGA-II over two objectives, generations overlapping
+            "optimizer": {"name": "pymoo_nsga2", "options": {"population_size": 4}},
+            "objectives": TWO_OBJECTIVES,
+        },
+    ],
+    ids=["cma", "pymoo_nsga2"],
+)
+def test_sigkill_and_resume_equals_an_uninterrupted_run(llama, tmp_path, search):
     config = run_config(
         llama,
         budget=14,
         fitness={"function": "tests.fitness_fns:score", "options": {"sleep": 0.05}},
+        **search,
     )
     path = write(tmp_path, config)
     reference = tmp_path / "reference"

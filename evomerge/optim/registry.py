@@ -15,10 +15,12 @@ from evomerge.optim.cma import CMAES, SepCMAES
 from evomerge.optim.m2n2 import M2N2
 from evomerge.optim.map import MAP, NestedMAP
 from evomerge.optim.optuna_samplers import NSGA2, TPE
+from evomerge.optim.pymoo_nsga2 import PymooNSGA2
 from evomerge.optim.random import RandomSearch
 
 OPTIMIZERS: dict[str, type[Optimizer]] = {
-    cls.name: cls for cls in (CMAES, SepCMAES, M2N2, NSGA2, TPE, RandomSearch, MAP, NestedMAP)
+    cls.name: cls
+    for cls in (CMAES, SepCMAES, M2N2, NSGA2, PymooNSGA2, TPE, RandomSearch, MAP, NestedMAP)
 }
 OPTUNA_OPTIONS = {
     "nsga2": {"population_size", "mutation_prob", "crossover_prob"},
