@@ -101,6 +101,7 @@ def test_identical_merges_are_scored_once(llama, tmp_path):
         twin = by_index[r.reused_from]
         assert recipe_key(twin.recipe) == recipe_key(r.recipe) and twin.values == r.values
         assert twin.reused_from is None and r.seconds == 0.0
+        assert r.worker == "" and r.origin == "optimizer"  # no worker scored it
 
 
 def test_default_workers_one_per_gpu_else_per_threads():

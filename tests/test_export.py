@@ -186,6 +186,8 @@ def test_report_figures_are_described_once_and_drawn_by_both_renderers(tmp_path,
             assert sum(len(t.x) for t in drawn.data if t.x and t.x[0] is not None) == points
         write_png(figure, tmp_path / f"{name}.png")
         assert (tmp_path / f"{name}.png").stat().st_size > 5_000
+    nothing = describe(frame.assign(failed=True), config, {"source": {}, "baseline": {}})
+    plotly_figure(nothing["pareto"])  # every evaluation failed: an empty plot, not a crash
     front = figures["pareto"]
     if objectives == 2:
         assert [t.names for t in front.traces if t.names] == [["m"]]  # the failed one is not drawn

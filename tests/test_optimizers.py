@@ -129,6 +129,18 @@ def test_pymoo_nsga2_breeds_no_duplicates_of_what_it_holds():
     assert len(set(seen)) == len(seen)
 
 
+def test_pymoo_nsga2_breeds_at_most_one_generation_ahead():
+    """Asked with nothing told, it hands out generation 0 and generation 1 (bred from nothing
+    yet: sampled) and then waits: a slow evaluation never lets it breed far ahead of its
+    parents. Telling generation 0 lets generation 2 be asked."""
+    opt = make_optimizer("pymoo_nsga2", {"population_size": 4}, LOWER, UPPER, X0, 1, seed=0)
+    asked = opt.ask(20)
+    assert len(asked) == 8 and opt.ask(1) == []
+    for c in asked[:4]:
+        opt.tell(Evaluation(c.index, c.genome, np.array([sphere(c.genome)])))
+    assert [c.index for c in opt.ask(20)] == [8, 9, 10, 11]
+
+
 def test_bad_optimizer_names_and_options():
     with pytest.raises(EvomergeError, match="did you mean 'cma'"):
         make_optimizer("cmaa", {}, LOWER, UPPER, X0, 1, 0)

@@ -1,9 +1,9 @@
 """What a merge plan is made of: per-tensor operations, the plan that holds them, and the one
 function that turns an operation into a tensor.
 
-This is the merge package's leaf: the planners (plan.py, dataflow.py), the nested-recipe source
+This is the merge package's leaf: the planners (plan.py, layer_path.py), the nested-recipe source
 (nested.py) and the engine all import it, and it imports none of them, so the package reads
-bottom-up: methods -> ops -> nested / dataflow -> plan -> engine.
+bottom-up: methods -> ops -> nested / layer_path -> plan -> engine.
 """
 
 from __future__ import annotations

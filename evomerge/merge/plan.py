@@ -200,16 +200,16 @@ def build_plan(
     for si, out_slice in enumerate(slices):
         layout.layers(si, out_slice)
     layout.outer(after, slices[-1], "final norm/head")
+    donor = recipe.base_model or slices[0].sources[0].model
+    tokenizer = _tokenizer_source(recipe, donor, sources, allow_pickle, search_dirs)
     if recipe.lines is not None:
         _apply_lines(recipe, method, layout.ops, len(layout.layer_sources))
-
-    donor = recipe.base_model or slices[0].sources[0].model
     plan = MergePlan(
         recipe,
         method,
         layout.ops,
         donor,
-        _tokenizer_source(recipe, donor, sources, allow_pickle, search_dirs),
+        tokenizer,
         layout.layer_sources if recipe.slices else None,
         sources,
     )

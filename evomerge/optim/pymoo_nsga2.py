@@ -7,8 +7,10 @@ start point and uniform samples; every later candidate is bred from the current 
 survivors of the newest generation that is complete. A generation survives (its members joined
 to the parents, the best population_size kept) once every member is told, in generation order.
 A worker that frees up while its generation is still being scored gets a candidate of the next
-generation, bred from the parents it has: at most one generation's worth of candidates is bred
-from parents one generation older, against a worker left idle at every generation's end.
+generation, bred from the parents it has, never one further ahead (an ask then waits for
+results): at most one generation's worth of candidates is bred from parents one generation
+older, against a worker left idle at every generation's end. Before generation 0 is complete,
+its members told so far are the parents.
 Children identical to a parent or to a member not yet survived are bred again (pymoo's
 duplicate elimination). State is the parents, the members waiting to survive and the generator,
 as JSON values and arrays (the parents written once per survival, each member once): a restored
@@ -30,7 +32,6 @@ from evomerge.errors import EvomergeError
 from evomerge.optim.base import Evaluation, Optimizer, generator_state, set_generator_state
 from evomerge.optim.state import Frozen
 
-ETA_CROSSOVER, ETA_MUTATION = 15.0, 20.0  # pymoo's NSGA-II defaults
 REBREED = 10  # tries at a child no parent or waiting member already is
 
 
@@ -49,6 +50,8 @@ class PymooNSGA2(Optimizer):
         population_size: int = 50,
         crossover_prob: float = 0.9,
         mutation_prob: Optional[float] = None,
+        eta_crossover: float = 15.0,
+        eta_mutation: float = 5.0,
     ) -> None:
         super().__init__(lower, upper, x0, n_objectives, seed)
         if int(population_size) != population_size or population_size < 2:
@@ -61,6 +64,15 @@ class PymooNSGA2(Optimizer):
                 raise EvomergeError(
                     f"field 'optimizer.options.{key}': a probability in [0, 1], got {value}"
                 )
+        for key, value in (("eta_crossover", eta_crossover), ("eta_mutation", eta_mutation)):
+            if not value > 0:
+                raise EvomergeError(
+                    f"field 'optimizer.options.{key}': a distribution index > 0, got {value}"
+                )
+        # pymoo's NSGA-II defaults, but for the mutation's index (pymoo: 20): wider steps find
+        # more of the front in the few hundred evaluations a merge search affords (measured in
+        # docs/searching.md)
+        self.eta_crossover, self.eta_mutation = float(eta_crossover), float(eta_mutation)
         self.population = int(population_size)
         self.crossover_prob = float(crossover_prob)
         # per gene, pymoo's default: one gene in dim mutates on average
@@ -82,6 +94,8 @@ class PymooNSGA2(Optimizer):
         out: list[np.ndarray] = []
         for _ in range(n):
             index = self.asked + len(out)
+            if index // self.population > self.survived + 2:
+                break  # a generation still scoring holds the next but one: wait for its results
             if index // self.population == 0 or len(self.parents_x) < 2:
                 child = self._sample(index)
             else:
@@ -116,7 +130,7 @@ class PymooNSGA2(Optimizer):
                 x,
                 self.lower,
                 self.upper,
-                np.full((1, 1), ETA_CROSSOVER),
+                np.full((1, 1), self.eta_crossover),
                 np.full((1, 1), 0.5),  # each gene crosses with probability 0.5
                 np.full((1, 1), 0.5),  # and the two children swap it with probability 0.5
                 random_state=self.rng,
@@ -126,7 +140,7 @@ class PymooNSGA2(Optimizer):
             child,
             self.lower,
             self.upper,
-            np.full(1, ETA_MUTATION),
+            np.full(1, self.eta_mutation),
             np.full(1, self.mutation_prob),
             at_least_once=False,
             random_state=self.rng,
@@ -149,7 +163,7 @@ class PymooNSGA2(Optimizer):
         self.waiting.setdefault(generation, []).append(member)
         frozen = Frozen({"x": member[0], "f": member[1]})
         self.frozen_waiting.setdefault(generation, []).append(frozen)
-        if self.survived < 0 and len(self.parents_x) < 2 and generation == 0:
+        if self.survived < 0 and generation == 0:
             self._provisional_parents()
         while len(self.waiting.get(self.survived + 1, ())) == self.population:
             self.frozen_waiting.pop(self.survived + 1, None)

@@ -18,7 +18,7 @@ from matplotlib.figure import Figure as MplFigure
 from evomerge.config import RunConfig
 from evomerge.errors import EvomergeError
 from evomerge.merge.learned import learned_summary
-from evomerge.results.figures import Figure, describe, direction
+from evomerge.results.figures import LIGHT, Figure, describe, direction
 from evomerge.results.status import frame_of
 from evomerge.results.store import ReferenceResult, RunStore, read_run_meta
 
@@ -56,7 +56,7 @@ def plotly_figure(figure: Figure) -> go.Figure:
 
 def _plotly_profiles(figure: Figure) -> go.Figure:
     profiles = figure.profiles
-    palette = list(dict.fromkeys(profiles.colours))  # one colour code per distinct colour
+    palette = list(dict.fromkeys(profiles.colours)) or [LIGHT]  # a code per distinct colour
     top = max(len(palette) - 1, 1)
     scale = []
     for code, colour in enumerate(palette):

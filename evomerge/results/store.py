@@ -97,8 +97,7 @@ class ReferenceResult:
         return bool(self.error) or self.values is None
 
     def to_json(self) -> dict[str, Any]:
-        data = {k: v for k, v in asdict(self).items() if v is not None}
-        return {"values": self.values, **data}
+        return asdict(self)
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> ReferenceResult:

@@ -241,6 +241,8 @@ class SearchLoop:
             index=candidate.index,
             genome=candidate.genome,
             seconds=0.0,
+            worker="",  # no worker scored it: reused_from names the evaluation that was
+            origin=self.origin_of(candidate.index),
             reused_from=twin.index,
         )
         self.commit(record)
@@ -327,9 +329,7 @@ class SearchLoop:
 
     def settle(self, candidate: Candidate, record: Record) -> None:
         """Label a seed's record, commit it, then tell the optimizer and watch for failures."""
-        label = self.run.seed_source(candidate.index)
-        if label is not None:
-            record.origin = "baseline" if label.startswith(BASELINE) else "source"
+        record.origin = self.origin_of(candidate.index)
         self.commit(record)
         if not record.failed and record.reused_from is None:
             self.scored.setdefault(recipe_key(record.recipe), record)
@@ -338,6 +338,13 @@ class SearchLoop:
             raise EvomergeError(f"field 'objectives': {record.error}")
         self.tell(candidate, record)
         self.fail_fast(record)
+
+    def origin_of(self, index: int) -> str:
+        """ "source" or "baseline" for a seed that stands for one, else "optimizer"."""
+        label = self.run.seed_source(index)
+        if label is None:
+            return "optimizer"
+        return "baseline" if label.startswith(BASELINE) else "source"
 
     def fail_fast(self, record: Record) -> None:
         """Stop a run whose evaluations keep failing, before it spends its budget on them; what
