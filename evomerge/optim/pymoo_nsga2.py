@@ -70,8 +70,8 @@ class PymooNSGA2(Optimizer):
                     f"field 'optimizer.options.{key}': a distribution index > 0, got {value}"
                 )
         # pymoo's NSGA-II defaults, but for the mutation's index (pymoo: 20): wider steps find
-        # more of the front in the few hundred evaluations a merge search affords (measured in
-        # docs/searching.md)
+        # more of the front in the few hundred evaluations a merge search affords (measured by
+        # benchmarks/idle.py)
         self.eta_crossover, self.eta_mutation = float(eta_crossover), float(eta_mutation)
         self.population = int(population_size)
         self.crossover_prob = float(crossover_prob)
@@ -82,11 +82,11 @@ class PymooNSGA2(Optimizer):
         self.rng = np.random.default_rng(seed)
         self.parents_x = np.zeros((0, self.dim))
         self.parents_f = np.zeros((0, n_objectives))
-        self.waiting: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {}  # generation -> told
+        # generation -> its told members: (genome, losses, the two frozen for checkpoints, so
+        # that each member is written once; optim/state.py)
+        self.waiting: dict[int, list[tuple[np.ndarray, np.ndarray, Frozen]]] = {}
         self.survived = -1  # the newest generation joined to the parents
-        # checkpoints write the parents once per survival and each member once (optim/state.py)
-        self.frozen_parents: Optional[Frozen] = None
-        self.frozen_waiting: dict[int, list[Frozen]] = {}
+        self.frozen_parents: Optional[Frozen] = None  # written once per survival
         self._rank_crowding()
 
     # ----- asking ------------------------------------------------------------------------------
@@ -113,7 +113,7 @@ class PymooNSGA2(Optimizer):
     def _breed(self, batch: list[np.ndarray]) -> np.ndarray:
         """One child of two tournament winners; bred again (up to REBREED times) while it
         repeats a parent, a member waiting to survive, or a child of this batch."""
-        known = [*self.parents_x, *(x for told in self.waiting.values() for x, _ in told), *batch]
+        known = [*self.parents_x, *(m[0] for told in self.waiting.values() for m in told), *batch]
         known += list(self.outstanding.values())
         child = self._child()
         for _ in range(REBREED):
@@ -159,25 +159,22 @@ class PymooNSGA2(Optimizer):
     # ----- learning ----------------------------------------------------------------------------
     def _learn(self, evaluation: Evaluation) -> None:
         generation = evaluation.index // self.population
-        member = (np.asarray(evaluation.genome, dtype=float), self.losses_of(evaluation))
-        self.waiting.setdefault(generation, []).append(member)
-        frozen = Frozen({"x": member[0], "f": member[1]})
-        self.frozen_waiting.setdefault(generation, []).append(frozen)
+        x, f = np.asarray(evaluation.genome, dtype=float), self.losses_of(evaluation)
+        self.waiting.setdefault(generation, []).append((x, f, Frozen({"x": x, "f": f})))
         if self.survived < 0 and generation == 0:
             self._provisional_parents()
         while len(self.waiting.get(self.survived + 1, ())) == self.population:
-            self.frozen_waiting.pop(self.survived + 1, None)
             self._survive(self.waiting.pop(self.survived + 1))
             self.survived += 1
 
     def _provisional_parents(self) -> None:
         """Before generation 0 is complete, its told members breed whoever asks past it."""
         told = self.waiting.get(0, [])
-        self.parents_x = np.stack([x for x, _ in told])
-        self.parents_f = np.stack([f for _, f in told])
+        self.parents_x = np.stack([m[0] for m in told])
+        self.parents_f = np.stack([m[1] for m in told])
         self._rank_crowding()
 
-    def _survive(self, members: list[tuple[np.ndarray, np.ndarray]]) -> None:
+    def _survive(self, members: list[tuple[np.ndarray, np.ndarray, Frozen]]) -> None:
         """Rank-and-crowding survival over the parents and a complete generation."""
         if self.survived < 0:  # generation 0 alone (its provisional parents are its own members)
             x, f = np.zeros((0, self.dim)), np.zeros((0, self.n_objectives))
@@ -219,7 +216,7 @@ class PymooNSGA2(Optimizer):
             "rng": generator_state(self.rng),
             "parents": self.frozen_parents,
             "survived": self.survived,
-            "waiting": {str(g): list(told) for g, told in self.frozen_waiting.items()},
+            "waiting": {str(g): [m[2] for m in told] for g, told in self.waiting.items()},
         }
 
     def _load(self, state: dict[str, Any]) -> None:
@@ -228,13 +225,11 @@ class PymooNSGA2(Optimizer):
         self.parents_x = np.asarray(parents["x"], dtype=float).reshape(-1, self.dim)
         self.parents_f = np.asarray(parents["f"], dtype=float).reshape(-1, self.n_objectives)
         self.survived = int(state["survived"])
-        self.waiting = {
-            int(g): [
-                (np.asarray(m["x"], dtype=float), np.asarray(m["f"], dtype=float)) for m in told
-            ]
-            for g, told in state["waiting"].items()
-        }
-        self.frozen_waiting = {
-            g: [Frozen({"x": x, "f": f}) for x, f in told] for g, told in self.waiting.items()
-        }
+        self.waiting = {int(g): [_member(m) for m in told] for g, told in state["waiting"].items()}
         self._rank_crowding()
+
+
+def _member(stored: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, Frozen]:
+    """A waiting member as a checkpoint holds it."""
+    x, f = np.asarray(stored["x"], dtype=float), np.asarray(stored["f"], dtype=float)
+    return x, f, Frozen({"x": x, "f": f})

@@ -331,7 +331,7 @@ class SearchLoop:
         """Label a seed's record, commit it, then tell the optimizer and watch for failures."""
         record.origin = self.origin_of(candidate.index)
         self.commit(record)
-        if not record.failed and record.reused_from is None:
+        if not record.failed:  # (a reuse is committed in reuse(), never here)
             self.scored.setdefault(recipe_key(record.recipe), record)
         self.bar.set_postfix_str(_postfix(record), refresh=False)
         if record.error and record.error.startswith(MISSING_METRIC):
