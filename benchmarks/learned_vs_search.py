@@ -18,6 +18,10 @@ Compute: seconds on this machine (training, and each evaluation as the run store
 and for the learned arms the tokens through the model forward and backward.
 
     python benchmarks/learned_vs_search.py [--runs results/learned] [--seeds 3] [--steps 6,20]
+        [--extend]
+
+`--extend` keeps the seeds the earlier JSON already holds and runs only the (seed, run) pairs
+it lacks; the JSON's `measured` says when, at which commit and on which CPU each pair ran.
 """
 
 from __future__ import annotations
@@ -188,6 +192,31 @@ def table(references: dict, summary: dict) -> str:
     return "\n".join(lines)
 
 
+# the arms each run of a seed measures
+RUN_ARMS = {
+    "ps": ("ps small", "ps large", "dam small", "adamerging small"),
+    "hybrid": ("hybrid", "dam large", "adamerging large"),
+}
+
+
+def machine() -> str:
+    """Where a run was measured: the date, the commit and the CPU."""
+    import platform
+    import subprocess
+
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT
+    ).stdout.strip()
+    cpu = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        names = [ln.split(":", 1)[1].strip() for ln in cpuinfo.read_text().splitlines()
+                 if ln.startswith("model name")]  # fmt: skip
+        cpu = names[0] if names else cpu
+    day = time.strftime("%Y-%m-%d", time.gmtime())
+    return f"{day}, commit {commit}, {cpu}, {os.cpu_count()} cores"
+
+
 def mean_se(values: list[float]) -> dict:
     if not values:
         return {"mean": None, "se": None, "n": 0}
@@ -207,6 +236,11 @@ def main() -> None:
     parser.add_argument("--quiet", action="store_true")
     parser.add_argument(
         "--summarize", action="store_true", help="only read the finished runs in --runs again"
+    )
+    parser.add_argument(
+        "--extend",
+        action="store_true",
+        help="keep the earlier JSON's seeds and run only the (seed, run) pairs it lacks",
     )
     args = parser.parse_args()
     small_steps, large_steps = (int(x) for x in args.steps.split(","))
@@ -232,16 +266,29 @@ def main() -> None:
                            statistics_dir)  # fmt: skip
     seconds = {"statistics": round(time.perf_counter() - t0, 1)}
     earlier = args.out / "learned_vs_search.json"
-    if args.summarize and earlier.exists():
-        seconds = json.loads(earlier.read_text()).get("seconds", {})
+    before = json.loads(earlier.read_text()) if earlier.exists() else {}
+    if (args.summarize or args.extend) and before:
+        seconds = {**before.get("seconds", {}), **seconds}
+    kept = {r["seed"]: r for r in before.get("per_seed", [])} if args.extend else {}
+    # pairs measured before `measured` was recorded: the JSON's first two seeds, 2026-12-01
+    measured = {f"{kind}_s{seed}": "2026-12-01, an earlier run of this script, 2-core AMD EPYC"
+                for seed, row in kept.items() for kind, arms in RUN_ARMS.items()
+                if all(a in row for a in arms)}  # fmt: skip
+    measured.update(before.get("measured", {}) if args.extend else {})
     untuned = [{"name": f"untuned {m}", "recipe": untuned_recipe(m, ARMS[m][0], statistics_dir)}
                for m in UNTUNED]  # fmt: skip
 
     first = args.runs / "ps_s0"
+    # the run whose sources (and, at seed 0, baselines) the others borrow: ps_s0 where it is
+    # here, else the first run this invocation makes
+    lender = first if (first / "run.json").exists() else None
     per_seed: list[dict] = []
     for seed in range(args.seeds):
-        row: dict = {"seed": seed}
+        row: dict = dict(kept.get(seed, {"seed": seed}))
         for kind, steps in (("ps", small_steps), ("hybrid", large_steps)):
+            if all(arm in row for arm in RUN_ARMS[kind]) and seed in kept:
+                print(f"{kind} seed {seed}: kept from {earlier}", flush=True)
+                continue
             config = copy.deepcopy(base)
             config.update(name=f"learned_{kind}_s{seed}", seed=seed)
             config["optimizer"] = {"name": "cma", "options": {"population_size": 4}}
@@ -254,8 +301,8 @@ def main() -> None:
             else:
                 config["search_space"] = hybrid_space()
             folder = args.runs / f"{kind}_s{seed}"
-            if folder != first:
-                config["references_from"] = str(first.resolve())
+            if lender is not None and folder != lender:
+                config["references_from"] = str(lender.resolve())
             start = time.perf_counter()
             go = not args.summarize
             if args.summarize and not finished(folder, args.large if kind == "ps" else args.hybrid):
@@ -274,6 +321,8 @@ def main() -> None:
                 row["hybrid"]["training"] = learned_cost(folder, "dam")
             if go:
                 seconds[f"{kind}_s{seed}"] = round(time.perf_counter() - start, 1)
+                measured[f"{kind}_s{seed}"] = machine()
+                lender = lender or folder
             data = status_data(folder)
             size = "small" if kind == "ps" else "large"
             for method in ("dam", "adamerging"):
@@ -285,11 +334,14 @@ def main() -> None:
             print(f"{kind} seed {seed}: {seconds.get(f'{kind}_s{seed}')} s", flush=True)
         per_seed.append(row)
 
-    data = status_data(first)
-    references = {f"source {n}": scored(s) for n, s in data["sources"].items()}
-    for name, result in data["baselines"].items():
-        if name not in ("dam", "adamerging"):
-            references[name.removeprefix("untuned ")] = scored(result)
+    if (first / "run.json").exists():
+        data = status_data(first)
+        references = {f"source {n}": scored(s) for n, s in data["sources"].items()}
+        for name, result in data["baselines"].items():
+            if name not in ("dam", "adamerging"):
+                references[name.removeprefix("untuned ")] = scored(result)
+    else:  # the references were scored by the earlier JSON's seed-0 run
+        references = before["references"]
     arms = list(dict.fromkeys(k for r in per_seed for k in r if k != "seed"))
     summary = {}
     for arm in arms:
@@ -322,6 +374,7 @@ def main() -> None:
             "training steps": [small_steps, large_steps],
             "lr": LR,
         },
+        "measured": measured,
         "references": references,
         "per_seed": per_seed,
         "summary": summary,
