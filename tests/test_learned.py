@@ -110,9 +110,18 @@ def test_dam_loss_is_the_tempered_kl_and_a_few_steps_lower_it(llama, tmp_path):
     assert float(similarity_penalty(vectors)) == pytest.approx(2**-0.5)
     texts = {"a": ["alpha beta 1 alpha beta"] * 4, "b": ["gamma delta 2 gamma"] * 4}
     settings = TrainSettings(steps=6, lr=0.05, batch_size=4, progress=False)
+    before = {
+        n: {k: t.detach().clone() for k, t in ts.items()} for n, ts in sources.tensors.items()
+    }
     learned = train_dam(sources, tokenizer, ["a", "b"], texts, None, settings)
     kls = [row["kl a"] + row["kl b"] for row in learned.log]
     assert kls[-1] < kls[0]
+    # the sources are frozen: no tensor of theirs changed or holds a gradient
+    assert all(
+        torch.equal(t, before[n][k]) and t.grad is None
+        for n, tensors in sources.tensors.items()
+        for k, t in tensors.items()
+    )
     linear = sources.linear_weights()
     assert set(learned.coefficients) == set(linear)  # linear layers only, by default
     name = linear[0]
@@ -207,9 +216,34 @@ def test_learn_refuses_bad_input_in_one_line_writing_nothing(llama, tmp_path, ca
     refused({**good, "base_model": None}, "adamerging", "base_model")
     python_fitness = {**good, "fitness": {"function": "tests.fitness_fns:score"}}
     refused(python_fitness, "adamerging", "field 'fitness'")
+    leaky_tasks = make_tasks(tmp_path / "leaky_tasks")  # a held-out document among the fitness's
+    with open(leaky_tasks / "parity_fit.jsonl", "a") as f:
+        f.write(json.dumps({"prompt": "Is 103 even?", "choices": [" yes", " no"], "answer": 1}))
+    leaky_fitness = {**good["fitness"], "include_path": str(leaky_tasks)}
+    refused({**good, "fitness": leaky_fitness}, "adamerging", "fitness.tasks", "held-out")
+    convolutional = gpt2_family(tmp_path / "gpt2")  # GPT-2's blocks are Conv1D, its head tied
+    no_linear = {**good, "models": convolutional, "base_model": None}
+    refused(no_linear, "dam", "GPT2LMHeadModel", "no torch.nn.Linear layers", "adamerging")
+    nested = tmp_path / "not" / "yet" / "learned"
+    expect_error(["learn", str(write(tmp_path, no_linear)), "--method", "dam", "--out",
+                  str(nested)], capsys, "no torch.nn.Linear")  # fmt: skip
+    assert not (tmp_path / "not").exists()  # not even the output's parent folders
     out.mkdir()
     path = write(tmp_path, good)
     expect_error(["learn", str(path), "--method", "dam", "--out", str(out)], capsys, "exists")
+
+
+def gpt2_family(folder) -> dict[str, str]:
+    """Two tiny GPT-2 models: no torch.nn.Linear outside the (tied) head."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    paths = {}
+    for seed, name in enumerate(("a", "b")):
+        torch.manual_seed(seed)
+        config = GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=300, n_positions=64)
+        GPT2LMHeadModel(config).save_pretrained(folder / name)
+        paths[name] = str(folder / name)
+    return paths
 
 
 def test_a_learned_recipe_without_its_file_or_for_other_models_is_refused(llama, tmp_path):
@@ -265,6 +299,13 @@ def test_a_run_learns_its_baselines_once_and_searches_over_the_learned_merge(
         assert (
             0 <= scored["values"]["parity"] <= 1 and "parity_held: acc,none" in scored["held_out"]
         )
+    # status and the report mark the learned baselines as such
+    assert main(["status", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "learned (dam)" in text and "learned (adamerging)" in text
+    assert main(["report", str(out)]) == 0
+    page = (out / "report" / "index.html").read_text()
+    assert "learned dam (2 steps)" in page and "learned adamerging (2 steps)" in page
     # the search started from the learned merge itself: its first candidate is the dam baseline
     from evomerge.results.store import RunStore
 

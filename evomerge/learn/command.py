@@ -20,6 +20,7 @@ from evomerge.learn.train import (
     FrozenSources,
     Learned,
     TrainSettings,
+    linear_weights,
     train_adamerging,
     train_dam,
 )
@@ -68,6 +69,21 @@ def load_tokenizer(config: RunConfig, first: str) -> Any:
     return AutoTokenizer.from_pretrained(path, trust_remote_code=config.trust_remote_code)
 
 
+def check_linear_layers(config: RunConfig, name: str) -> None:
+    """DAM scales the columns of linear layers: refuse a model with none from its config and
+    tensor names alone, before any weight is loaded."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    source = ModelSource(config.models[name])
+    remote = config.trust_remote_code
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(
+            AutoConfig.from_pretrained(source.path, trust_remote_code=remote),
+            trust_remote_code=remote,
+        )
+    linear_weights(skeleton, list(source.index))
+
+
 def _load(config: RunConfig, names: list[str], device: torch.device) -> tuple[FrozenSources, Any]:
     """The skeleton (the first model, fp32, on `device`) and every named source's tensors there;
     the skeleton's own parameters serve as its source's tensors."""
@@ -105,6 +121,7 @@ def learn(
         settings.max_length = config.calibration.max_length
     if method == "dam":
         texts = source_texts(config, names)
+        check_linear_layers(config, names[0])
     else:
         prompts = task_inputs(config, load_tokenizer(config, names[0]))
     device = pick_device(config.device)
@@ -128,13 +145,20 @@ def learn_coefficients(
     """Train and store the coefficient file at `path`, its training log beside it."""
     names = names or experts(config)
     learned = learn(config, method, settings, names)
+    return store_coefficients(config, method, path, names, learned), learned
+
+
+def store_coefficients(
+    config: RunConfig, method: str, path: Path, names: list[str], learned: Learned
+) -> Path:
+    """The coefficient file at `path` (and its training log beside it), for the models `names`."""
     refs = [config.models[name] for name in names]
     base = config.models[config.base_model] if config.base_model else None
     path.parent.mkdir(parents=True, exist_ok=True)
     log = path.with_name(LOG)  # first: a file under the coefficients' name is a finished one
     log.write_text("".join(json.dumps(row) + "\n" for row in learned.log))
     write_coefficients(path, method, refs, base, learned.coefficients, learned.summary)
-    return path, learned
+    return path
 
 
 def learn_folder(
@@ -150,12 +174,12 @@ def learn_folder(
     out = Path(out)
     if out.exists() and not force:
         raise EvomergeError(f"output folder {out} exists; choose another or pass --force")
-    check_method(config, method)
+    learned = learn(config, method, settings)  # bad input ends here, before a byte is written
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.learning-", dir=out.parent))
     try:
-        path, learned = learn_coefficients(
-            config, method, work / "coefficients.safetensors", settings
+        path = store_coefficients(
+            config, method, work / "coefficients.safetensors", experts(config), learned
         )
         recipe = learned_recipe(config, method, path, seed)
         merge_to_disk(recipe, out, device=config.device, force=force, progress=settings.progress)

@@ -147,7 +147,9 @@ def ensure_learned(
 
 
 def learns_alike(mine: RunConfig, theirs: RunConfig) -> bool:
-    """Whether two runs learn the same merges: the same data and the same training settings."""
+    """Whether two runs learn the same merges: the same data and the same training settings.
+    AdaMerging's data, the fitness prompts, is the same in any run `references_from` accepts:
+    it refuses a run that scores with another fitness (`references_config`)."""
 
     def learning(c: RunConfig) -> dict:
         data = c.model_dump(include={"calibration", "learning"})

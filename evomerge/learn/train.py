@@ -69,6 +69,22 @@ class Learned:
     summary: dict[str, Any] = field(default_factory=dict)
 
 
+def linear_weights(skeleton: torch.nn.Module, names: list[str]) -> list[str]:
+    """Those of `names` that are a linear layer's weight in `skeleton`; none is an error."""
+    linear = {
+        f"{name}.weight"
+        for name, module in skeleton.named_modules()
+        if isinstance(module, torch.nn.Linear)
+    }
+    found = [n for n in names if n in linear]
+    if not found:
+        raise EvomergeError(
+            f"{type(skeleton).__name__}: no torch.nn.Linear layers to learn DAM "
+            "coefficients for; use adamerging, or a method from `evomerge methods`"
+        )
+    return found
+
+
 class FrozenSources:
     """The sources' tensors (frozen) and one module skeleton to run any set of them through."""
 
@@ -106,18 +122,7 @@ class FrozenSources:
 
     def linear_weights(self) -> list[str]:
         """Names of the linear layers' weights (what DAM scales column by column)."""
-        linear = {
-            f"{name}.weight"
-            for name, module in self.skeleton.named_modules()
-            if isinstance(module, torch.nn.Linear)
-        }
-        found = [n for n in self.names if n in linear]
-        if not found:
-            raise EvomergeError(
-                f"{type(self.skeleton).__name__}: no torch.nn.Linear layers to learn DAM "
-                "coefficients for; use adamerging, or a method from `evomerge methods`"
-            )
-        return found
+        return linear_weights(self.skeleton, self.names)
 
 
 def _batches(
