@@ -166,30 +166,56 @@ def scored(result: dict) -> dict:
     }
 
 
-def table(references: dict, summary: dict) -> str:
+def labels(small: int, large: int, hybrid: int, steps: tuple[int, int]) -> dict[str, str]:
+    """What each arm is, as the table names it."""
+    return {
+        "ps small": f"CMA-ES over task-arithmetic weights, {small} evaluations",
+        "ps large": f"CMA-ES over task-arithmetic weights, {large} evaluations",
+        "dam small": f"DAM, {steps[0]} steps",
+        "dam large": f"DAM, {steps[1]} steps",
+        "adamerging small": f"AdaMerging, {steps[0]} steps",
+        "adamerging large": f"AdaMerging, {steps[1]} steps",
+        "hybrid": f"hybrid: CMA-ES over DAM ({steps[1]} steps), {hybrid} evaluations",
+    }
+
+
+def table(references: dict, summary: dict, names: dict[str, str]) -> str:
     """The README's table: references once, each trained or searched arm over its seeds."""
     lines = [
-        "| arm | seeds | fitness | held-out mean ± se | held-out per task | documents scored |"
-        " training |",
-        "|---|---|---|---|---|---|---|",
+        "| arm | seeds | fitness | held-out mean ± se (range) | held-out per task | documents "
+        "scored | training tokens fwd / bwd | seconds, train + score |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name, r in references.items():
         held = r["held_out"]
         tasks = " / ".join(f"{v:.2f}" for k, v in held.items() if k != "mean")
-        lines.append(f"| {name} | | {r['fitness']:.3f} | {held['mean']:.3f} | {tasks} | 288 | |")
+        lines.append(f"| {name} | | {r['fitness']:.3f} | {held['mean']:.3f} | {tasks} | 288 | | |")
     for arm, s in summary.items():
-        se = s["held_out"]["se"]
+        held = s["held_out"]
         tasks = " / ".join(f"{v:.2f}" for v in s["held_out_tasks"].values())
         training = ""
         if s["training_seconds"]["mean"]:
-            training = f"{s['training_tokens']['mean'] / 1000:.1f}k tokens"
-        spread = f" ± {se:.3f}" if se is not None else ""
+            forward, backward = s["training_tokens"]["mean"], s["training_tokens_backward"]["mean"]
+            training = f"{forward / 1000:.1f}k / {backward / 1000:.1f}k"
+        spread = ""
+        if held["se"] is not None:
+            spread = f" ± {held['se']:.3f} ({held['min']:.3f}-{held['max']:.3f})"
+        train, score = s["training_seconds"]["mean"], s["scoring_seconds"]["mean"]
         lines.append(
-            f"| {arm} | {s['held_out']['n']} | {s['fitness']['mean']:.3f} | "
-            f"{s['held_out']['mean']:.3f}{spread} | {tasks} | {s['documents']['mean']:.0f} | "
-            f"{training} |"
+            f"| {names.get(arm, arm)} | {held['n']} | {s['fitness']['mean']:.3f} | "
+            f"{held['mean']:.3f}{spread} | "
+            f"{tasks} | {s['documents']['mean']:.0f} | {training} | {train:.0f} + {score:.0f} |"
         )
     return "\n".join(lines)
+
+
+def scoring_seconds(row: dict, arm: str, rate: float) -> float:
+    """What an arm spent scoring candidates on fitness: a search's evaluations as its store
+    recorded them; a learned merge's one full evaluation at the seed's seconds per document
+    (its search's; the learned merge is scored once, before any search, as a reference)."""
+    if "evaluation_seconds" in row[arm]:
+        return row[arm]["evaluation_seconds"]
+    return row[arm]["documents"] * rate
 
 
 # the arms each run of a seed measures
@@ -199,14 +225,18 @@ RUN_ARMS = {
 }
 
 
-def machine() -> str:
-    """Where a run was measured: the date, the commit and the CPU."""
-    import platform
+def revision() -> str:
+    """The commit this script runs at (read once, at the start: later commits did not run)."""
     import subprocess
 
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT
-    ).stdout.strip()
+    done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    return done.stdout.strip() or "unknown"
+
+
+def machine(commit: str) -> str:
+    """Where a run was measured: the date, the commit and the CPU."""
+    import platform
+
     cpu = platform.processor() or platform.machine()
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.exists():
@@ -218,10 +248,12 @@ def machine() -> str:
 
 
 def mean_se(values: list[float]) -> dict:
+    """Mean, standard error across seeds, and the range."""
     if not values:
-        return {"mean": None, "se": None, "n": 0}
+        return {"mean": None, "se": None, "n": 0, "min": None, "max": None}
     se = statistics.stdev(values) / len(values) ** 0.5 if len(values) > 1 else None
-    return {"mean": statistics.fmean(values), "se": se, "n": len(values)}
+    mean = statistics.fmean(values)
+    return {"mean": mean, "se": se, "n": len(values), "min": min(values), "max": max(values)}
 
 
 def main() -> None:
@@ -244,6 +276,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     small_steps, large_steps = (int(x) for x in args.steps.split(","))
+    commit = revision()
 
     from evomerge.results.status import status_data
 
@@ -321,7 +354,7 @@ def main() -> None:
                 row["hybrid"]["training"] = learned_cost(folder, "dam")
             if go:
                 seconds[f"{kind}_s{seed}"] = round(time.perf_counter() - start, 1)
-                measured[f"{kind}_s{seed}"] = machine()
+                measured[f"{kind}_s{seed}"] = machine(commit)
                 lender = lender or folder
             data = status_data(folder)
             size = "small" if kind == "ps" else "large"
@@ -343,6 +376,10 @@ def main() -> None:
     else:  # the references were scored by the earlier JSON's seed-0 run
         references = before["references"]
     arms = list(dict.fromkeys(k for r in per_seed for k in r if k != "seed"))
+    # seconds per fitness document, from each seed's larger search (the learned merges' scoring)
+    rates = {r["seed"]: r["ps large"]["evaluation_seconds"] / r["ps large"]["documents"]
+             for r in per_seed if "ps large" in r}  # fmt: skip
+    mean_rate = statistics.fmean(rates.values()) if rates else 0.0
     summary = {}
     for arm in arms:
         rows = [r for r in per_seed if arm in r]
@@ -358,6 +395,12 @@ def main() -> None:
             "documents": mean_se([r[arm]["documents"] for r in rows]),
             "training_tokens": mean_se(
                 [r[arm].get("training", {}).get("tokens_forward", 0) for r in rows]
+            ),
+            "training_tokens_backward": mean_se(
+                [r[arm].get("training", {}).get("tokens_backward", 0) for r in rows]
+            ),
+            "scoring_seconds": mean_se(
+                [scoring_seconds(r, arm, rates.get(r["seed"], mean_rate)) for r in rows]
             ),
         }
         tasks = [k for k in rows[0][arm]["held_out"] if k != "mean"]
@@ -381,7 +424,8 @@ def main() -> None:
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "learned_vs_search.json").write_text(json.dumps(result, indent=1) + "\n")
-    print(table(references, summary))
+    steps = (small_steps, large_steps)
+    print(table(references, summary, labels(args.small, args.large, args.hybrid, steps)))
 
 
 if __name__ == "__main__":
