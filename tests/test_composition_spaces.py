@@ -173,3 +173,52 @@ def test_cma_steps_from_a_dfs_seed_are_local_moves(llama):
         flips[steps is None] = np.mean([np.sum((g[: len(on)] > 0) != on) for g in asked])
     assert 0.3 <= flips[False] <= 8  # a few of the 120 slots
     assert flips[True] > 20  # the old default step: a different model each time
+
+
+def test_a_dfs_space_can_search_whose_embeddings_its_path_reads(llama, tmp_path):
+    """`embed_from: [a, b]` adds one gene: the path starts on a's embeddings and a step may move
+    it to b's (a language in its words, a skill in the layers); each model with its own
+    embeddings and layers is a source the search starts from."""
+    spec = {"kind": "dataflow", "models": ["a", "b"], "embed_from": ["a", "b"], "repetitions": 1,
+            "scaling": "none", "layout": "interleaved"}  # fmt: skip
+    space = build_space(read_space_spec(spec), models_of(llama), "base", depth(llama))
+    assert space.gene_names()[-1] == "embed_from" and space.size == space.genome.size + 1
+    low, high = space.bounds()
+    assert (low[-1], high[-1]) == (0.0, 2.0) and space.step_sizes()[-1] == 0.5
+    start = space.initial()
+    recipe = space.decode(start)
+    assert recipe.embed_from == "a" and [s.model for s in recipe.path] == ["a"] * 4
+    moved = start.copy()
+    moved[-1] = 1.7  # only the embeddings move
+    assert space.decode(moved).embed_from == "b" and space.decode(moved).path == recipe.path
+    merged = tensors(merge_to_disk(space.decode(moved), tmp_path / "m", progress=False))
+    a, b = tensors(llama["ft0"]), tensors(llama["ft1"])
+    assert np.allclose(merged["model.embed_tokens.weight"], b["model.embed_tokens.weight"])
+    assert_layer_is(merged, a, 1)
+    sources = dict(space.source_genomes())
+    assert set(sources) == {"a", "b"}
+    own = tensors(merge_to_disk(space.decode(sources["b"]), tmp_path / "b", progress=False))
+    assert own.keys() == b.keys() and all(np.allclose(own[k], b[k]) for k in b)
+    assert [label for label, _, _ in space.must_plan()] == ["the start genome", "embed_from b"]
+    for bad, message in ((["a", "zz"], "'zz' is not a key"), (["a", "a"], "without repeats")):
+        with pytest.raises(EvomergeError, match=f"search_space.embed_from.*{message}"):
+            build_space(read_space_spec({**spec, "embed_from": bad}), models_of(llama), "base",
+                        depth(llama))  # fmt: skip
+
+
+def test_a_ps_dfs_space_starts_from_the_other_models_embeddings_too(llama):
+    """The PS part here expresses no source (weights in [0.2, 0.8]); b on its own embeddings
+    and layers is one through the DFS part."""
+    weight = {"low": 0.2, "high": 0.8}
+    spec = {
+        "kind": "ps_dfs",
+        "parameter": {"method": "task_arithmetic", "parameters": {"weight": weight}},
+        "dataflow": {"models": ["merged", "a", "b"], "embed_from": ["merged", "b"],
+                     "repetitions": 1, "scaling": "none"},
+    }  # fmt: skip
+    space = build_space(read_space_spec(spec), models_of(llama), "base", depth(llama))
+    sources = dict(space.source_genomes())
+    assert set(sources) == {"b"}
+    recipe = space.decode(sources["b"])
+    assert recipe.embed_from == "b" and {s.model for s in recipe.path} == {"b"}
+    assert space.decode(space.initial()).embed_from == "merged"

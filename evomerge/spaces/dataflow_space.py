@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import Any, Optional
 
@@ -15,6 +16,9 @@ from evomerge.spaces.dataflow_genome import DataflowGenome, Layout, ScalingForm
 from evomerge.spaces.parameter import ParameterSpace, ParameterSpaceSpec
 
 MERGED = "merged"  # in a ps_dfs space, the name of the parameter-space stage's result
+# the first step on a searched `embed_from` gene (bins of width 1, starting mid-bin): about
+# one candidate in six tries another model's embeddings
+EMBED_STEP = 0.5
 
 
 class DataflowSpec(BaseModel):
@@ -23,7 +27,9 @@ class DataflowSpec(BaseModel):
     # laid end to end in this order; the first is the paper's model A. Default: the run's models
     # (in a ps_dfs space: the PS result `merged`, then the run's models)
     models: Optional[list[str]] = Field(default=None, min_length=1)
-    embed_from: Optional[str] = None
+    # whose embeddings, final norm and head the path reads: one model, or several to search
+    # over (one more gene; the first listed is the start). Default: the first of `models`
+    embed_from: Optional[str | list[str]] = None
     repetitions: int = Field(default=2, ge=1)
     scaling: ScalingForm = "full"
     rank: int = Field(default=2, ge=1)
@@ -55,11 +61,22 @@ class DataflowSpace(SearchSpace):
     ) -> None:
         if spec.models is None:
             spec = spec.model_copy(update={"models": list(models)})
-        for name in [*spec.models, spec.embed_from or spec.models[0]]:
+        for name in spec.models:
             if name not in models:
                 raise EvomergeError(
                     f"field 'search_space.models': {name!r} is not a key of the run's 'models'"
                 )
+        embeds = spec.embed_from or spec.models[0]
+        self.embeds = [embeds] if isinstance(embeds, str) else list(embeds)
+        for name in self.embeds:
+            if name not in models:
+                raise EvomergeError(
+                    f"field 'search_space.embed_from': {name!r} is not a key of the run's 'models'"
+                )
+        if not self.embeds or len(set(self.embeds)) < len(self.embeds):
+            raise EvomergeError(
+                "field 'search_space.embed_from': name one model, or several without repeats"
+            )
         self.spec, self.models = spec, models
         depths = tuple((name, depth_of(name)) for name in spec.models)
         self.genome = DataflowGenome(
@@ -73,49 +90,85 @@ class DataflowSpace(SearchSpace):
             layout=spec.layout,
         )
 
+    @property
+    def searches_embeddings(self) -> bool:
+        """Whether a gene (the last) picks whose embeddings the path reads."""
+        return len(self.embeds) > 1
+
     def gene_names(self) -> list[str]:
-        return self.genome.gene_names()
+        return self.genome.gene_names() + (["embed_from"] if self.searches_embeddings else [])
 
     def bounds(self) -> tuple[np.ndarray, np.ndarray]:
-        return self.genome.bounds()
+        low, high = self.genome.bounds()
+        if self.searches_embeddings:
+            low, high = np.append(low, 0.0), np.append(high, float(len(self.embeds)))
+        return low, high
+
+    def _with_embeddings(self, genes: np.ndarray, name: str) -> np.ndarray:
+        """The genome's genes and, where searched, the `embed_from` gene at the middle of
+        `name`'s bin."""
+        if not self.searches_embeddings:
+            return genes
+        return np.append(genes, self.embeds.index(name) + 0.5)
 
     def initial(self) -> np.ndarray:
-        return self.genome.initial()
+        return self._with_embeddings(self.genome.initial(), self.embed_from)
 
     def step_sizes(self) -> Optional[np.ndarray]:
-        return self.genome.step_sizes()
+        steps = self.genome.step_sizes()
+        return np.append(steps, EMBED_STEP) if self.searches_embeddings else steps
 
     @property
     def embed_from(self) -> str:
-        return self.spec.embed_from or self.spec.models[0]
+        """The embeddings the search starts from."""
+        return self.embeds[0]
+
+    def embeddings_of(self, genome: np.ndarray) -> str:
+        if not self.searches_embeddings:
+            return self.embed_from
+        k = int(np.floor(np.asarray(genome, dtype=float)[-1]))
+        return self.embeds[min(max(k, 0), len(self.embeds) - 1)]
 
     def own_path(self, name: str) -> np.ndarray:
-        """The genome of model `name`'s own layers in order, every scale 1."""
+        """The genome of model `name`'s own layers in order, every scale 1, with its own
+        embeddings where the search picks among them (else those of `embed_from`)."""
         depth = dict(self.genome.models)[name]
-        return self.genome.encode([PathStep(model=name, layer=k) for k in range(depth)])
+        path = self.genome.encode([PathStep(model=name, layer=k) for k in range(depth)])
+        return self._with_embeddings(path, name if name in self.embeds else self.embed_from)
 
     def model_names(self) -> list[str]:
-        return [n for n in dict.fromkeys([*self.spec.models, self.embed_from]) if n != MERGED]
+        return [n for n in dict.fromkeys([*self.spec.models, *self.embeds]) if n != MERGED]
+
+    def must_plan(self) -> list[tuple[str, SearchSpace, np.ndarray]]:
+        """The start, and the start with each other model's embeddings (their shapes must fit
+        the path's layers)."""
+        start = self.initial()
+        planned = super().must_plan()
+        for k, name in enumerate(self.embeds[1:], start=1):
+            x = start.copy()
+            x[-1] = k + 0.5
+            planned.append((f"embed_from {name}", self, x))
+        return planned
 
     def source_genomes(self) -> list[tuple[str, np.ndarray]]:
-        """A path keeps the embeddings, final norm and head of `embed_from`, so only that model
-        is a source here: its own layers, in order, unscaled."""
-        name = self.embed_from
-        if name == MERGED or name not in self.spec.models:
-            return []
-        try:
-            return [(name, self.own_path(name))]
-        except EvomergeError:  # a scaling form that cannot hold all-ones scales
-            return []
+        """A path keeps the embeddings, final norm and head of the model it reads them from, so
+        a model is a source here only with its own: its own layers, in order, unscaled."""
+        found = []
+        for name in self.embeds:
+            if name == MERGED or name not in self.spec.models:
+                continue
+            with contextlib.suppress(EvomergeError):  # a scaling form without all-ones scales
+                found.append((name, self.own_path(name)))
+        return found
 
     def decode(self, genome: np.ndarray, seed: int = 0) -> Recipe:
-        path = self.genome.decode(genome)
-        used = dict.fromkeys(
-            [self.spec.embed_from or self.spec.models[0], *(s.model for s in path)]
-        )
+        x = np.asarray(genome, dtype=float)
+        path = self.genome.decode(x[: self.genome.size])
+        embeds = self.embeddings_of(x)
+        used = dict.fromkeys([embeds, *(s.model for s in path)])
         data: dict[str, Any] = {
             "merge_method": "dataflow",
-            "embed_from": self.spec.embed_from or self.spec.models[0],
+            "embed_from": embeds,
             "models": {name: self.models[name] for name in used},
             "path": [step.model_dump() for step in path],
             "seed": int(seed),
@@ -178,20 +231,29 @@ class CombinedSpace(SearchSpace):
         return list(dict.fromkeys(names))
 
     def must_plan(self) -> list[tuple[str, SearchSpace, np.ndarray]]:
-        return [*super().must_plan(), *self.ps.must_plan()[1:]]  # the PS ranges' ends
+        start = self.ps.initial()
+        embeddings = [  # the start with each other model's embeddings
+            (label, self, np.concatenate([start, x])) for label, _, x in self.dfs.must_plan()[1:]
+        ]
+        return [*super().must_plan(), *embeddings, *self.ps.must_plan()[1:]]  # PS ranges' ends
 
     def source_genomes(self) -> list[tuple[str, np.ndarray]]:
         """A path over the PS result's own layers is that merge: each source the PS part
         expresses is one here too. A path embedded from a run model is that model whatever the
         PS part holds (the start's is used)."""
+        found: list[tuple[str, np.ndarray]] = []
         if self.dfs.embed_from == MERGED and MERGED in self.dfs.spec.models:
             try:
                 path = self.dfs.own_path(MERGED)
+                found = [(n, np.concatenate([g, path])) for n, g in self.ps.source_genomes()]
             except EvomergeError:
-                return []
-            return [(name, np.concatenate([g, path])) for name, g in self.ps.source_genomes()]
-        start = self.ps.initial()
-        return [(name, np.concatenate([start, g])) for name, g in self.dfs.source_genomes()]
+                pass
+        start, named = self.ps.initial(), {name for name, _ in found}
+        return found + [
+            (name, np.concatenate([start, g]))
+            for name, g in self.dfs.source_genomes()
+            if name not in named
+        ]
 
     def genome_of(self, recipe: Recipe) -> Optional[np.ndarray]:
         """A recipe the PS part expresses, followed by the PS result's own layers in order."""
