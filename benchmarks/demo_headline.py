@@ -56,6 +56,12 @@ def variants(config: dict, budgets: dict[str, int]) -> dict[str, dict]:
     ps = {"kind": "parameter", **space["parameter"]}
     dataflow = {k: v for k, v in space["dataflow"].items() if k != "models"}
     experts = [m for m in space["dataflow"]["models"] if m != "merged"]
+    if isinstance(
+        dataflow.get("embed_from"), list
+    ):  # searched: over every expert's, the first's first
+        dataflow["embed_from"] = experts
+    elif dataflow.get("embed_from") == "merged":
+        del dataflow["embed_from"]
     dfs = {"kind": "dataflow", "models": experts, **dataflow}
     out = {}
     for kind, spec in (("ps", ps), ("dfs", dfs), ("ps_dfs", space)):
