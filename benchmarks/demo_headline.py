@@ -43,11 +43,12 @@ def load_config(path: Path = CONFIG) -> dict:
     return config
 
 
-def target_key() -> str:
-    """The held-out metric the composition is judged on: the target's exact match."""
+def target_key(split: str = "heldout") -> str:
+    """The held-out metric the composition is judged on: the target's exact match (on the
+    held-out split, or on `split`: "test", the larger one)."""
     from evomerge.zoo.real import TARGET
 
-    return f"sm2_{TARGET}_gen_heldout: exact_match,none"
+    return f"sm2_{TARGET}_gen_{split}: exact_match,none"
 
 
 def variants(config: dict, budgets: dict[str, int]) -> dict[str, dict]:
