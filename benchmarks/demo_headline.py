@@ -90,6 +90,15 @@ def run_search(config: dict, folder: Path, progress: bool) -> float:
 
     start = time.perf_counter()
     if (folder / "run.json").exists():
+        written = folder.parent / f"{folder.name}.yaml"  # the config the run was made from
+        made = yaml.safe_load(written.read_text()) if written.exists() else config
+        for key, mine, theirs in (
+            ("search_space", config["search_space"], made["search_space"]),
+            ("held_out", config["fitness"].get("held_out"), made["fitness"].get("held_out")),
+        ):
+            if mine != theirs:
+                raise SystemExit(f"{folder} was made with another {key}: remove it, or pass "
+                                 "another --runs folder")  # fmt: skip
         run = open_run(folder)
     else:
         path = folder.parent / f"{folder.name}.yaml"

@@ -300,14 +300,29 @@ def main() -> None:
     seconds = {"statistics": round(time.perf_counter() - t0, 1)}
     earlier = args.out / "learned_vs_search.json"
     before = json.loads(earlier.read_text()) if earlier.exists() else {}
-    if (args.summarize or args.extend) and before:
+    settings = {
+        "search budgets": [args.small, args.large],
+        "hybrid budget": args.hybrid,
+        "training steps": [small_steps, large_steps],
+        "lr": LR,
+    }
+    if args.extend and before:
+        theirs = {k: before.get("settings", {}).get(k) for k in settings}
+        if theirs != settings:
+            parser.error(f"--extend: {earlier} was measured with {theirs}, not {settings}; "
+                         "pass the same --small/--large/--hybrid/--steps")  # fmt: skip
+    if args.summarize:  # nothing was measured now: the earlier figures stand
+        seconds = before.get("seconds", {})
+    elif args.extend:
         seconds = {**before.get("seconds", {}), **seconds}
-    kept = {r["seed"]: r for r in before.get("per_seed", [])} if args.extend else {}
-    # pairs measured before `measured` was recorded: the JSON's first two seeds, 2026-12-01
-    measured = {f"{kind}_s{seed}": "2026-12-01, an earlier run of this script, 2-core AMD EPYC"
-                for seed, row in kept.items() for kind, arms in RUN_ARMS.items()
-                if all(a in row for a in arms)}  # fmt: skip
-    measured.update(before.get("measured", {}) if args.extend else {})
+    # --extend keeps the earlier seeds; --summarize keeps those whose run folder is gone
+    kept = {r["seed"]: r for r in before.get("per_seed", [])} if (
+        args.extend or args.summarize) else {}  # fmt: skip
+    measured = dict(before.get("measured", {}))
+    if "measured" not in before:  # the JSON's first seeds, measured before this was recorded
+        measured = {f"{kind}_s{seed}": "2026-12-01, an earlier run of this script, 2-core AMD EPYC"
+                    for seed, row in kept.items() for kind, arms in RUN_ARMS.items()
+                    if all(a in row for a in arms)}  # fmt: skip
     untuned = [{"name": f"untuned {m}", "recipe": untuned_recipe(m, ARMS[m][0], statistics_dir)}
                for m in UNTUNED]  # fmt: skip
 
@@ -319,7 +334,10 @@ def main() -> None:
     for seed in range(args.seeds):
         row: dict = dict(kept.get(seed, {"seed": seed}))
         for kind, steps in (("ps", small_steps), ("hybrid", large_steps)):
-            if all(arm in row for arm in RUN_ARMS[kind]) and seed in kept:
+            folder = args.runs / f"{kind}_s{seed}"
+            budget = args.large if kind == "ps" else args.hybrid
+            has_all = seed in kept and all(arm in row for arm in RUN_ARMS[kind])
+            if has_all and (args.extend or not finished(folder, budget)):
                 print(f"{kind} seed {seed}: kept from {earlier}", flush=True)
                 continue
             config = copy.deepcopy(base)
@@ -333,12 +351,11 @@ def main() -> None:
                     config["baselines"] = ["average", "dare_ties", *untuned, "dam", "adamerging"]
             else:
                 config["search_space"] = hybrid_space()
-            folder = args.runs / f"{kind}_s{seed}"
             if lender is not None and folder != lender:
                 config["references_from"] = str(lender.resolve())
             start = time.perf_counter()
             go = not args.summarize
-            if args.summarize and not finished(folder, args.large if kind == "ps" else args.hybrid):
+            if args.summarize and not finished(folder, budget):
                 continue  # a run not finished yet: its arms are left out of this summary
             if kind == "ps":
                 if go:
@@ -412,10 +429,7 @@ def main() -> None:
         "settings": {
             "seeds": args.seeds,  # asked for; each arm's summary says how many it has (n)
             "seeds measured": {arm: [r["seed"] for r in per_seed if arm in r] for arm in arms},
-            "search budgets": [args.small, args.large],
-            "hybrid budget": args.hybrid,
-            "training steps": [small_steps, large_steps],
-            "lr": LR,
+            **settings,
         },
         "measured": measured,
         "references": references,

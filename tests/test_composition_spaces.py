@@ -200,7 +200,9 @@ def test_a_dfs_space_can_search_whose_embeddings_its_path_reads(llama, tmp_path)
     own = tensors(merge_to_disk(space.decode(sources["b"]), tmp_path / "b", progress=False))
     assert own.keys() == b.keys() and all(np.allclose(own[k], b[k]) for k in b)
     assert [label for label, _, _ in space.must_plan()] == ["the start genome", "embed_from b"]
-    for bad, message in ((["a", "zz"], "'zz' is not a key"), (["a", "a"], "without repeats")):
+    bad_lists = ((["a", "zz"], "'zz' is not a key"), (["a", "a"], "without repeats"),
+                 ([], "name one model"))  # fmt: skip
+    for bad, message in bad_lists:
         with pytest.raises(EvomergeError, match=f"search_space.embed_from.*{message}"):
             build_space(read_space_spec({**spec, "embed_from": bad}), models_of(llama), "base",
                         depth(llama))  # fmt: skip
@@ -222,3 +224,7 @@ def test_a_ps_dfs_space_starts_from_the_other_models_embeddings_too(llama):
     recipe = space.decode(sources["b"])
     assert recipe.embed_from == "b" and {s.model for s in recipe.path} == {"b"}
     assert space.decode(space.initial()).embed_from == "merged"
+    # listed second, the PS result still needs the PS part's models loaded
+    later = {**spec, "dataflow": {**spec["dataflow"], "embed_from": ["b", "merged"]}}
+    space = build_space(read_space_spec(later), models_of(llama), "base", depth(llama))
+    assert "base" in space.model_names() and space.decode(space.initial()).embed_from == "b"

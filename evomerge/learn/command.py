@@ -119,13 +119,13 @@ def learn(
     names = names or experts(config)
     if config.calibration is not None and settings.max_length == TrainSettings.max_length:
         settings.max_length = config.calibration.max_length
+    loading = [*([config.base_model] if config.base_model else []), *names]
     if method == "dam":
         texts = source_texts(config, names)
-        check_linear_layers(config, names[0])
+        check_linear_layers(config, loading[0])  # the model whose skeleton trains
     else:
         prompts = task_inputs(config, load_tokenizer(config, names[0]))
     device = pick_device(config.device)
-    loading = [*([config.base_model] if config.base_model else []), *names]
     sources, tokenizer = _load(config, loading, device)
     if method == "dam":
         return train_dam(sources, tokenizer, names, texts, config.base_model, settings)

@@ -66,7 +66,7 @@ class DataflowSpace(SearchSpace):
                 raise EvomergeError(
                     f"field 'search_space.models': {name!r} is not a key of the run's 'models'"
                 )
-        embeds = spec.embed_from or spec.models[0]
+        embeds = spec.models[0] if spec.embed_from is None else spec.embed_from
         self.embeds = [embeds] if isinstance(embeds, str) else list(embeds)
         for name in self.embeds:
             if name not in models:
@@ -226,7 +226,7 @@ class CombinedSpace(SearchSpace):
 
     def model_names(self) -> list[str]:
         names = self.dfs.model_names()
-        if MERGED in self.dfs.spec.models or self.dfs.embed_from == MERGED:
+        if MERGED in self.dfs.spec.models or MERGED in self.dfs.embeds:
             names += self.ps.model_names()
         return list(dict.fromkeys(names))
 
@@ -242,7 +242,7 @@ class CombinedSpace(SearchSpace):
         expresses is one here too. A path embedded from a run model is that model whatever the
         PS part holds (the start's is used)."""
         found: list[tuple[str, np.ndarray]] = []
-        if self.dfs.embed_from == MERGED and MERGED in self.dfs.spec.models:
+        if MERGED in self.dfs.embeds and MERGED in self.dfs.spec.models:
             try:
                 path = self.dfs.own_path(MERGED)
                 found = [(n, np.concatenate([g, path])) for n, g in self.ps.source_genomes()]
@@ -258,7 +258,7 @@ class CombinedSpace(SearchSpace):
     def genome_of(self, recipe: Recipe) -> Optional[np.ndarray]:
         """A recipe the PS part expresses, followed by the PS result's own layers in order."""
         ps = self.ps.genome_of(recipe)
-        if ps is None or self.dfs.embed_from != MERGED or MERGED not in self.dfs.spec.models:
+        if ps is None or MERGED not in self.dfs.embeds or MERGED not in self.dfs.spec.models:
             return None
         try:
             return np.concatenate([ps, self.dfs.own_path(MERGED)])
