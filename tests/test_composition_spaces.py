@@ -184,7 +184,7 @@ def test_a_dfs_space_can_search_whose_embeddings_its_path_reads(llama, tmp_path)
     space = build_space(read_space_spec(spec), models_of(llama), "base", depth(llama))
     assert space.gene_names()[-1] == "embed_from" and space.size == space.genome.size + 1
     low, high = space.bounds()
-    assert (low[-1], high[-1]) == (0.0, 2.0) and space.step_sizes()[-1] == 0.5
+    assert (low[-1], high[-1]) == (0.0, 2.0) and space.step_sizes()[-1] == 1.0
     start = space.initial()
     recipe = space.decode(start)
     assert recipe.embed_from == "a" and [s.model for s in recipe.path] == ["a"] * 4

@@ -17,8 +17,8 @@ from evomerge.spaces.parameter import ParameterSpace, ParameterSpaceSpec
 
 MERGED = "merged"  # in a ps_dfs space, the name of the parameter-space stage's result
 # the first step on a searched `embed_from` gene (bins of width 1, starting mid-bin): about
-# one candidate in six tries another model's embeddings
-EMBED_STEP = 0.5
+# one candidate in three tries another model's embeddings, so a budget of ten tries them
+EMBED_STEP = 1.0
 
 
 class DataflowSpec(BaseModel):
