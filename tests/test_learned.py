@@ -370,3 +370,38 @@ def test_references_from_lends_a_learned_merge_only_when_it_learned_alike(llama,
         recipe, recipe.replace(str(theirs.resolve()), str(mine.resolve())), theirs.resolve(), mine
     )
     assert not same_merge(recipe, recipe.replace("dam\n", "adamerging\n", 1), theirs, mine)
+
+
+def test_a_ray_run_learns_on_a_worker_and_the_driver_only_stores(llama, tmp_path, monkeypatch):
+    """In a run the learned merges train on a worker's device (where a cluster's GPUs are):
+    with the driver's own model loading broken the run still learns, and the file equals the
+    same training done here."""
+    import evomerge.learn.command as command
+    from evomerge.learn.command import learn
+    from evomerge.merge.learned import Coefficients
+
+    config = learn_config(
+        llama,
+        tmp_path,
+        pool="ray",
+        workers=1,
+        threads_per_worker=1,
+        baselines=["dam"],
+        learning={"steps": 2, "batch_size": 4},
+        budget=1,
+    )
+    here = learn(RunConfig.from_dict(config), "dam", TrainSettings(steps=2, batch_size=4,
+                                                                    progress=False))  # fmt: skip
+
+    def loaded_here(*args, **kwargs):
+        raise AssertionError("the driver loaded the models to train")
+
+    monkeypatch.setattr(command, "_load", loaded_here)
+    out = tmp_path / "run"
+    assert main(["run", str(write(tmp_path, config)), "--out", str(out), "--quiet"]) == 0
+    stored = Coefficients(out / "learned" / "dam" / "coefficients.safetensors")
+    assert stored.trained["device"] == "cpu" and stored.trained["steps"] == 2
+    refs = [str(llama["ft0"]), str(llama["ft1"])]
+    for name, values in here.coefficients.items():
+        for ref, value in zip(refs, values):
+            assert torch.allclose(stored.get(ref, "dam", name), value, atol=1e-6), name

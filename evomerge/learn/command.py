@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
@@ -109,30 +110,67 @@ def _load(config: RunConfig, names: list[str], device: torch.device) -> tuple[Fr
     return FrozenSources(skeleton, tensors), load_tokenizer(config, first)
 
 
-def learn(
+@dataclass
+class LearningData:
+    """What a learned merge trains on, read and checked where the run config is: each source's
+    own texts (DAM) or the fitness tasks' prompts (AdaMerging)."""
+
+    method: str
+    names: list[str]
+    texts: dict[str, list[str]] = field(default_factory=dict)
+    prompts: list[str] = field(default_factory=list)
+    templated: bool = False
+
+
+def learning_data(
     config: RunConfig, method: str, settings: TrainSettings, names: Optional[list[str]] = None
-) -> Learned:
-    """Train `method`'s coefficients for the models `names` (default: every one but the base,
-    in the config's order): DAM on each one's own text, AdaMerging on the fitness tasks'
-    inputs; bad input fails before any model is loaded."""
+) -> LearningData:
+    """Check the input and read the data; bad input fails here, before any model is loaded."""
     check_method(config, method)
     names = names or experts(config)
     if config.calibration is not None and settings.max_length == TrainSettings.max_length:
         settings.max_length = config.calibration.max_length
-    loading = [*([config.base_model] if config.base_model else []), *names]
     if method == "dam":
         texts = source_texts(config, names)
-        check_linear_layers(config, loading[0])  # the model whose skeleton trains
-    else:
-        prompts = task_inputs(config, load_tokenizer(config, names[0]))
-    device = pick_device(config.device)
-    sources, tokenizer = _load(config, loading, device)
-    if method == "dam":
-        return train_dam(sources, tokenizer, names, texts, config.base_model, settings)
+        check_linear_layers(config, loading(config, names)[0])  # the model whose skeleton trains
+        return LearningData(method, names, texts=texts)
+    prompts = task_inputs(config, load_tokenizer(config, names[0]))
     templated = bool(getattr(config.fitness, "apply_chat_template", False))
-    return train_adamerging(
-        sources, tokenizer, config.base_model, names, prompts, settings, templated
-    )
+    return LearningData(method, names, prompts=prompts, templated=templated)
+
+
+def loading(config: RunConfig, names: list[str]) -> list[str]:
+    """The models training loads, the skeleton's first: the base (where there is one), then
+    the sources."""
+    return [*([config.base_model] if config.base_model else []), *names]
+
+
+def train_on(
+    device: torch.device, config: RunConfig, data: LearningData, settings: TrainSettings
+) -> Learned:
+    """Train on `device` (a worker's, in a run: where the GPUs are); the coefficients come
+    back on the CPU, to travel and be stored."""
+    sources, tokenizer = _load(config, loading(config, data.names), device)
+    if data.method == "dam":
+        learned = train_dam(sources, tokenizer, data.names, data.texts, config.base_model, settings)
+    else:
+        learned = train_adamerging(
+            sources, tokenizer, config.base_model, data.names, data.prompts, settings,
+            data.templated,
+        )  # fmt: skip
+    learned.coefficients = {k: [c.cpu() for c in cs] for k, cs in learned.coefficients.items()}
+    learned.summary["device"] = str(device)
+    return learned
+
+
+def learn(
+    config: RunConfig, method: str, settings: TrainSettings, names: Optional[list[str]] = None
+) -> Learned:
+    """Train `method`'s coefficients for the models `names` (default: every one but the base,
+    in the config's order) here, on the config's device: DAM on each one's own text,
+    AdaMerging on the fitness tasks' inputs; bad input fails before any model is loaded."""
+    data = learning_data(config, method, settings, names)
+    return train_on(pick_device(config.device), config, data, settings)
 
 
 def learn_coefficients(

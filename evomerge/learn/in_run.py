@@ -10,7 +10,7 @@ import logging
 import os
 import shutil
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import yaml
 
@@ -22,13 +22,19 @@ from evomerge.learn.command import (
     check_method,
     experts,
     learn_coefficients,
+    learning_data,
     load_tokenizer,
+    store_coefficients,
     summary_line,
+    train_on,
 )
 from evomerge.learn.data import source_texts, task_inputs
 from evomerge.learn.train import TrainSettings
 from evomerge.merge.learned import LOG, Coefficients, learned_method
 from evomerge.spaces.base import SearchSpace
+
+if TYPE_CHECKING:
+    from evomerge.workers.pool import Pool
 
 log = logging.getLogger("evomerge")
 
@@ -124,9 +130,11 @@ def ensure_learned(
     baselines: dict[str, str],
     space: SearchSpace,
     progress: bool = True,
+    pool: Optional[Pool] = None,
 ) -> None:
-    """Learn (or borrow) every learned merge the run reads and has not stored yet; a kill
-    mid-way leaves no half file, and the next resume learns it again."""
+    """Learn (or borrow) every learned merge the run reads and has not stored yet, on one of
+    `pool`'s workers (here without one); a kill mid-way leaves no half file, and the next
+    resume learns it again."""
     for path, (method, names) in needed(config, baselines, space, folder).items():
         if path.is_file():
             continue
@@ -142,7 +150,12 @@ def ensure_learned(
             log.info("learned %s: borrowed from %s", method, source)
             continue
         settings = settings_of(config, progress)
-        _, learned = learn_coefficients(config, method, path, settings, names)
+        if pool is None:
+            _, learned = learn_coefficients(config, method, path, settings, names)
+        else:  # read and checked here, trained on a worker's device
+            data = learning_data(config, method, settings, names)
+            learned = pool.run_on_worker(train_on, config, data, settings)
+            store_coefficients(config, method, path, data.names, learned)
         log.info("learned %s", summary_line(learned, path))
 
 

@@ -46,7 +46,7 @@ def drive(run: Run, pool: Pool, progress: bool = True) -> None:
         baselines = baseline_recipes(
             config.baselines, config.models, config.base_model, config.seed
         )
-        ensure_learned(run.folder, config, baselines, run.space, progress)
+        ensure_learned(run.folder, config, baselines, run.space, progress, pool)
         score_references(run, pool, progress)
         if tracker is not None:
             tracker.start(run.store.records())

@@ -200,6 +200,12 @@ class Evaluator:
             str(where) if where is not None else None,
         )
 
+    def run_here(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """`fn(device, *args)` on this worker's device: work that belongs where the run's GPUs
+        are (training a learned merge), passed in by a layer above the workers."""
+        self.release_model()  # its memory is the work's; the next candidate builds it again
+        return fn(self.device, *args)
+
     def held_out(self) -> Callable[..., Any]:
         """The held-out fitness: the same task folder, the held-out tasks and limit."""
         if self.held_out_fitness is None:

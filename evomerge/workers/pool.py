@@ -4,8 +4,8 @@
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterator
-from typing import Optional, Protocol
+from collections.abc import Callable, Iterator
+from typing import Any, Optional, Protocol
 
 from evomerge.config import RunConfig
 from evomerge.optim.base import Candidate
@@ -42,6 +42,11 @@ class Pool(Protocol):
         measured on the evaluators' devices: (job number, safetensors bytes) as each ends."""
         ...
 
+    def run_on_worker(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """`fn(device, *args)` on one evaluator's device, its result returned here (it must
+        travel: tensors on the CPU)."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -74,6 +79,9 @@ class LocalPool:
     def measure_sources(self, jobs: list[SourceJob]) -> Iterator[tuple[int, bytes]]:
         for number, job in enumerate(jobs):
             yield number, self.evaluator.source_statistics(*job)
+
+    def run_on_worker(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return self.evaluator.run_here(fn, *args)
 
     def close(self) -> None:
         pass

@@ -20,7 +20,7 @@ import shutil
 import tempfile
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -383,6 +383,25 @@ class RayPool:
                     f"the worker measuring statistics of {jobs[number][0]} died: "
                     f"{start_failure_reason(exc)}"
                 ) from None
+
+    def run_on_worker(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """`fn(device, *args)` on the first worker's device; its error ends here in one line."""
+        from ray.exceptions import RayActorError, RayTaskError
+
+        try:
+            return self.ray.get(self.actors[0].run_here.remote(fn, *args))
+        except RayTaskError as exc:
+            cause = getattr(exc, "cause", None)
+            if isinstance(cause, EvomergeError):
+                raise EvomergeError(str(cause)) from None
+            raise EvomergeError(
+                f"{getattr(fn, '__name__', fn)} failed on a worker: {type(cause).__name__}: {cause}"
+            ) from None
+        except RayActorError as exc:
+            raise EvomergeError(
+                f"the worker running {getattr(fn, '__name__', fn)} died: "
+                f"{start_failure_reason(exc)}"
+            ) from None
 
     def close(self) -> None:
         for actor in self.actors:
