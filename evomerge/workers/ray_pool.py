@@ -355,12 +355,27 @@ class RayPool:
             )
         return expired
 
+    def _result(self, ref: Any, what: str, doing: str) -> Any:
+        """A worker's answer, or its failure in one line: an EvomergeError as it was raised,
+        anything else named after `what` failed (or the worker `doing` it died)."""
+        from ray.exceptions import RayActorError, RayTaskError
+
+        try:
+            return self.ray.get(ref)
+        except RayTaskError as exc:
+            cause = getattr(exc, "cause", None)
+            if isinstance(cause, EvomergeError):
+                raise EvomergeError(str(cause)) from None
+            raise EvomergeError(
+                f"{what} failed on a worker: {type(cause).__name__}: {cause}"
+            ) from None
+        except RayActorError as exc:
+            raise EvomergeError(f"the worker {doing} died: {start_failure_reason(exc)}") from None
+
     def measure_sources(self, jobs: list[SourceJob]) -> Iterator[tuple[int, bytes]]:
         """Each source's calibration statistics measured by the workers on their devices
         (sources dealt round the workers), yielded as each arrives so a finished one is
         stored even if a later one fails."""
-        from ray.exceptions import RayActorError, RayTaskError
-
         pending = {
             self.actors[n % len(self.actors)].source_statistics.remote(*job): n
             for n, job in enumerate(jobs)
@@ -368,40 +383,18 @@ class RayPool:
         while pending:
             done, _ = self.ray.wait(list(pending), num_returns=1)
             number = pending.pop(done[0])
-            try:
-                yield number, self.ray.get(done[0])
-            except RayTaskError as exc:
-                cause = getattr(exc, "cause", None)
-                if isinstance(cause, EvomergeError):
-                    raise EvomergeError(str(cause)) from None
-                raise EvomergeError(
-                    f"statistics of {jobs[number][0]} failed on a worker: "
-                    f"{type(cause).__name__}: {cause}"
-                ) from None
-            except RayActorError as exc:
-                raise EvomergeError(
-                    f"the worker measuring statistics of {jobs[number][0]} died: "
-                    f"{start_failure_reason(exc)}"
-                ) from None
+            source = jobs[number][0]
+            yield (
+                number,
+                self._result(
+                    done[0], f"statistics of {source}", f"measuring statistics of {source}"
+                ),
+            )
 
     def run_on_worker(self, fn: Callable[..., Any], *args: Any) -> Any:
         """`fn(device, *args)` on the first worker's device; its error ends here in one line."""
-        from ray.exceptions import RayActorError, RayTaskError
-
-        try:
-            return self.ray.get(self.actors[0].run_here.remote(fn, *args))
-        except RayTaskError as exc:
-            cause = getattr(exc, "cause", None)
-            if isinstance(cause, EvomergeError):
-                raise EvomergeError(str(cause)) from None
-            raise EvomergeError(
-                f"{getattr(fn, '__name__', fn)} failed on a worker: {type(cause).__name__}: {cause}"
-            ) from None
-        except RayActorError as exc:
-            raise EvomergeError(
-                f"the worker running {getattr(fn, '__name__', fn)} died: "
-                f"{start_failure_reason(exc)}"
-            ) from None
+        name = getattr(fn, "__name__", str(fn))
+        return self._result(self.actors[0].run_here.remote(fn, *args), name, f"running {name}")
 
     def close(self) -> None:
         for actor in self.actors:
