@@ -9,12 +9,16 @@ import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import yaml
 
 from evomerge import __version__
 from evomerge.errors import EvomergeError
+
+if TYPE_CHECKING:
+    from evomerge.search.run import Run
+    from evomerge.workers.footprint import Footprint
 
 log = logging.getLogger("evomerge")
 QUIET = "no progress bar; warnings and errors only"
@@ -84,10 +88,22 @@ def _with_statistics(recipe, args: argparse.Namespace, recipe_dir: Path):
     return recipe.model_copy(update={"statistics": str(folder)})
 
 
+def _announce(run: Run) -> Footprint:
+    """The run's memory footprint (training its learned merges included); refuses what cannot
+    fit."""
+    from evomerge.baselines import baseline_recipes
+    from evomerge.learn.in_run import learning_bytes
+    from evomerge.workers.footprint import announce
+
+    config = run.config
+    baselines = baseline_recipes(config.baselines, config.models, config.base_model, config.seed)
+    return announce(config, run.space, learning_bytes(run.folder, config, baselines, run.space))
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from evomerge.search.loop import drive
     from evomerge.search.run import create_run
-    from evomerge.workers.footprint import announce, pool_config
+    from evomerge.workers.footprint import pool_config
     from evomerge.workers.pool import make_pool
 
     config = _run_config(args)
@@ -100,7 +116,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     folder = folder or Path("results") / name
     run = create_run(config, folder)
     try:
-        footprint = announce(run.config, run.space)  # refuses what cannot fit
+        footprint = _announce(run)  # refuses what cannot fit
         log.info(footprint.describe())
         unused = [name for name in config.models if name not in run.config.models]
         if unused:
@@ -165,11 +181,11 @@ def _run_config(args: argparse.Namespace):
 def _cmd_resume(args: argparse.Namespace) -> int:
     from evomerge.search.loop import drive
     from evomerge.search.run import open_run
-    from evomerge.workers.footprint import announce, pool_config
+    from evomerge.workers.footprint import pool_config
     from evomerge.workers.pool import make_pool
 
     run = open_run(Path(args.folder))
-    footprint = announce(run.config, run.space)
+    footprint = _announce(run)
     log.info(footprint.describe())
     drive(
         run,

@@ -7,6 +7,7 @@ and in a live model; bad input ends in one line with nothing written."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -405,3 +406,44 @@ def test_a_ray_run_learns_on_a_worker_and_the_driver_only_stores(llama, tmp_path
     for name, values in here.coefficients.items():
         for ref, value in zip(refs, values):
             assert torch.allclose(stored.get(ref, "dam", name), value, atol=1e-6), name
+
+
+def test_a_run_that_learns_counts_training_in_its_memory_line_and_fit_check(
+    llama, tmp_path, monkeypatch
+):
+    """The worker that trains holds its sources and the training (the base and two experts in
+    fp32, the merged weights twice, a batch's activations and logits); a machine with room to
+    score but not to train refuses the run in its first line."""
+    import psutil
+
+    from evomerge.baselines import baseline_recipes
+    from evomerge.learn.in_run import learning_bytes
+    from evomerge.search.prepare import prepare
+    from evomerge.workers.footprint import announce, check_fits
+
+    folder = tmp_path / "run"
+    data = learn_config(llama, tmp_path, baselines=["dam"])
+    config, space = prepare(RunConfig.from_dict(data), folder)
+    recipes = baseline_recipes(config.baselines, config.models, config.base_model, config.seed)
+    learning = learning_bytes(folder, config, recipes, space)
+    weights = sum(
+        info.nbytes for n, info in ModelSource(llama["base"]).index.items() if "lm_head" not in n
+    )  # fp32 checkpoints: bytes = 4 x parameters
+    assert learning > (3 + 2) * weights  # three models held, the merged weights twice
+    footprint = announce(config, space, learning)
+    assert footprint.peak == footprint.sources + max(footprint.reserve, learning)
+    assert "while learning, the worker that trains" in footprint.describe()
+
+    class Free:  # room for the workers to score, not for one of them to train
+        available = int((2 * (footprint.sources + footprint.reserve)) / 0.9) + 1
+
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: Free())
+    assert learning > footprint.reserve
+    problem = check_fits(footprint, config.model_copy(update={"workers": 2, "pool": "ray"}))
+    assert problem is not None and "learning.batch_size" in problem
+    # once learned, nothing is left to train
+    path = next(iter(recipes.values()))
+    stored = Path(yaml.safe_load(path)["coefficients"])
+    stored.parent.mkdir(parents=True)
+    stored.write_bytes(b"")
+    assert learning_bytes(folder, config, recipes, space) == 0

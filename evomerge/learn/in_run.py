@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 import shutil
 from pathlib import Path
@@ -24,12 +25,14 @@ from evomerge.learn.command import (
     learn_coefficients,
     learning_data,
     load_tokenizer,
+    loading,
     store_coefficients,
     summary_line,
     train_on,
 )
 from evomerge.learn.data import source_texts, task_inputs
-from evomerge.learn.train import TrainSettings
+from evomerge.learn.train import TrainSettings, training_bytes
+from evomerge.merge.io import ModelSource
 from evomerge.merge.learned import LOG, Coefficients, learned_method
 from evomerge.spaces.base import SearchSpace
 
@@ -154,9 +157,42 @@ def ensure_learned(
             _, learned = learn_coefficients(config, method, path, settings, names)
         else:  # read and checked here, trained on a worker's device
             data = learning_data(config, method, settings, names)
-            learned = pool.run_on_worker(train_on, config, data, settings)
+            log.info("learning %s on a worker (%s steps)", method, settings.steps or "one pass")
+            learned = pool.run_on_worker(f"learning {method}", train_on, config, data, settings)
             store_coefficients(config, method, path, data.names, learned)
         log.info("learned %s", summary_line(learned, path))
+
+
+def learning_bytes(
+    folder: Path, config: RunConfig, baselines: dict[str, str], space: SearchSpace
+) -> int:
+    """What training the run's not yet stored learned merges adds on the worker that trains
+    them (the largest of them; 0 when there is none to learn), from the checkpoints' headers:
+    the training formula at the configured batch and at the longest text it keeps."""
+    settings = settings_of(config, progress=False)
+    if config.calibration is not None:
+        settings.max_length = config.calibration.max_length
+    most = 0
+    for path, (method, names) in needed(config, baselines, space, folder).items():
+        if path.is_file():
+            continue
+        held = [config.models[n] for n in loading(config, names)]
+        source = ModelSource(held[0], allow_pickle=config.allow_pickle)
+        try:
+            shapes = {name: info.shape for name, info in source.index.items()}
+            model = dict(source.config)
+        finally:
+            source.close()
+        parameters = sum(
+            math.prod(shape) for name, shape in shapes.items() if "lm_head" not in name
+        )
+        linear_inputs = sum(shape[-1] for name, shape in shapes.items() if len(shape) == 2
+                            and ".layers." in name)  # fmt: skip
+        coefficients = len(names) * (linear_inputs if method == "dam" else 1)
+        terms = training_bytes(method, parameters, len(held), coefficients, model,
+                               settings.batch_size, settings.max_length)  # fmt: skip
+        most = max(most, terms["total"])
+    return most
 
 
 def learns_alike(mine: RunConfig, theirs: RunConfig) -> bool:

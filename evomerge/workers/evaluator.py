@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib
 import json
 import math
+import os
 import socket
 import sys
 import time
@@ -202,9 +203,21 @@ class Evaluator:
 
     def run_here(self, fn: Callable[..., Any], *args: Any) -> Any:
         """`fn(device, *args)` on this worker's device: work that belongs where the run's GPUs
-        are (training a learned merge), passed in by a layer above the workers."""
-        self.release_model()  # its memory is the work's; the next candidate builds it again
-        return fn(self.device, *args)
+        are (training a learned merge), passed in by a layer above the workers. The live
+        model's memory is the work's meanwhile (rebuilt after, so that no candidate's time
+        counts it); on a CPU it runs on every core (the run's other workers wait for it)."""
+        key = self.model_key
+        self.release_model()
+        threads = torch.get_num_threads()
+        if self.device.type == "cpu":
+            torch.set_num_threads(os.cpu_count() or threads)
+        try:
+            return fn(self.device, *args)
+        finally:
+            torch.set_num_threads(threads)
+            if key is not None:
+                self.model_key = None
+                self.live_model(json.loads(key))
 
     def held_out(self) -> Callable[..., Any]:
         """The held-out fitness: the same task folder, the held-out tasks and limit."""

@@ -17,6 +17,10 @@ failure on every candidate.
                    the largest batch that fits beside the rest, chosen here where the driver
                    sees the workers' memory (a machine of its own), else left to lm-eval
 
+A run that learns a merge (DAM, AdaMerging) trains it first on one worker, beside the sources
+that worker holds, with its live model released: that worker's peak is the larger of the
+above and sources + training (learn/train.py's formula, given by the caller).
+
 Read weights never reach the driver: the headers say every shape and dtype.
 """
 
@@ -58,10 +62,11 @@ class Footprint:
     sources_on: str = "device"  # where a worker keeps them: device, host, or auto (decided there)
     scoring: Optional[ScoringFootprint] = None  # None: a Python fitness, not estimated
     auto_batch: bool = False  # batch_size auto: `scoring` is for the batch chosen (or for 1)
+    learning: int = 0  # what training a learned merge adds on the worker that trains it
 
     @property
     def peak(self) -> int:
-        return self.sources + self.live + self.temporaries + self.scoring_bytes
+        return self.sources + max(self.reserve, self.learning)
 
     @property
     def scoring_bytes(self) -> int:
@@ -81,11 +86,17 @@ class Footprint:
                 f" + scoring {self.scoring_bytes / GIB:.2f} GiB ({batch} x "
                 f"{self.scoring.tokens} tokens)"
             )
+        scored = self.sources + self.reserve
         head = (
             f"memory per worker: sources {self.sources / GIB:.2f} GiB + live model "
             f"{self.live / GIB:.2f} GiB + merge temporaries {self.temporaries / GIB:.2f} GiB"
-            f"{scoring} = {self.peak / GIB:.2f} GiB"
+            f"{scoring} = {scored / GIB:.2f} GiB"
         )
+        if self.learning:
+            head += (
+                f"; while learning, the worker that trains: sources + training "
+                f"{self.learning / GIB:.2f} GiB = {(self.sources + self.learning) / GIB:.2f} GiB"
+            )
         if self.sources_on == "host":
             return (
                 f"{head}; sources on the host: device {self.reserve / GIB:.2f} GiB, pinned "
@@ -200,13 +211,16 @@ def check_fits(footprint: Footprint, config: RunConfig) -> Optional[str]:
     if machine is None:
         return None
     where, workers, have = machine
-    need = _worker_need(footprint, config) * workers
+    # one worker trains a learned merge while the others wait with their live models built
+    scoring = replace(footprint, learning=0)
+    need = _worker_need(scoring, config) * (workers - 1) + _worker_need(footprint, config)
     if need <= HEADROOM * have:
         return None
     return (
         f"{footprint.describe()}; {where} needs {need / GIB:.2f} GiB for its workers and has "
         f"{have / GIB:.2f} GiB free: use fewer workers, a smaller fitness batch_size, "
         "score_dtype bfloat16, or fewer models"
+        + (", or a smaller learning.batch_size" if footprint.learning else "")
     )
 
 
@@ -234,7 +248,8 @@ def _worker_need(footprint: Footprint, config: RunConfig) -> float:
         return footprint.peak
     span = int(config.gpus_per_worker) if config.gpus_per_worker >= 2 else 1
     held = footprint.sources if footprint.sources_on == "device" else 0
-    return held + footprint.live / span + footprint.temporaries + footprint.scoring_bytes
+    scoring = footprint.live / span + footprint.temporaries + footprint.scoring_bytes
+    return held + max(scoring, footprint.learning)
 
 
 def _on_gpu(config: RunConfig) -> bool:
@@ -243,10 +258,11 @@ def _on_gpu(config: RunConfig) -> bool:
     )
 
 
-def announce(config: RunConfig, space: SearchSpace) -> Footprint:
+def announce(config: RunConfig, space: SearchSpace, learning: int = 0) -> Footprint:
     """The footprint whose line a run prints first; raises when the workers cannot fit. Under
-    `batch_size: auto` it is the footprint at the batch chosen (`choose_batch`)."""
-    footprint = choose_batch(predict(config, space), config)
+    `batch_size: auto` it is the footprint at the batch chosen (`choose_batch`). `learning`:
+    the bytes training the run's learned merges adds on one worker (0: none to learn)."""
+    footprint = replace(choose_batch(predict(config, space), config), learning=learning)
     problem = check_fits(footprint, config)
     if problem:
         raise EvomergeError(problem)

@@ -42,9 +42,9 @@ class Pool(Protocol):
         measured on the evaluators' devices: (job number, safetensors bytes) as each ends."""
         ...
 
-    def run_on_worker(self, fn: Callable[..., Any], *args: Any) -> Any:
+    def run_on_worker(self, what: str, fn: Callable[..., Any], *args: Any) -> Any:
         """`fn(device, *args)` on one evaluator's device, its result returned here (it must
-        travel: tensors on the CPU)."""
+        travel: tensors on the CPU); `what` names it in an error."""
         ...
 
     def close(self) -> None: ...
@@ -80,7 +80,7 @@ class LocalPool:
         for number, job in enumerate(jobs):
             yield number, self.evaluator.source_statistics(*job)
 
-    def run_on_worker(self, fn: Callable[..., Any], *args: Any) -> Any:
+    def run_on_worker(self, what: str, fn: Callable[..., Any], *args: Any) -> Any:
         return self.evaluator.run_here(fn, *args)
 
     def close(self) -> None:

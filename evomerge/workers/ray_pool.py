@@ -391,10 +391,9 @@ class RayPool:
                 ),
             )
 
-    def run_on_worker(self, fn: Callable[..., Any], *args: Any) -> Any:
+    def run_on_worker(self, what: str, fn: Callable[..., Any], *args: Any) -> Any:
         """`fn(device, *args)` on the first worker's device; its error ends here in one line."""
-        name = getattr(fn, "__name__", str(fn))
-        return self._result(self.actors[0].run_here.remote(fn, *args), name, f"running {name}")
+        return self._result(self.actors[0].run_here.remote(fn, *args), what, what)
 
     def close(self) -> None:
         for actor in self.actors:
