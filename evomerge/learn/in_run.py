@@ -167,8 +167,9 @@ def learning_bytes(
     folder: Path, config: RunConfig, baselines: dict[str, str], space: SearchSpace
 ) -> int:
     """What training the run's not yet stored learned merges adds on the worker that trains
-    them (the largest of them; 0 when there is none to learn), from the checkpoints' headers:
-    the training formula at the configured batch and at the longest text it keeps."""
+    them (the largest of them; 0 when there is none to learn), from the checkpoints' headers
+    and the data: the training formula at the configured batch, every text as long as the
+    longest one training keeps (a batch pads to its longest)."""
     settings = settings_of(config, progress=False)
     if config.calibration is not None:
         settings.max_length = config.calibration.max_length
@@ -189,8 +190,12 @@ def learning_bytes(
         linear_inputs = sum(shape[-1] for name, shape in shapes.items() if len(shape) == 2
                             and ".layers." in name)  # fmt: skip
         coefficients = len(names) * (linear_inputs if method == "dam" else 1)
+        data = learning_data(config, method, settings, names)
+        texts = [t for kept in data.texts.values() for t in kept] or data.prompts
+        tokenizer = load_tokenizer(config, names[0])
+        longest = max(len(tokenizer(text).input_ids) for text in texts)
         terms = training_bytes(method, parameters, len(held), coefficients, model,
-                               settings.batch_size, settings.max_length)  # fmt: skip
+                               settings.batch_size, min(longest, settings.max_length))  # fmt: skip
         most = max(most, terms["total"])
     return most
 
