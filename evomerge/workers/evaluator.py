@@ -134,6 +134,7 @@ class Evaluator:
         self.name = name
         self.model: Optional[torch.nn.Module] = None
         self.model_key: Optional[str] = None
+        self.model_config: Optional[dict[str, Any]] = None  # the live model's shape
         self.tokenizers: dict[str, Any] = {}
         # build the live model now (a PS recipe keeps the first source's shape), so that a
         # candidate's time, and its timeout, never include the worker's start-up
@@ -155,7 +156,7 @@ class Evaluator:
                 self.trust_remote_code,
                 self.devices,
             )
-            self.model_key = key
+            self.model_key, self.model_config = key, config
         return self.model
 
     def release_model(self) -> None:
@@ -206,7 +207,7 @@ class Evaluator:
         are (training a learned merge), passed in by a layer above the workers. The live
         model's memory is the work's meanwhile (rebuilt after, so that no candidate's time
         counts it); on a CPU it runs on every core (the run's other workers wait for it)."""
-        key = self.model_key
+        shape = self.model_config
         self.release_model()
         threads = torch.get_num_threads()
         if self.device.type == "cpu":
@@ -215,9 +216,8 @@ class Evaluator:
             return fn(self.device, *args)
         finally:
             torch.set_num_threads(threads)
-            if key is not None:
-                self.model_key = None
-                self.live_model(json.loads(key))
+            if shape is not None:
+                self.live_model(shape)
 
     def held_out(self) -> Callable[..., Any]:
         """The held-out fitness: the same task folder, the held-out tasks and limit."""
