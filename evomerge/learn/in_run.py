@@ -170,9 +170,7 @@ def learning_bytes(
     them (the largest of them; 0 when there is none to learn), from the checkpoints' headers
     and the data: the training formula at the configured batch, every text as long as the
     longest one training keeps (a batch pads to its longest)."""
-    settings = settings_of(config, progress=False)
-    if config.calibration is not None:
-        settings.max_length = config.calibration.max_length
+    settings = settings_of(config, progress=False)  # learning_data sets its max_length
     most = 0
     for path, (method, names) in needed(config, baselines, space, folder).items():
         if path.is_file():
