@@ -138,8 +138,13 @@ LAZY_DEPENDENCIES = {
 }
 # in-package lazy imports: each command imports only what it runs (`evomerge status` starts in
 # about a second, without torch); status reads a learned merge's summary from the merge package
-# (which loads torch) only for a recipe that names a coefficient file
-LAZY_MODULES = {"evomerge.cli": ("evomerge.",), "evomerge.results.status": ("evomerge.merge.",)}
+# (which loads torch) only for a recipe that names a coefficient file; scoring loads its lm-eval
+# model (torch, transformers, lm-eval's HF backend) only when it scores, not to read tasks
+LAZY_MODULES = {
+    "evomerge.cli": ("evomerge.",),
+    "evomerge.results.status": ("evomerge.merge.",),
+    "evomerge.workers.scoring": ("evomerge.workers.shared_context",),
+}
 
 
 def _type_checking_only(tree: ast.Module) -> set[int]:

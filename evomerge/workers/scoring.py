@@ -1,8 +1,9 @@
 """lm-eval fitness on the live, in-memory model.
 
 Tasks are built once per worker and reused for every candidate through
-`lm_eval.evaluator.evaluate` (no per-call environment probing, bootstrap off). HFLM wraps the
-live model; it is re-wrapped only when the worker rebuilds the model (a DFS depth change).
+`lm_eval.evaluator.evaluate` (no per-call environment probing, bootstrap off). lm-eval's HFLM
+wraps the live model, with a multiple-choice document's context run once for all its choices
+(shared_context.py); it is re-wrapped only when the worker rebuilds the model (a DFS depth change).
 Results are flattened to "task: metric,filter" keys (e.g. "arith: acc,none"); the per-document
 values of each task's first metric, in document order, are the per-example scores M2N2 uses,
 and every per-document value comes back too (`per_document`: task -> document id -> metric),
@@ -115,11 +116,11 @@ class LmEvalFitness:
         self._lm = self._wrapped = None
 
     def _harness(self, model: Any, tokenizer: Any) -> Any:
-        from lm_eval.models.huggingface import HFLM
+        from evomerge.workers.shared_context import SharedContextHFLM
 
         if self._wrapped is not model:
             device = str(next(model.parameters()).device)
-            self._lm = HFLM(
+            self._lm = SharedContextHFLM(
                 pretrained=model, tokenizer=tokenizer, device=device, batch_size=self.batch_size
             )
             self._wrapped = model

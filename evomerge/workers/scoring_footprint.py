@@ -29,37 +29,11 @@ from pathlib import Path
 from typing import Any, Optional
 
 from evomerge.config import LmEvalFitnessSpec
+from evomerge.workers.model_shape import Shape
 from evomerge.workers.scoring import load_tasks, working_dir
 
 LOGLIKELIHOOD = ("loglikelihood", "multiple_choice", "loglikelihood_rolling")
 DEFAULT_GEN_TOKS = 256  # lm-eval's HFLM default
-
-
-@dataclass(frozen=True)
-class Shape:
-    """The model dimensions scoring's memory depends on (from config.json)."""
-
-    vocab: int
-    hidden: int
-    intermediate: int
-    layers: int
-    kv_width: int
-    context: int
-
-    @classmethod
-    def of(cls, config: dict[str, Any]) -> Shape:
-        cfg = config.get("text_config", config)
-        hidden = int(cfg.get("hidden_size") or cfg.get("n_embd") or 0)
-        heads = int(cfg.get("num_attention_heads") or cfg.get("n_head") or 1)
-        head_dim = int(cfg.get("head_dim") or hidden // heads)
-        return cls(
-            vocab=int(cfg.get("vocab_size") or 0),
-            hidden=hidden,
-            intermediate=int(cfg.get("intermediate_size") or cfg.get("n_inner") or 4 * hidden),
-            layers=int(cfg.get("num_hidden_layers") or cfg.get("n_layer") or 0),
-            kv_width=int(cfg.get("num_key_value_heads") or heads) * head_dim,
-            context=int(cfg.get("max_position_embeddings") or cfg.get("n_positions") or 2048),
-        )
 
 
 @dataclass(frozen=True)

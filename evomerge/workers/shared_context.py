@@ -1,0 +1,207 @@
+"""lm-eval's Hugging Face model, with a multiple-choice document's context run once.
+
+lm-eval scores each choice of a multiple-choice document as its own sequence, context
+included: with four choices behind a chat-templated prompt, three quarters of the work repeats
+the same context. Here the contexts of a batch run once, with the key/value cache kept; each
+choice then runs only its own tokens on top of its context's cache, and the vocabulary head
+runs only where a continuation token is scored. Log-likelihoods and greedy flags are lm-eval's
+own (the same positions, the same softmax dtype); they differ from the stock path by float
+rounding only. Requests this path cannot take (a model without a selectable key/value cache,
+an encoder-decoder, a sequence longer than the model's window) go to lm-eval's own path.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from lm_eval.models.huggingface import HFLM
+from tqdm import tqdm
+
+from evomerge.workers.model_shape import Shape
+
+Request = tuple[tuple[str, str], list[int], list[int]]
+
+
+class SharedContextHFLM(HFLM):
+    """HFLM whose log-likelihoods share each context's forward pass among its continuations."""
+
+    def _loglikelihood_tokens(
+        self,
+        requests: list[Request],
+        disable_tqdm: bool = False,
+        override_bs: int | None = None,
+    ) -> list[tuple[float, bool]]:
+        window = self.max_length
+        fits = [len(ctx) > 0 and len(ctx) + len(cont) - 1 <= window for _, ctx, cont in requests]
+        if self.backend != "causal" or self.batch_size == "auto" or not any(fits):
+            return super()._loglikelihood_tokens(requests, disable_tqdm, override_bs)
+        results: list[Any] = [None] * len(requests)
+        rest = [i for i, ok in enumerate(fits) if not ok]
+        if rest:
+            stock = super()._loglikelihood_tokens([requests[i] for i in rest], disable_tqdm)
+            for i, answer in zip(rest, stock):
+                results[i] = answer
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i, ok in enumerate(fits):
+            if ok:
+                groups.setdefault(tuple(requests[i][1]), []).append(i)
+        # longest contexts first, as lm-eval orders: a batch pads little, memory peaks early
+        ordered = sorted(groups.items(), key=lambda item: -len(item[0]))
+        pbar = tqdm(
+            total=len(requests) - len(rest),
+            disable=disable_tqdm or self.rank != 0,
+            desc="Running loglikelihood requests",
+        )
+        per_batch = max(1, int(self.batch_size))
+        start = 0
+        while start < len(ordered):
+            stop = _batch_end(ordered, start, per_batch, requests, self._shape())
+            answers = self._score_batch(ordered[start:stop], requests)
+            if answers is None:  # no selectable cache: lm-eval's own path for everything left
+                left = [i for _, members in ordered[start:] for i in members]
+                stock = super()._loglikelihood_tokens([requests[i] for i in left], True)
+                answers = dict(zip(left, stock))
+                stop = len(ordered)
+            for i, answer in answers.items():
+                results[i] = answer
+                self.cache_hook.add_partial("loglikelihood", requests[i][0], answer)
+            pbar.update(len(answers))
+            start = stop
+        pbar.close()
+        return results
+
+    def _score_batch(
+        self, groups: list[tuple[tuple[int, ...], list[int]]], requests: list[Request]
+    ) -> dict[int, tuple[float, bool]] | None:
+        """One batch: the prefix its contexts share, once; each context's own tokens on that
+        prefix's cache; every continuation of theirs on its context's cache."""
+        device = self.device
+        contexts = [ctx for ctx, _ in groups]
+        shared = _common_prefix(contexts)
+        lengths = torch.tensor([len(ctx) for ctx in contexts], device=device)
+        own = _padded([ctx[shared:] for ctx in contexts], device)
+        mask = torch.cat([torch.ones((len(contexts), shared), dtype=torch.long, device=device),
+                          own[1]], dim=1)  # fmt: skip
+        last = lengths - 1 - shared  # each context's last token, within its own part
+        keep = torch.unique(last)  # the positions whose next-token logits are needed
+        name = _cache_argument(self.model)
+        with torch.no_grad(), self._autocast():
+            cache = None
+            if shared:
+                prefix = torch.tensor([contexts[0][:shared]], device=device)
+                cache = getattr(self.model(input_ids=prefix, use_cache=True), name, None)
+                if cache is None or not hasattr(cache, "batch_repeat_interleave"):
+                    return None
+                cache.batch_repeat_interleave(len(contexts))
+            out = self.model(
+                input_ids=own[0],
+                attention_mask=mask,
+                position_ids=shared
+                + torch.arange(own[0].shape[1], device=device).expand_as(own[0]),
+                use_cache=True,
+                logits_to_keep=keep,
+                **({name: cache} if cache is not None else {}),
+            )
+            cache = getattr(out, name, None)
+            if cache is None or not hasattr(cache, "batch_select_indices"):
+                return None
+            rows = torch.arange(len(contexts), device=device)
+            first = out.logits[rows, torch.searchsorted(keep, last)]  # [contexts, vocab]
+            members = [(row, i) for row, (_, idx) in enumerate(groups) for i in idx]
+            owner = torch.tensor([row for row, _ in members], device=device)
+            conts = [requests[i][2] for _, i in members]
+            rest = None
+            if max(len(c) for c in conts) > 1:  # the tokens after each continuation's first
+                cont_ids, cont_mask = _padded([c[:-1] for c in conts], device)
+                cache.batch_select_indices(owner)
+                steps = torch.arange(cont_ids.shape[1], device=device)
+                rest = self.model(
+                    input_ids=cont_ids,
+                    attention_mask=torch.cat([mask[owner], cont_mask], dim=1),
+                    position_ids=lengths[owner].unsqueeze(1) + steps,
+                    use_cache=True,
+                    **{name: cache},
+                ).logits  # [continuations, longest - 1, vocab]
+            answers: dict[int, tuple[float, bool]] = {}
+            for r, (row, i) in enumerate(members):
+                cont = conts[r]
+                logits = first[row].unsqueeze(0)
+                if len(cont) > 1:
+                    logits = torch.cat([logits, rest[r, : len(cont) - 1]], dim=0)
+                logprobs = F.log_softmax(logits, dim=-1, dtype=self.softmax_dtype)
+                target = torch.tensor(cont, device=device)
+                greedy = bool((logprobs.argmax(dim=-1) == target).all())
+                answers[i] = (float(logprobs.gather(1, target.unsqueeze(1)).sum()), greedy)
+        return answers
+
+    def _shape(self) -> Shape:
+        if getattr(self, "_model_shape", None) is None:
+            self._model_shape = Shape.of(self.model.config.to_dict())
+        return self._model_shape
+
+    def _autocast(self) -> Any:
+        return torch.autocast(
+            device_type=self.device.type,
+            dtype=self.mixed_precision_dtype,
+            enabled=self.mixed_precision_dtype is not None,
+        )
+
+
+def _cache_argument(model: Any) -> str:
+    """The forward argument (and output field) that carries the key/value cache: `cache` in
+    recent transformers, `past_key_values` before."""
+    names = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in names else "past_key_values"
+
+
+def _common_prefix(contexts: list[tuple[int, ...]]) -> int:
+    """How many leading tokens every context shares, leaving each at least one of its own
+    (its last token's logits come from the pass over its own tokens)."""
+    shortest = min(len(c) for c in contexts) - 1
+    first = contexts[0]
+    n = 0
+    while n < shortest and all(c[n] == first[n] for c in contexts):
+        n += 1
+    return n
+
+
+def _padded(sequences: list[Any], device: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids right-padded into one tensor, and the mask of the real ones."""
+    width = max(1, max(len(s) for s in sequences))
+    ids = torch.zeros((len(sequences), width), dtype=torch.long, device=device)
+    mask = torch.zeros_like(ids)
+    for row, seq in enumerate(sequences):
+        if len(seq):
+            ids[row, : len(seq)] = torch.tensor(list(seq), device=device)
+            mask[row, : len(seq)] = 1
+    return ids, mask
+
+
+def _batch_end(
+    ordered: list[tuple[tuple[int, ...], list[int]]],
+    start: int,
+    per_batch: int,
+    requests: list[Request],
+    shape: Shape,
+) -> int:
+    """Where the batch that starts at `start` ends: at most `per_batch` contexts, and no more
+    memory than lm-eval's own batch of `per_batch` whole sequences (its logits, their softmax
+    and one layer's activations: the scoring formula's terms) for the continuations' key/value
+    cache, logits and activations."""
+    width = 3 * shape.intermediate + 4 * shape.hidden
+    cache = 2 * shape.layers * shape.kv_width  # elements per position
+    longest = len(ordered[start][0]) + max(len(requests[i][2]) for i in ordered[start][1])
+    budget = per_batch * longest * (3 * shape.vocab + width)
+    context = len(ordered[start][0])  # the longest of the batch: contexts come longest first
+    rows, span, stop = 0, 1, start
+    while stop < len(ordered) and stop - start < per_batch:
+        members = ordered[stop][1]
+        wider = max(span, *(len(requests[i][2]) for i in members))
+        held = (rows + len(members)) * ((context + wider) * cache + wider * (shape.vocab + width))
+        if stop > start and held > budget:
+            break
+        rows, span, stop = rows + len(members), wider, stop + 1
+    return stop

@@ -1,0 +1,103 @@
+"""Multiple-choice scoring with each context run once gives lm-eval's own log-likelihoods."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+def requests_for(tokenizer, window: int) -> list:
+    """Contexts of several lengths behind one shared prefix (as a chat template makes them),
+    each with choices of one, two and five tokens, plus a request longer than the window."""
+    prefix = tokenizer.encode("system: answer with the number. user: ")
+    out = []
+    for question in ("12+7=", "3+40=", "100+1=", "9="):
+        ctx = prefix + tokenizer.encode(question)
+        for choice in ("1", "19", "43", "10101", "x"):
+            out.append(((question, choice), ctx, tokenizer.encode(choice)))
+    alone = tokenizer.encode("no shared prefix here:")
+    out.append((("alone", "7"), alone, tokenizer.encode("7")))
+    out.append((("long", "12"), list(range(3, 3 + window)), tokenizer.encode("12")))
+    return out
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
+@pytest.mark.parametrize("batch_size", [1, 3, 32])
+def test_shared_context_scores_equal_lm_evals_own(families, arch, batch_size):
+    from lm_eval.models.huggingface import HFLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from evomerge.workers.shared_context import SharedContextHFLM
+
+    path = families[arch]["ft0"]
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    stock = HFLM(pretrained=model, tokenizer=tokenizer, device="cpu", batch_size=batch_size)
+    shared = SharedContextHFLM(pretrained=model, tokenizer=tokenizer, device="cpu",
+                               batch_size=batch_size)  # fmt: skip
+    requests = requests_for(tokenizer, stock.max_length)
+    want = stock._loglikelihood_tokens(requests, disable_tqdm=True)
+    got = shared._loglikelihood_tokens(requests, disable_tqdm=True)
+    assert len(got) == len(want)
+    for (request, _, _), (lp, greedy), (lp_want, greedy_want) in zip(requests, got, want):
+        assert lp == pytest.approx(lp_want, abs=1e-4), request
+        assert greedy == greedy_want, request
+    # the choices of one context must be told apart the way lm-eval tells them apart
+    by_context = [got[i : i + 5] for i in range(0, 20, 5)]
+    wanted = [want[i : i + 5] for i in range(0, 20, 5)]
+    for ours, theirs in zip(by_context, wanted):
+        assert max(range(5), key=lambda k: ours[k][0]) == max(range(5), key=lambda k: theirs[k][0])
+
+
+def test_fitness_scores_multiple_choice_through_the_shared_context(llama, tmp_path):
+    """LmEvalFitness wraps the live model in the shared-context scorer, and a task's accuracy
+    and per-document values equal lm-eval's stock HFLM on the same model."""
+    from lm_eval.evaluator import evaluate
+    from lm_eval.models.huggingface import HFLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from evomerge.workers.scoring import LmEvalFitness
+    from evomerge.workers.shared_context import SharedContextHFLM
+
+    from .test_workers import make_tasks
+
+    tasks = make_tasks(tmp_path / "tasks")
+    fitness = LmEvalFitness(["parity_fit"], include_path=str(tasks), batch_size=4)
+    model = AutoModelForCausalLM.from_pretrained(llama["ft1"]).eval()
+    tokenizer = AutoTokenizer.from_pretrained(llama["ft1"])
+    ours = fitness(model, tokenizer)
+    assert isinstance(fitness._lm, SharedContextHFLM)
+    stock = evaluate(
+        lm=HFLM(pretrained=model, tokenizer=tokenizer, device="cpu", batch_size=4),
+        task_dict=fitness.task_dict,
+        bootstrap_iters=0,
+        log_samples=True,
+        verbosity="ERROR",
+    )
+    assert ours["parity_fit: acc,none"] == stock["results"]["parity_fit"]["acc,none"]
+    docs = sorted(stock["samples"]["parity_fit"], key=lambda s: s["doc_id"])
+    assert ours["per_example"] == [float(d["acc"]) for d in docs]
+
+
+def test_a_batch_holds_no_more_than_lm_evals_own_batch_would():
+    """Where a position's key/value cache is large (many layers, full-width heads), a batch
+    takes fewer contexts: its continuations' cache and logits stay within the memory of
+    lm-eval's batch of whole sequences, which the scoring formula counts."""
+    from evomerge.workers.model_shape import Shape
+    from evomerge.workers.shared_context import _batch_end
+
+    ordered = [(tuple(range(20)), [4 * g + k for k in range(4)]) for g in range(64)]
+    requests = [(("q", "a"), list(range(20)), [1, 2]) for _ in range(256)]
+    small_cache = Shape(vocab=49152, hidden=576, intermediate=1536, layers=30, kv_width=192,
+                        context=2048)  # fmt: skip
+    wide_cache = Shape(vocab=32000, hidden=4096, intermediate=11008, layers=32, kv_width=4096,
+                       context=4096)  # fmt: skip
+    assert _batch_end(ordered, 0, 32, requests, small_cache) == 32  # capped by batch_size
+    few = _batch_end(ordered, 0, 32, requests, wide_cache)
+    assert 1 <= few < 32
+    # the budget: lm-eval's 32 sequences of 22 tokens, their logits x 3 and activations
+    shape = wide_cache
+    width = 3 * shape.intermediate + 4 * shape.hidden
+    budget = 32 * 22 * (3 * shape.vocab + width)
+    held = lambda n: 4 * n * (22 * 2 * shape.layers * shape.kv_width + 2 * (shape.vocab + width))  # noqa: E731
+    assert held(few) <= budget < held(few + 1)
