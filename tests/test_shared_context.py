@@ -101,3 +101,29 @@ def test_a_batch_holds_no_more_than_lm_evals_own_batch_would():
     budget = 32 * 22 * (3 * shape.vocab + width)
     held = lambda n: 4 * n * (22 * 2 * shape.layers * shape.kv_width + 2 * (shape.vocab + width))  # noqa: E731
     assert held(few) <= budget < held(few + 1)
+
+
+def test_rolling_loglikelihood_and_the_fallback_equal_lm_evals_own(llama, monkeypatch):
+    """Perplexity-style requests (rolling windows, one continuation each) score as lm-eval's
+    own; a model whose cache cannot be reindexed is scored by lm-eval's path, same results."""
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from evomerge.workers.shared_context import SharedContextHFLM
+
+    model = AutoModelForCausalLM.from_pretrained(llama["ft2"], dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(llama["ft2"])
+    stock = HFLM(pretrained=model, tokenizer=tokenizer, device="cpu", batch_size=4)
+    shared = SharedContextHFLM(pretrained=model, tokenizer=tokenizer, device="cpu", batch_size=4)
+    texts = ["the quick brown fox " * 12, "jumps over the lazy dog", "x" * (stock.max_length + 40)]
+    rolling = [Instance("loglikelihood_rolling", {}, (t,), i) for i, t in enumerate(texts)]
+    want = stock.loglikelihood_rolling(rolling, disable_tqdm=True)
+    assert shared.loglikelihood_rolling(rolling, disable_tqdm=True) == pytest.approx(want, abs=1e-3)
+
+    requests = requests_for(tokenizer, stock.max_length)
+    monkeypatch.setattr(SharedContextHFLM, "_score_batch", lambda self, groups, requests: None)
+    got = shared._loglikelihood_tokens(requests, disable_tqdm=True)
+    want = stock._loglikelihood_tokens(requests, disable_tqdm=True)
+    assert [g for _, g in got] == [g for _, g in want]
+    assert [lp for lp, _ in got] == pytest.approx([lp for lp, _ in want], abs=1e-4)

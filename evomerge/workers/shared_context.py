@@ -63,11 +63,13 @@ class SharedContextHFLM(HFLM):
             if answers is None:  # no selectable cache: lm-eval's own path for everything left
                 left = [i for _, members in ordered[start:] for i in members]
                 stock = super()._loglikelihood_tokens([requests[i] for i in left], True)
-                answers = dict(zip(left, stock))
-                stop = len(ordered)
+                for i, answer in zip(left, stock):
+                    results[i] = answer
+                break
             for i, answer in answers.items():
                 results[i] = answer
-                self.cache_hook.add_partial("loglikelihood", requests[i][0], answer)
+                if requests[i][0] is not None:  # rolling windows are cached per document
+                    self.cache_hook.add_partial("loglikelihood", requests[i][0], answer)
             pbar.update(len(answers))
             start = stop
         pbar.close()
@@ -116,7 +118,7 @@ class SharedContextHFLM(HFLM):
             rest = None
             if max(len(c) for c in conts) > 1:  # the tokens after each continuation's first
                 cont_ids, cont_mask = _padded([c[:-1] for c in conts], device)
-                cache.batch_select_indices(owner)
+                cache.batch_select_indices(owner.cpu())  # indexes a cache spread over devices
                 steps = torch.arange(cont_ids.shape[1], device=device)
                 rest = self.model(
                     input_ids=cont_ids,
