@@ -6,24 +6,27 @@ import pytest
 import torch
 
 
-def requests_for(tokenizer, window: int) -> list:
+def requests_for(tokenizer, window: int, alone: bool = True) -> list:
     """Contexts of several lengths behind one shared prefix (as a chat template makes them),
-    each with choices of one, two and five tokens, plus a request longer than the window."""
+    each with choices of one, two and five tokens, plus a request longer than the window and
+    (`alone`) one whose context shares nothing with the others."""
     prefix = tokenizer.encode("system: answer with the number. user: ")
     out = []
     for question in ("12+7=", "3+40=", "100+1=", "9="):
         ctx = prefix + tokenizer.encode(question)
         for choice in ("1", "19", "43", "10101", "x"):
             out.append(((question, choice), ctx, tokenizer.encode(choice)))
-    alone = tokenizer.encode("no shared prefix here:")
-    out.append((("alone", "7"), alone, tokenizer.encode("7")))
+    if alone:
+        other = tokenizer.encode("no shared prefix here:")
+        out.append((("alone", "7"), other, tokenizer.encode("7")))
     out.append((("long", "12"), list(range(3, 3 + window)), tokenizer.encode("12")))
     return out
 
 
 @pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
 @pytest.mark.parametrize("batch_size", [1, 3, 32])
-def test_shared_context_scores_equal_lm_evals_own(families, arch, batch_size):
+@pytest.mark.parametrize("alone", [True, False], ids=["one-apart", "all-share"])
+def test_shared_context_scores_equal_lm_evals_own(families, arch, batch_size, alone):
     from lm_eval.models.huggingface import HFLM
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -35,7 +38,7 @@ def test_shared_context_scores_equal_lm_evals_own(families, arch, batch_size):
     stock = HFLM(pretrained=model, tokenizer=tokenizer, device="cpu", batch_size=batch_size)
     shared = SharedContextHFLM(pretrained=model, tokenizer=tokenizer, device="cpu",
                                batch_size=batch_size)  # fmt: skip
-    requests = requests_for(tokenizer, stock.max_length)
+    requests = requests_for(tokenizer, stock.max_length, alone)
     want = stock._loglikelihood_tokens(requests, disable_tqdm=True)
     got = shared._loglikelihood_tokens(requests, disable_tqdm=True)
     assert len(got) == len(want)

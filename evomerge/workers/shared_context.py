@@ -12,6 +12,7 @@ an encoder-decoder, a sequence longer than the model's window) go to lm-eval's o
 
 from __future__ import annotations
 
+import copy
 import inspect
 from typing import Any
 
@@ -50,6 +51,8 @@ class SharedContextHFLM(HFLM):
                 groups.setdefault(tuple(requests[i][1]), []).append(i)
         # longest contexts first, as lm-eval orders: a batch pads little, memory peaks early
         ordered = sorted(groups.items(), key=lambda item: -len(item[0]))
+        contexts = [ctx for ctx, _ in ordered]
+        self._call_prefix = (contexts[0][: _common_prefix(contexts)], None)
         pbar = tqdm(
             total=len(requests) - len(rest),
             disable=disable_tqdm or self.rank != 0,
@@ -73,6 +76,7 @@ class SharedContextHFLM(HFLM):
             pbar.update(len(answers))
             start = stop
         pbar.close()
+        self._call_prefix = ((), None)  # the kept prefix cache goes with the call
         return results
 
     def _score_batch(
@@ -91,10 +95,8 @@ class SharedContextHFLM(HFLM):
         keep = torch.unique(last)  # the positions whose next-token logits are needed
         name = _cache_argument(self.model)
         with torch.no_grad(), self._autocast():
-            cache = None
+            cache = self._prefix_cache(contexts[0][:shared]) if shared else None
             if shared:
-                prefix = torch.tensor([contexts[0][:shared]], device=device)
-                cache = getattr(self.model(input_ids=prefix, use_cache=True), name, None)
                 if cache is None or not hasattr(cache, "batch_repeat_interleave"):
                     return None
                 cache.batch_repeat_interleave(len(contexts))
@@ -138,6 +140,37 @@ class SharedContextHFLM(HFLM):
                 greedy = bool((logprobs.argmax(dim=-1) == target).all())
                 answers[i] = (float(logprobs.gather(1, target.unsqueeze(1)).sum()), greedy)
         return answers
+
+    def _prefix_cache(self, tokens: tuple[int, ...]) -> Any:
+        """The key/value cache of `tokens` alone (one sequence), for a batch to extend. The
+        prefix every request of the call shares (a chat template's system turn) is run once per
+        call and copied for each batch; a batch's longer prefix runs on top of a copy."""
+        base, kept = self._call_prefix
+        if base and kept is None:
+            kept = self._extend(base, None, 0)
+            self._call_prefix = (base, kept)
+        cache = copy.deepcopy(kept) if base and kept is not None else None
+        if base and cache is None:
+            return None
+        if len(tokens) > len(base):
+            cache = self._extend(tokens[len(base) :], cache, len(base))
+        return cache
+
+    def _extend(self, tokens: tuple[int, ...], cache: Any, offset: int) -> Any:
+        """One sequence's tokens run on `cache` (positions from `offset`); the cache after."""
+        name = _cache_argument(self.model)
+        ids = torch.tensor([list(tokens)], device=self.device)
+        out = self.model(
+            input_ids=ids,
+            attention_mask=torch.ones(
+                (1, offset + len(tokens)), dtype=torch.long, device=self.device
+            ),
+            position_ids=offset + torch.arange(len(tokens), device=self.device).unsqueeze(0),
+            use_cache=True,
+            logits_to_keep=1,
+            **({name: cache} if cache is not None else {}),
+        )
+        return getattr(out, name, None)
 
     def _shape(self) -> Shape:
         if getattr(self, "_model_shape", None) is None:
