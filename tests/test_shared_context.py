@@ -23,21 +23,26 @@ def requests_for(tokenizer, window: int, alone: bool = True) -> list:
     return out
 
 
-@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
-@pytest.mark.parametrize("batch_size", [1, 3, 32])
-@pytest.mark.parametrize("alone", [True, False], ids=["one-apart", "all-share"])
-def test_shared_context_scores_equal_lm_evals_own(families, arch, batch_size, alone):
+def both_scorers(path, batch_size: int):
+    """The model at `path`, lm-eval's stock HFLM and the shared-context one around it."""
     from lm_eval.models.huggingface import HFLM
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from evomerge.workers.shared_context import SharedContextHFLM
 
-    path = families[arch]["ft0"]
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
     stock = HFLM(pretrained=model, tokenizer=tokenizer, device="cpu", batch_size=batch_size)
     shared = SharedContextHFLM(pretrained=model, tokenizer=tokenizer, device="cpu",
                                batch_size=batch_size)  # fmt: skip
+    return model, tokenizer, stock, shared
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
+@pytest.mark.parametrize("batch_size", [1, 3, 32])
+@pytest.mark.parametrize("alone", [True, False], ids=["one-apart", "all-share"])
+def test_shared_context_scores_equal_lm_evals_own(families, arch, batch_size, alone):
+    _, tokenizer, stock, shared = both_scorers(families[arch]["ft0"], batch_size)
     requests = requests_for(tokenizer, stock.max_length, alone)
     want = stock._loglikelihood_tokens(requests, disable_tqdm=True)
     got = shared._loglikelihood_tokens(requests, disable_tqdm=True)
@@ -110,15 +115,10 @@ def test_rolling_loglikelihood_and_the_fallback_equal_lm_evals_own(llama, monkey
     """Perplexity-style requests (rolling windows, one continuation each) score as lm-eval's
     own; a model whose cache cannot be reindexed is scored by lm-eval's path, same results."""
     from lm_eval.api.instance import Instance
-    from lm_eval.models.huggingface import HFLM
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from evomerge.workers.shared_context import SharedContextHFLM
 
-    model = AutoModelForCausalLM.from_pretrained(llama["ft2"], dtype=torch.float32).eval()
-    tokenizer = AutoTokenizer.from_pretrained(llama["ft2"])
-    stock = HFLM(pretrained=model, tokenizer=tokenizer, device="cpu", batch_size=4)
-    shared = SharedContextHFLM(pretrained=model, tokenizer=tokenizer, device="cpu", batch_size=4)
+    _, tokenizer, stock, shared = both_scorers(llama["ft2"], 4)
     texts = ["the quick brown fox " * 12, "jumps over the lazy dog", "x" * (stock.max_length + 40)]
     rolling = [Instance("loglikelihood_rolling", {}, (t,), i) for i, t in enumerate(texts)]
     want = stock.loglikelihood_rolling(rolling, disable_tqdm=True)
@@ -130,3 +130,46 @@ def test_rolling_loglikelihood_and_the_fallback_equal_lm_evals_own(llama, monkey
     want = stock._loglikelihood_tokens(requests, disable_tqdm=True)
     assert [g for _, g in got] == [g for _, g in want]
     assert [lp for lp, _ in got] == pytest.approx([lp for lp, _ in want], abs=1e-4)
+
+
+def generation_requests(count: int = 7) -> list:
+    from lm_eval.api.instance import Instance
+
+    prompts = [f"system: answer. user: {n}+{n * 3}=" for n in range(count)] + ["apart: 9"]
+    kwargs = {"until": ["\n", "<<<"], "max_gen_toks": 6, "do_sample": False}
+    return [Instance("generate_until", {}, (p, dict(kwargs)), i) for i, p in enumerate(prompts)]
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("batch_size", [1, 3, 32])
+def test_greedy_generation_equals_lm_evals_own(families, arch, batch_size):
+    """Generations (stopped by a stop string, by the end-of-sequence token, or at max_gen_toks)
+    equal lm-eval's through transformers' generate, token for token."""
+    model, tokenizer, stock, shared = both_scorers(families[arch]["ft1"], batch_size)
+    want = stock.generate_until(generation_requests(), disable_tqdm=True)
+    assert shared.generate_until(generation_requests(), disable_tqdm=True) == want
+    assert len(set(want)) > 1  # the prompts lead to different generations
+    # the end-of-sequence token ends a row early: the same as transformers' padding after it
+    eos = tokenizer.encode(want[0])[0] if want[0] else 0
+    model.generation_config.eos_token_id = eos
+    want = stock.generate_until(generation_requests(), disable_tqdm=True)
+    assert shared.generate_until(generation_requests(), disable_tqdm=True) == want
+
+
+def test_generation_with_a_logits_processor_is_lm_evals_own(llama, monkeypatch):
+    """A generation config that adds a logits processor (a repetition penalty), or sampling,
+    goes through transformers' generate, so its effect is kept."""
+    from lm_eval.models.huggingface import HFLM
+
+    model, _, _, shared = both_scorers(llama["ft0"], 4)
+    assert shared._plain_greedy({"do_sample": False, "attention_mask": None})
+    assert not shared._plain_greedy({"do_sample": True, "temperature": 0.7})
+    model.generation_config.repetition_penalty = 1.3
+    assert not shared._plain_greedy({"do_sample": False})
+    calls = []
+    original = HFLM._model_generate
+    monkeypatch.setattr(
+        HFLM, "_model_generate", lambda self, *a, **k: calls.append(1) or original(self, *a, **k)
+    )
+    out = shared.generate_until(generation_requests(3), disable_tqdm=True)
+    assert calls and len(out) == 4

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from lm_eval.models.huggingface import HFLM
+from lm_eval.models.huggingface import HFLM, stop_sequences_criteria
 from tqdm import tqdm
 
 from evomerge.workers.model_shape import Shape
@@ -26,8 +26,21 @@ from evomerge.workers.model_shape import Shape
 Request = tuple[tuple[str, str], list[int], list[int]]
 
 
+# generation-config fields that leave greedy decoding plain (ids, switches, sampling knobs
+# that greedy ignores); any other set field may add a logits processor: lm-eval's path then
+PLAIN_GENERATION_FIELDS = {
+    "_from_model_config", "transformers_version", "bos_token_id", "eos_token_id",
+    "pad_token_id", "decoder_start_token_id", "use_cache", "output_attentions",
+    "output_hidden_states", "temperature", "top_k", "top_p", "min_p", "typical_p",
+    "do_sample", "max_length",
+}  # fmt: skip
+
+
 class SharedContextHFLM(HFLM):
-    """HFLM whose log-likelihoods share each context's forward pass among its continuations."""
+    """HFLM whose contexts run once: a multiple-choice document's for all its choices, and the
+    prefix a batch's prompts share (a chat template's system turn) once for the batch."""
+
+    _call_prefix: tuple[tuple[int, ...], Any] = ((), None)
 
     def _loglikelihood_tokens(
         self,
@@ -79,13 +92,11 @@ class SharedContextHFLM(HFLM):
         self._call_prefix = ((), None)  # the kept prefix cache goes with the call
         return results
 
-    def _score_batch(
-        self, groups: list[tuple[tuple[int, ...], list[int]]], requests: list[Request]
-    ) -> dict[int, tuple[float, bool]] | None:
-        """One batch: the prefix its contexts share, once; each context's own tokens on that
-        prefix's cache; every continuation of theirs on its context's cache."""
+    def _run_contexts(self, contexts: list[tuple[int, ...]]) -> Any:
+        """The contexts of one batch run on the cache of the prefix they share: each one's
+        next-token logits, the cache after (None where the model's cannot be reindexed), the
+        attention mask over it, and each context's length."""
         device = self.device
-        contexts = [ctx for ctx, _ in groups]
         shared = _common_prefix(contexts)
         lengths = torch.tensor([len(ctx) for ctx in contexts], device=device)
         own = _padded([ctx[shared:] for ctx in contexts], device)
@@ -94,26 +105,36 @@ class SharedContextHFLM(HFLM):
         last = lengths - 1 - shared  # each context's last token, within its own part
         keep = torch.unique(last)  # the positions whose next-token logits are needed
         name = _cache_argument(self.model)
+        cache = self._prefix_cache(contexts[0][:shared]) if shared else None
+        if shared:
+            if cache is None or not hasattr(cache, "batch_repeat_interleave"):
+                return None, None, mask, lengths
+            cache.batch_repeat_interleave(len(contexts))
+        out = self.model(
+            input_ids=own[0],
+            attention_mask=mask,
+            position_ids=shared + torch.arange(own[0].shape[1], device=device).expand_as(own[0]),
+            use_cache=True,
+            logits_to_keep=keep,
+            **({name: cache} if cache is not None else {}),
+        )
+        cache = getattr(out, name, None)
+        if cache is None or not hasattr(cache, "batch_select_indices"):
+            cache = None
+        rows = torch.arange(len(contexts), device=device)
+        return out.logits[rows, torch.searchsorted(keep, last)], cache, mask, lengths
+
+    def _score_batch(
+        self, groups: list[tuple[tuple[int, ...], list[int]]], requests: list[Request]
+    ) -> dict[int, tuple[float, bool]] | None:
+        """One batch: the prefix its contexts share, once; each context's own tokens on that
+        prefix's cache; every continuation of theirs on its context's cache."""
+        device = self.device
+        name = _cache_argument(self.model)
         with torch.no_grad(), self._autocast():
-            cache = self._prefix_cache(contexts[0][:shared]) if shared else None
-            if shared:
-                if cache is None or not hasattr(cache, "batch_repeat_interleave"):
-                    return None
-                cache.batch_repeat_interleave(len(contexts))
-            out = self.model(
-                input_ids=own[0],
-                attention_mask=mask,
-                position_ids=shared
-                + torch.arange(own[0].shape[1], device=device).expand_as(own[0]),
-                use_cache=True,
-                logits_to_keep=keep,
-                **({name: cache} if cache is not None else {}),
-            )
-            cache = getattr(out, name, None)
-            if cache is None or not hasattr(cache, "batch_select_indices"):
+            first, cache, mask, lengths = self._run_contexts([ctx for ctx, _ in groups])
+            if cache is None:
                 return None
-            rows = torch.arange(len(contexts), device=device)
-            first = out.logits[rows, torch.searchsorted(keep, last)]  # [contexts, vocab]
             members = [(row, i) for row, (_, idx) in enumerate(groups) for i in idx]
             owner = torch.tensor([row for row, _ in members], device=device)
             conts = [requests[i][2] for _, i in members]
@@ -140,6 +161,65 @@ class SharedContextHFLM(HFLM):
                 greedy = bool((logprobs.argmax(dim=-1) == target).all())
                 answers[i] = (float(logprobs.gather(1, target.unsqueeze(1)).sum()), greedy)
         return answers
+
+    def _model_generate(
+        self, context: torch.Tensor, max_length: int, stop: list[str], **kwargs: Any
+    ) -> torch.Tensor:
+        """Greedy generation with the batch's shared prefix run once (the prompts' own tokens
+        on its cache), then one token a step for every row, as transformers' greedy search
+        does it: a row that has ended (an end-of-sequence token) is padded after, and the
+        batch stops when lm-eval's stop sequences say so, every row has ended, or at
+        `max_length`. Anything but plain greedy decoding goes to lm-eval's own path."""
+        mask = kwargs.get("attention_mask")
+        if self.backend != "causal" or not self._plain_greedy(kwargs):
+            return super()._model_generate(context, max_length, stop, **kwargs)
+        rows = [tuple(row[keep.bool()].tolist()) for row, keep in
+                zip(context, mask if mask is not None else torch.ones_like(context))]  # fmt: skip
+        prefix = rows[0][: _common_prefix(rows)]
+        if self._call_prefix[0] != prefix:  # batches that share a prefix share its cache
+            self._call_prefix = (prefix, None)
+        name = _cache_argument(self.model)
+        with torch.no_grad(), self._autocast():
+            logits, cache, seen, lengths = self._run_contexts(rows)
+            if cache is None:
+                return super()._model_generate(context, max_length, stop, **kwargs)
+            criteria = stop_sequences_criteria(self.tokenizer, stop, context.shape[1], len(rows))
+            eos = _eos_ids(self.model.generation_config)
+            pad = self.tokenizer.pad_token_id
+            pad = pad if pad is not None else (eos[0] if eos else 0)
+            running = torch.ones(len(rows), dtype=torch.bool, device=self.device)
+            out = context
+            for step in range(max(0, max_length - context.shape[1])):
+                token = logits.float().argmax(dim=-1)
+                token = torch.where(running, token, torch.full_like(token, pad))
+                out = torch.cat([out, token.unsqueeze(1)], dim=1)
+                if eos:
+                    running &= ~torch.isin(token, torch.tensor(eos, device=self.device))
+                stopped = [bool(c(out, None)) for c in criteria]  # each keeps its own tracker
+                if any(stopped) or not running.any() or out.shape[1] >= max_length:
+                    break
+                seen = torch.cat([seen, torch.ones_like(seen[:, :1])], dim=1)
+                step_out = self.model(
+                    input_ids=token.unsqueeze(1),
+                    attention_mask=seen,
+                    position_ids=(lengths + step).unsqueeze(1),
+                    use_cache=True,
+                    **{name: cache},
+                )
+                cache, logits = getattr(step_out, name), step_out.logits[:, -1]
+        return out
+
+    def _plain_greedy(self, kwargs: dict[str, Any]) -> bool:
+        """Whether transformers would decode greedily with no logits processor: no sampling,
+        one beam, nothing in the model's generation config beyond ids and switches."""
+        extra = {k: v for k, v in kwargs.items() if k != "attention_mask"}
+        config = self.model.generation_config
+        do_sample = extra.pop("do_sample", None)
+        extra.pop("temperature", None)  # no effect without sampling
+        sampling = do_sample if do_sample is not None else bool(config.do_sample)
+        if extra or sampling:
+            return False
+        return set(config.to_diff_dict()) <= PLAIN_GENERATION_FIELDS
 
     def _prefix_cache(self, tokens: tuple[int, ...]) -> Any:
         """The key/value cache of `tokens` alone (one sequence), for a batch to extend. The
@@ -240,3 +320,9 @@ def _batch_end(
             break
         rows, span, stop = rows + len(members), wider, stop + 1
     return stop
+
+
+def _eos_ids(config: Any) -> list[int]:
+    """The end-of-sequence ids transformers stops a row at (one id or several)."""
+    eos = config.eos_token_id
+    return [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
