@@ -201,3 +201,17 @@ def test_lm_eval_options_for_instruct_users(llama, tmp_path, capsys):
         "fewshot_as_multiturn",
         "apply_chat_template",
     )
+
+
+def test_a_task_folder_is_indexed_alone_unless_a_task_is_built_in(tmp_path):
+    """Tasks all in the fitness folder are found from the folder's own index (lm-eval's
+    built-in one takes seconds to build in the driver and in every worker); a built-in task
+    named beside them is found too, from lm-eval's whole index."""
+    from evomerge.workers.scoring import load_tasks, task_manager
+
+    tasks = make_tasks(tmp_path / "tasks")
+    local = task_manager(str(tasks), ["parity_fit", "parity_held"])
+    assert set(local.all_tasks) == {"parity_fit", "parity_held"}
+    assert set(load_tasks(["parity_fit"], str(tasks))["tasks"]) == {"parity_fit"}
+    both = task_manager(str(tasks), ["parity_fit", "arc_easy"])
+    assert {"parity_fit", "arc_easy"} <= set(both.all_tasks)

@@ -104,7 +104,7 @@ def held_out_prompts(fitness: LmEvalFitnessSpec) -> list[tuple[str, int, str]]:
     """(task, document number, its prompt) for every held-out document (prompts shorter than
     8 characters say too little to count as an overlap)."""
     folder = Path(fitness.include_path) if fitness.include_path else None
-    manager = task_manager(fitness.include_path)
+    manager = task_manager(fitness.include_path, fitness.held_out.tasks)
     with working_dir(folder):
         loaded = manager.load(list(fitness.held_out.tasks))["tasks"]
     out = []

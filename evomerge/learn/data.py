@@ -49,7 +49,7 @@ def task_inputs(config: RunConfig, tokenizer: Any) -> list[str]:
             "Python fitness has none to read (use --method dam)"
         )
     folder = Path(fitness.include_path) if fitness.include_path else None
-    manager = task_manager(fitness.include_path)
+    manager = task_manager(fitness.include_path, fitness.tasks)
     with working_dir(folder):
         loaded = manager.load(list(fitness.tasks))["tasks"]
     prompts: dict[str, None] = {}  # a prompt shared by an MC and a generative task counts once

@@ -178,7 +178,7 @@ def check_fitness(config: RunConfig) -> None:
             "held-out tasks the run would report the scores it was tuned on; add "
             "fitness.held_out, or set allow_benchmark_fitness: true"
         )
-    manager = task_manager(fitness.include_path)
+    manager = task_manager(fitness.include_path, [*fitness.tasks, *held])
     for field, names in (("fitness.tasks", fitness.tasks), ("fitness.held_out.tasks", held)):
         unknown = [t for t in names if t not in manager.all_tasks]
         if unknown:
@@ -191,7 +191,7 @@ def check_fitness(config: RunConfig) -> None:
 
 @functools.lru_cache(maxsize=8)
 def _task_sizes(tasks: tuple[str, ...], include_path: Optional[str]) -> dict[str, int]:
-    manager = task_manager(include_path)
+    manager = task_manager(include_path, tasks)
     with working_dir(Path(include_path) if include_path else None):
         loaded = manager.load(list(tasks))["tasks"]
     return {name: len(task.eval_docs) for name, task in loaded.items() if name in tasks}
