@@ -107,6 +107,7 @@ def main() -> None:
         "documents_per_task": args.limit,
         "batch_size": args.batch_size,
         "threads": args.threads,
+        "load_average_at_start": os.getloadavg()[0],  # other jobs on the machine, if any
     }
     for kind, names in KINDS.items():
         tasks = load_tasks(names, str(ROOT / "fitness" / "smollm2"), None, None)
