@@ -53,7 +53,6 @@ def child(kind: str, batch_size: int, device: str, heap_kept: bool = False) -> N
     """One measurement, printed as JSON on the last line (`heap_kept`: scored in the merge's
     heap-only allocator mode, as workers did before scoring_allocations)."""
     import torch
-    from lm_eval.models.huggingface import HFLM
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from evomerge.config import RunConfig
@@ -79,21 +78,17 @@ def child(kind: str, batch_size: int, device: str, heap_kept: bool = False) -> N
         system_instruction=fitness.system_instruction,
     )
     shapes: set[tuple[int, int]] = set()
-    calls = (HFLM._model_call, HFLM._model_generate)
 
-    def watched(real):
-        def call(self, *args, **kwargs):
-            inputs = args[0] if args else kwargs.get("context", kwargs.get("inps"))
+    def watched(module, args, kwargs):  # every forward the scoring makes, whoever makes it
+        inputs = args[0] if args else kwargs.get("input_ids")
+        if inputs is not None:
             shapes.add(tuple(inputs.shape[:2]))
-            return real(self, *args, **kwargs)
 
-        return call
-
-    HFLM._model_call, HFLM._model_generate = (watched(c) for c in calls)
     predicted = predict_scoring(config, ModelSource(base), 4)  # float32 scores
     with torch.no_grad():  # a loaded model's weights are mapped from its file, and a first
         model(torch.ones(1, 4, dtype=torch.long, device=device))  # forward reads them all in:
     # that is the live model, which a worker holds before it scores, not scoring
+    model.register_forward_pre_hook(watched, with_kwargs=True)
     cuda = device.startswith("cuda")
     if cuda:
         torch.cuda.reset_peak_memory_stats()
