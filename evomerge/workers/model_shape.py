@@ -17,6 +17,16 @@ class Shape:
     kv_width: int
     context: int
 
+    @property
+    def activation_width(self) -> int:
+        """Elements per token of one layer's live activations (the MLP's three, four of H)."""
+        return 3 * self.intermediate + 4 * self.hidden
+
+    @property
+    def cache_width(self) -> int:
+        """Elements per token of the key/value cache over every layer."""
+        return 2 * self.layers * self.kv_width
+
     @classmethod
     def of(cls, config: dict[str, Any]) -> Shape:
         cfg = config.get("text_config", config)

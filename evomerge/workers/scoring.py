@@ -2,8 +2,9 @@
 
 Tasks are built once per worker and reused for every candidate through
 `lm_eval.evaluator.evaluate` (no per-call environment probing, bootstrap off). lm-eval's HFLM
-wraps the live model, with a multiple-choice document's context run once for all its choices
-(shared_context.py); it is re-wrapped only when the worker rebuilds the model (a DFS depth change).
+wraps the live model, with shared contexts run once (a multiple-choice document's for all its
+choices, a chat template's prefix once per call: shared_context.py); it is re-wrapped only when
+the worker rebuilds the model (a DFS depth change).
 Results are flattened to "task: metric,filter" keys (e.g. "arith: acc,none"); the per-document
 values of each task's first metric, in document order, are the per-example scores M2N2 uses,
 and every per-document value comes back too (`per_document`: task -> document id -> metric),

@@ -69,14 +69,14 @@ class ScoringFootprint:
 
 def scoring_bytes(shape: Shape, requests: Requests, batch: int, element: int) -> ScoringFootprint:
     """The formula above for one batch size."""
-    width = 3 * shape.intermediate + 4 * shape.hidden
+    width = shape.activation_width
     t_ll = min(requests.loglikelihood, shape.context)
     t_gen = min(requests.generate + requests.gen_tokens, shape.context)
     ll = (3 * batch * t_ll * shape.vocab * element, batch * t_ll * width * element, 0)
     gen = (
         3 * batch * shape.vocab * 4,
         batch * min(requests.generate, shape.context) * width * element,
-        2 * shape.layers * batch * shape.kv_width * t_gen * element,
+        batch * shape.cache_width * t_gen * element,
     )
     logits, activations, cache = max(ll, gen, key=sum) if requests.generate else ll
     tokens = t_ll if sum(ll) >= sum(gen) or not requests.generate else t_gen

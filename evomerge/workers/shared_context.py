@@ -1,18 +1,21 @@
-"""lm-eval's Hugging Face model, with a multiple-choice document's context run once.
+"""lm-eval's Hugging Face model, with shared contexts run once.
 
 lm-eval scores each choice of a multiple-choice document as its own sequence, context
-included: with four choices behind a chat-templated prompt, three quarters of the work repeats
-the same context. Here the contexts of a batch run once, with the key/value cache kept; each
-choice then runs only its own tokens on top of its context's cache, and the vocabulary head
-runs only where a continuation token is scored. Log-likelihoods and greedy flags are lm-eval's
-own (the same positions, the same softmax dtype); they differ from the stock path by float
-rounding only. Requests this path cannot take (a model without a selectable key/value cache,
-an encoder-decoder, a sequence longer than the model's window) go to lm-eval's own path.
+included, and every chat-templated prompt repeats the template's system turn. Here the prefix
+a call's (or a generation batch's) requests share runs once, each context's own tokens run on
+its cache, each choice runs only its own tokens on its context's cache, and the vocabulary
+head runs only where a token is scored; greedy generation then decodes one token a step as
+transformers' greedy search does. Log-likelihoods, greedy flags and generations are lm-eval's
+own (the same positions, the same softmax dtype, the same stopping); log-likelihoods differ
+from the stock path by float rounding only. What this path cannot take (a model without a
+selectable key/value cache, an encoder-decoder, a sequence longer than the model's window,
+sampling, beams, a logits processor) goes to lm-eval's own path.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 from typing import Any
 
@@ -268,7 +271,12 @@ class SharedContextHFLM(HFLM):
 def _cache_argument(model: Any) -> str:
     """The forward argument (and output field) that carries the key/value cache: `cache` in
     recent transformers, `past_key_values` before."""
-    names = inspect.signature(model.forward).parameters
+    return _cache_argument_of(type(model))
+
+
+@functools.lru_cache(maxsize=32)
+def _cache_argument_of(model_class: type) -> str:  # read once per class, not every pass
+    names = inspect.signature(model_class.forward).parameters
     return "cache" if "cache" in names else "past_key_values"
 
 
@@ -306,8 +314,7 @@ def _batch_end(
     memory than lm-eval's own batch of `per_batch` whole sequences (its logits, their softmax
     and one layer's activations: the scoring formula's terms) for the continuations' key/value
     cache, logits and activations."""
-    width = 3 * shape.intermediate + 4 * shape.hidden
-    cache = 2 * shape.layers * shape.kv_width  # elements per position
+    width, cache = shape.activation_width, shape.cache_width  # elements per position
     longest = len(ordered[start][0]) + max(len(requests[i][2]) for i in ordered[start][1])
     budget = per_batch * longest * (3 * shape.vocab + width)
     context = len(ordered[start][0])  # the longest of the batch: contexts come longest first
