@@ -89,7 +89,9 @@ def main() -> None:
 
     path = ROOT / "results" / "zoo" / "smollm2" / args.model
     if not path.exists():
-        sys.exit(f"{path} is missing: build the real zoo first (`evomerge zoo real`)")
+        parser.error(
+            f"--model {args.model}: {path} is missing; build the real zoo (`evomerge zoo real`)"
+        )
     torch.set_num_threads(args.threads)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
