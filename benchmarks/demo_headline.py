@@ -3,7 +3,7 @@ evolved merges beat their sources and the plain baseline merges on held-out data
 the target (cy_add) that neither expert was trained on?
 
 Runs the demo config's three searches, the same fitness, seed and budget rule each: PS only
-(its task-arithmetic half), DFS only (a layer path over the experts) and PS+DFS (the config as
+(its TIES half), DFS only (a layer path over the experts) and PS+DFS (the config as
 written). Each run scores the source models and the baselines on the fitness and the held-out
 splits, and its Pareto set on the held-out splits. The table: per held-out task and their mean,
 each source, each baseline, and each search's best merge (the Pareto member with the best
