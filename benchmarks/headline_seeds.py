@@ -60,7 +60,14 @@ def arm_result(folder: Path, target: str) -> dict:
     data = status_data(folder)
     best = max(data["pareto"], key=lambda p: p["values"]["mean"])
     held = held_columns(best["held_out"])
-    best_source = max((s["values"] or {}).get("mean", 0.0) for s in data["sources"].values())
+
+    def fitness(scored: dict) -> float:
+        return (scored["values"] or {}).get("mean", 0.0)
+
+    best_source = max(fitness(s) for s in data["sources"].values())
+    best_reference = max(
+        fitness(s) for s in [*data["sources"].values(), *data["baselines"].values()]
+    )
     return {
         "index": best["index"],
         "origin": best.get("seeded_from", best["origin"]),
@@ -68,6 +75,8 @@ def arm_result(folder: Path, target: str) -> dict:
         "held_out_mean": held["mean"],
         "target": held[target],
         "above_best_source_fitness": best["values"]["mean"] > best_source,
+        # above every source and untuned merge on what it searched (not just its start)
+        "above_every_reference_fitness": best["values"]["mean"] > best_reference,
         "held_out": {k: v for k, v in held.items() if k != "mean"},
     }
 
@@ -130,6 +139,9 @@ def main() -> None:
             "target": on_target,
             "above_best_source_fitness": sum(
                 per_seed[s][arm]["above_best_source_fitness"] for s in seeds
+            ),
+            "above_every_reference_fitness": sum(
+                per_seed[s][arm]["above_every_reference_fitness"] for s in seeds
             ),
         }
     best_arm = max(arms, key=lambda a: arms[a]["target"]["mean"])
