@@ -4,8 +4,8 @@ against the sources and untuned merges (scored once: they do not depend on the s
 
 Held out on the tasks' test splits by default (288 documents each: one task's standard error
 at most 0.03, where the demo's 64-document held-out splits allow 0.0625). That costs: on a
-2-core CPU one model's six test splits took 8.5 min (two workers scoring side by side), so
-the 15 models of three seeds take about two hours there. `--held-out heldout` scores the
+2-core CPU the three seeds took 73 min (each model's six test splits ~1-1.5 min, two workers
+scoring side by side). `--held-out heldout` scores the
 demo's own splits, and then seed 0 is the demo itself (`make demo` leaves its runs in
 results/demo, which this reuses). Seed N's runs go under RUNS/seed<N> (seed 0's, held out on
 the demo's splits: RUNS itself). Every run is resumable: run this again after an interruption
