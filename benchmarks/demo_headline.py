@@ -83,6 +83,7 @@ def budgets_of(
 
 
 def run_search(config: dict, folder: Path, progress: bool) -> float:
+    """Create or resume one search and drive it to its budget; its seconds over every call."""
     from evomerge.config import RunConfig
     from evomerge.search.loop import drive
     from evomerge.search.run import create_run, open_run
@@ -106,7 +107,12 @@ def run_search(config: dict, folder: Path, progress: bool) -> float:
         path.write_text(yaml.safe_dump(config, sort_keys=False))
         run = create_run(RunConfig.load(path), folder)
     drive(run, make_pool(run.config), progress=progress)
-    return time.perf_counter() - start
+    # seconds over every invocation: reopening a finished run must not report its reopening
+    spent = folder.parent / f"{folder.name}.seconds"
+    total = float(spent.read_text()) if spent.exists() else 0.0
+    total += time.perf_counter() - start
+    spent.write_text(f"{total:.1f}\n")
+    return total
 
 
 def held_columns(held: dict) -> dict[str, float]:
