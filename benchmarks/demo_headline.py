@@ -90,6 +90,7 @@ def run_search(config: dict, folder: Path, progress: bool) -> float:
     from evomerge.workers.pool import make_pool
 
     start = time.perf_counter()
+    spent = folder.parent / f"{folder.name}.seconds"
     if (folder / "run.json").exists():
         written = folder.parent / f"{folder.name}.yaml"  # the config the run was made from
         made = yaml.safe_load(written.read_text()) if written.exists() else config
@@ -105,13 +106,14 @@ def run_search(config: dict, folder: Path, progress: bool) -> float:
         path = folder.parent / f"{folder.name}.yaml"
         folder.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(yaml.safe_dump(config, sort_keys=False))
+        spent.unlink(missing_ok=True)  # a removed run's seconds are not this one's
         run = create_run(RunConfig.load(path), folder)
     drive(run, make_pool(run.config), progress=progress)
     # seconds over every invocation: reopening a finished run must not report its reopening
-    spent = folder.parent / f"{folder.name}.seconds"
-    total = float(spent.read_text()) if spent.exists() else 0.0
-    total += time.perf_counter() - start
-    spent.write_text(f"{total:.1f}\n")
+    total = (float(spent.read_text()) if spent.exists() else 0.0) + time.perf_counter() - start
+    partial = spent.with_name(f".{spent.name}.partial")  # a kill mid-write leaves the old total
+    partial.write_text(f"{total:.1f}\n")
+    os.replace(partial, spent)
     return total
 
 

@@ -44,12 +44,17 @@ def mean_se(values: list[float]) -> dict[str, float]:
     return {"mean": round(mean, 4), "se": round(math.sqrt(var / n), 4), "n": n}
 
 
-def document_se(held: dict[str, float], documents: dict[str, int]) -> float:
-    """The binomial standard error of one model's held-out mean: the noise of scoring it on
-    these documents, which every model's score carries once, seeds or not."""
-    keys = [k for k in held if k != "mean"]
-    variance = sum(held[k] * (1 - held[k]) / documents[k.split(":")[0]] for k in keys)
-    return math.sqrt(variance) / len(keys)
+def per_task(held: dict[str, float]) -> dict[str, float]:
+    """held_columns' scores without their mean."""
+    return {k: v for k, v in held.items() if k != "mean"}
+
+
+def document_se(scores: dict[str, float], documents: dict[str, int]) -> float:
+    """The binomial standard error of one model's held-out mean over `scores` (per task): the
+    noise of scoring it on these documents, which every model's score carries once, seeds or
+    not."""
+    variance = sum(p * (1 - p) / documents[k.split(":")[0]] for k, p in scores.items())
+    return math.sqrt(variance) / len(scores)
 
 
 def arm_result(folder: Path, target: str) -> dict:
@@ -77,7 +82,7 @@ def arm_result(folder: Path, target: str) -> dict:
         "above_best_source_fitness": best["values"]["mean"] > best_source,
         # above every source and untuned merge on what it searched (not just its start)
         "above_every_reference_fitness": best["values"]["mean"] > best_reference,
-        "held_out": {k: v for k, v in held.items() if k != "mean"},
+        "held_out": per_task(held),
     }
 
 
@@ -90,7 +95,7 @@ def references(folder: Path, target: str) -> dict[str, dict]:
         for name, scored in data[kind].items():
             held = held_columns(scored["held_out"])
             out[name] = {"kind": kind[:-1], "held_out_mean": held["mean"], "target": held[target],
-                         "held_out": {k: v for k, v in held.items() if k != "mean"}}  # fmt: skip
+                         "held_out": per_task(held)}  # fmt: skip
     return out
 
 
